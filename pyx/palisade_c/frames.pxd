@@ -1,0 +1,3 @@
+cdef class ControlFrame:
+    cdef readonly int ctrl_type
+    cdef readonly bytes data

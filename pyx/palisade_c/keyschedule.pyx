@@ -1,0 +1,117 @@
+# cython: language_level=3
+"""Key schedule of PALISADE v1.2 (spec §6, §11.3; PROFILE §3).
+
+Every derivation is HKDF over HMAC-SHA3-256 from ``cryptography``; nothing here implements a
+primitive. Secrets are returned as ``bytearray`` so that the owner can overwrite them when they
+are superseded (:func:`wipe`). ``cryptography`` keeps its own copy of a key inside a cipher
+context; that copy goes away when the context is released, which the record layer does at the
+same moment it wipes its buffer.
+
+    IKM             = label("palisade v1.2 early") ‖ (ss_c XOR ss_s) ‖ client_nonce ‖ server_nonce
+    early           = Extract(salt = zeros(32) or PSK, IKM)
+    handshake       = Expand(early, label("handshake") ‖ th, 32)
+    master          = Expand(handshake, label("master"), 32)
+    epoch[0]        = Expand(master, label("epoch 0"), 32)
+    epoch[n+1]      = Expand(epoch[n], label("epoch step"), 32)
+    key, iv (per d) = Expand(epoch[n], label(d + " key"), 32), Expand(epoch[n], label(d + " iv"), 12)
+    hp (per d)      = Expand(master, label(d + " hp"), 32)        # whole session
+    resumption      = Expand(master, label("resumption"), 32)
+"""
+
+from cryptography.hazmat.primitives.hashes import SHA3_256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
+
+LABEL_PREFIX = b"PALISADE "
+DIR_C2S = b"c2s"
+DIR_S2C = b"s2c"
+SECRET_LEN = 32
+KEY_LEN = 32
+IV_LEN = 12
+HP_LEN = 32
+
+cdef object _SHA3 = SHA3_256()
+
+
+def label(x: bytes) -> bytes:
+    """``label(X) = "PALISADE " ‖ X`` [spec §6.1]."""
+    return LABEL_PREFIX + bytes(x)
+
+
+def wipe(buf) -> None:
+    """Overwrite a mutable secret buffer with zeros (no-op for None)."""
+    cdef unsigned char[::1] view
+    cdef Py_ssize_t i
+    if buf is None:
+        return
+    view = buf
+    for i in range(view.shape[0]):
+        view[i] = 0
+
+
+def hkdf_expand(prk, info: bytes, int length) -> bytearray:
+    """HKDF-Expand(prk, info, length), written straight into a fresh bytearray."""
+    out = bytearray(length)
+    HKDFExpand(_SHA3, length, info).derive_into(prk, out)
+    return out
+
+
+def hkdf_extract(salt, ikm) -> bytearray:
+    """HKDF-Extract(salt, ikm) as a bytearray."""
+    prk = HKDF.extract(_SHA3, bytes(salt), ikm)
+    return bytearray(prk)
+
+
+def combine_kem_secrets(ss_c, ss_s) -> bytearray:
+    """ss_c XOR ss_s. Both MUST be exactly 32 bytes [spec §6.2.2]."""
+    if len(ss_c) != 32 or len(ss_s) != 32:
+        raise ValueError("both KEM shared secrets must be exactly 32 bytes")
+    return bytearray(a ^ b for a, b in zip(ss_c, ss_s))
+
+
+def early_ikm(ss_c, ss_s, client_nonce: bytes, server_nonce: bytes) -> bytearray:
+    """The IKM fed to Extract: label, combined KEM secret, both nonces [spec §6.2.2]."""
+    kem = combine_kem_secrets(ss_c, ss_s)
+    try:
+        return bytearray(label(b"palisade v1.2 early")) + kem + client_nonce + server_nonce
+    finally:
+        wipe(kem)
+
+
+def handshake_secret(ikm, th: bytes, salt=None) -> bytearray:
+    """Expand(Extract(salt, IKM), label("handshake") ‖ th, 32); salt = zeros(32) unless a PSK.
+
+    Extract and Expand run in one HKDF call so the early secret never leaves ``cryptography``.
+    """
+    out = bytearray(SECRET_LEN)
+    salt_bytes = bytes(SECRET_LEN) if salt is None else bytes(salt)
+    HKDF(_SHA3, SECRET_LEN, salt_bytes, label(b"handshake") + th).derive_into(ikm, out)
+    return out
+
+
+def master_secret(hs_secret) -> bytearray:
+    return hkdf_expand(hs_secret, label(b"master"), SECRET_LEN)
+
+
+def epoch0_secret(master) -> bytearray:
+    return hkdf_expand(master, label(b"epoch 0"), SECRET_LEN)
+
+
+def next_epoch_secret(secret) -> bytearray:
+    """``epoch[n+1] = Expand(epoch[n], label("epoch step"), 32)`` [spec §11.3]."""
+    return hkdf_expand(secret, label(b"epoch step"), SECRET_LEN)
+
+
+def traffic_key(epoch_secret, direction: bytes) -> bytearray:
+    return hkdf_expand(epoch_secret, label(direction + b" key"), KEY_LEN)
+
+
+def traffic_iv(epoch_secret, direction: bytes) -> bytearray:
+    return hkdf_expand(epoch_secret, label(direction + b" iv"), IV_LEN)
+
+
+def header_protection_key(master, direction: bytes) -> bytearray:
+    return hkdf_expand(master, label(direction + b" hp"), HP_LEN)
+
+
+def resumption_secret(master) -> bytearray:
+    return hkdf_expand(master, label(b"resumption"), SECRET_LEN)

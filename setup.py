@@ -1,0 +1,55 @@
+"""Build script: compiles the typed Cython core in pyx/palisade_c/ into the palisade_c package.
+
+The .pyx sources live under pyx/palisade_c/ (not pyx/) so that cross-module ``cimport``s
+resolve to the real runtime module names (``palisade_c.epoch`` and so on).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+HERE = Path(__file__).parent
+PYX_DIR = Path("pyx") / "palisade_c"
+
+# Extra C sources compiled into a given extension (the firmware link codec is shared with
+# device firmware, so it lives in firmware_bridge/c/ and is compiled in here, not copied).
+EXTRA_SOURCES: dict[str, list[str]] = {}
+
+
+def extensions() -> list[Extension]:
+    # PALISADE_BUILD_ONLY=record,epoch limits an in-place developer build to some modules.
+    only = {n for n in os.environ.get("PALISADE_BUILD_ONLY", "").split(",") if n}
+    exts = []
+    for pyx in sorted((HERE / PYX_DIR).glob("*.pyx")):
+        name = pyx.stem
+        if only and name not in only:
+            continue
+        sources = [str(PYX_DIR / pyx.name), *EXTRA_SOURCES.get(name, [])]
+        exts.append(
+            Extension(
+                f"palisade_c.{name}",
+                sources,
+                include_dirs=["firmware_bridge/c"],
+            )
+        )
+    return exts
+
+
+setup(
+    ext_modules=cythonize(
+        extensions(),
+        include_path=["pyx"],
+        language_level=3,
+        compiler_directives={
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": False,
+            "embedsignature": True,
+        },
+    ),
+)
