@@ -57,6 +57,7 @@ from palisade_c.hsrecord import (
 )
 
 __all__ = [
+    "COMPACT_COOKIE_LEN",
     "COOKIE_LEN",
     "AmplificationLimiter",
     "CookieIssuer",
@@ -693,9 +694,12 @@ class AmplificationLimiter:
 
 
 COOKIE_LEN = 24  # u64 issue time in milliseconds + 16-byte truncated MAC
+COMPACT_COOKIE_LEN = 14  # u32 issue time in seconds + 10-byte MAC: fits a RID's random part
 _COOKIE_MAC_LEN = 16
+_COMPACT_MAC_LEN = 10
 _MIN_COOKIE_SECRET = 32
 _U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
 
 
 def _addr_bytes(addr: tuple[object, ...]) -> bytes:
@@ -736,7 +740,13 @@ def _check_secret(secret: bytes) -> bytearray:
 
 
 class CookieIssuer:
-    """Stateless retry cookies: ``issued_ms u64 || HMAC-SHA3-256(secret, addr || issued_ms)[:16]``.
+    """Stateless retry cookies: ``stamp || HMAC-SHA3-256(secret, addr || context || stamp)[:n]``.
+
+    The full form (``COOKIE_LEN`` = 24 bytes) stamps milliseconds as u64 with a 16-byte MAC. The
+    compact form (``COMPACT_COOKIE_LEN`` = 14 bytes: u32 seconds, 10-byte MAC) fits inside the
+    random part of a RID, which is how the endpoint carries it (PROFILE §4 keeps the 8-byte
+    steering prefix and the 2-byte rotation epoch in front of it). ``context`` binds extra bytes
+    (the steering prefix) into the MAC.
 
     A cookie is valid for ``lifetime`` seconds, only for the address it was made for, and under the
     current or the previous secret (so a rotation does not strand clients mid-retry). Timestamps
@@ -744,9 +754,12 @@ class CookieIssuer:
     servers with loosely synchronised clocks share the secret.
     """
 
-    __slots__ = ("_current", "_lifetime_ms", "_max_skew_ms", "_previous")
+    __slots__ = ("_current", "_lifetime_ms", "_mac_len", "_max_skew_ms", "_previous", "_stamp")
 
-    def __init__(self, secret: bytes, lifetime: float = 30.0, *, max_skew: float = 0.0) -> None:
+    def __init__(
+        self, secret: bytes, lifetime: float = 30.0, *, max_skew: float = 0.0,
+        compact: bool = False,
+    ) -> None:
         if lifetime <= 0:
             raise ConfigError("cookie lifetime must be positive")
         if max_skew < 0:
@@ -755,36 +768,56 @@ class CookieIssuer:
         self._previous: bytearray | None = None
         self._lifetime_ms = int(lifetime * 1000)
         self._max_skew_ms = int(max_skew * 1000)
+        # Full: u64 milliseconds. Compact: u32 seconds (enough for a 30 s lifetime until 2106).
+        self._stamp = _U32 if compact else _U64
+        self._mac_len = _COMPACT_MAC_LEN if compact else _COOKIE_MAC_LEN
 
-    @staticmethod
-    def _mac(secret: bytearray, addr_b: bytes, stamp: bytes) -> bytes:
+    @property
+    def cookie_len(self) -> int:
+        return self._stamp.size + self._mac_len
+
+    def _mac(self, secret: bytearray, addr_b: bytes, context: bytes, stamp: bytes) -> bytes:
         h = hmac.HMAC(secret, hashes.SHA3_256())
         h.update(addr_b)
+        h.update(context)
         h.update(stamp)
-        return h.finalize()[:_COOKIE_MAC_LEN]
+        return h.finalize()[: self._mac_len]
 
-    def make(self, addr: tuple[object, ...], now: float) -> bytes:
+    def _ms(self, stamp_value: int) -> int:
+        return stamp_value * 1000 if self._stamp is _U32 else stamp_value
+
+    def make(self, addr: tuple[object, ...], now: float, context: bytes = b"") -> bytes:
         if now < 0:
             raise ConfigError("now must not be negative")
-        stamp = _U64.pack(int(now * 1000))
-        return stamp + self._mac(self._current, _addr_bytes(addr), stamp)
+        value = int(now) if self._stamp is _U32 else int(now * 1000)
+        stamp = self._stamp.pack(value & (0xFFFFFFFF if self._stamp is _U32 else (1 << 64) - 1))
+        return stamp + self._mac(self._current, _addr_bytes(addr), context, stamp)
 
-    def check(self, cookie: bytes | bytearray, addr: tuple[object, ...], now: float) -> bool:
+    def check(
+        self, cookie: bytes | bytearray, addr: tuple[object, ...], now: float,
+        context: bytes = b"",
+    ) -> bool:
         """True only for an unexpired cookie this issuer made for ``addr``. Never raises on the
         cookie's contents, which come from the peer."""
-        if not isinstance(cookie, bytes | bytearray) or len(cookie) != COOKIE_LEN:
+        if not isinstance(cookie, bytes | bytearray) or len(cookie) != self.cookie_len:
             return False
-        stamp = bytes(cookie[:8])
-        (issued_ms,) = _U64.unpack(stamp)
+        n = self._stamp.size
+        stamp = bytes(cookie[:n])
+        (issued,) = self._stamp.unpack(stamp)
+        issued_ms = self._ms(issued)
         now_ms = int(now * 1000)
-        if issued_ms > now_ms + self._max_skew_ms or now_ms - issued_ms > self._lifetime_ms:
+        # Compact stamps are whole seconds: allow the second that is still running.
+        slack = 999 if self._stamp is _U32 else 0
+        if issued_ms > now_ms + self._max_skew_ms or now_ms - issued_ms > self._lifetime_ms + slack:
             return False
         addr_b = _addr_bytes(addr)
-        tag = bytes(cookie[8:])
-        ok = _stdlib_hmac.compare_digest(tag, self._mac(self._current, addr_b, stamp))
+        tag = bytes(cookie[n:])
+        ok = _stdlib_hmac.compare_digest(tag, self._mac(self._current, addr_b, context, stamp))
         if self._previous is not None:
             # Evaluated whatever the first result, so timing does not tell which secret matched.
-            ok |= _stdlib_hmac.compare_digest(tag, self._mac(self._previous, addr_b, stamp))
+            ok |= _stdlib_hmac.compare_digest(
+                tag, self._mac(self._previous, addr_b, context, stamp)
+            )
         return ok
 
     def rotate(self, new_secret: bytes) -> None:

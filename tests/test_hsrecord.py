@@ -11,7 +11,7 @@ from palisade_c.errors import ConfigError, DecodeError, ErrorCode
 
 RID = bytes(range(24))
 MESSAGE_TYPES = (1, 2, 3, 4, 5, 6)
-KNOWN_TYPES = (*MESSAGE_TYPES, 0x7E, 0x7F)
+KNOWN_TYPES = (*MESSAGE_TYPES, 0x7D, 0x7E, 0x7F)
 
 FAST = settings(max_examples=150, deadline=None, derandomize=True, database=None)
 
@@ -67,7 +67,8 @@ def records(draw: st.DrawFn) -> hs.HandshakeRecord:
         fragment = draw(st.binary(min_size=size, max_size=size))
         return hs.HandshakeRecord(msg_type, rid, msg_seq, offset, msg_length, fragment)
     body = draw(st.binary(max_size=300))
-    msg_seq = 0 if msg_type == hs.MSG_HANDSHAKE_ACK else draw(st.integers(0, 255))
+    single = msg_type in (hs.MSG_HANDSHAKE_ACK, hs.MSG_RETRY)
+    msg_seq = 0 if single else draw(st.integers(0, 255))
     return hs.HandshakeRecord(msg_type, rid, msg_seq, 0, len(body), body)
 
 
@@ -100,6 +101,7 @@ def test_constants() -> None:
         hs.MSG_CLIENT_HELLO_RESUME,
         hs.MSG_SERVER_HELLO_RESUME,
         hs.MSG_CLIENT_FINISHED_RESUME,
+        hs.MSG_RETRY,
         hs.MSG_HANDSHAKE_ACK,
         hs.MSG_ERROR_RESPONSE,
     ] == list(KNOWN_TYPES)

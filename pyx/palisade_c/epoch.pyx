@@ -313,6 +313,17 @@ cdef class EpochMachine:
             self._tx_step(TX_EV_COMPLETE)
         return 0
 
+    def erase_all(self) -> None:
+        """Erase every key and secret (session end or abort). The machine is unusable after."""
+        for k in (self.rx_cur, self.rx_next, self.tx_cur, self.tx_pending):
+            if k is not None:
+                (<TrafficKey>k).erase()
+        wipe(self._secret)
+
+    @property
+    def erased(self) -> bool:
+        return self.rx_cur.erased and self.tx_cur.erased
+
     # -- Python-visible state ------------------------------------------------------------------
 
     def get_timer(self) -> float | None:

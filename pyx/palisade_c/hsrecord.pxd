@@ -23,6 +23,7 @@ cpdef enum:
     MSG_CLIENT_HELLO_RESUME = 4
     MSG_SERVER_HELLO_RESUME = 5
     MSG_CLIENT_FINISHED_RESUME = 6
+    MSG_RETRY = 0x7D          # stateless cookie retry [profile]
     MSG_HANDSHAKE_ACK = 0x7E
     MSG_ERROR_RESPONSE = 0x7F
     # HandshakeAck body: acked_type u8 | acked_seq u8 | count u8 | count x (start u32, end u32).

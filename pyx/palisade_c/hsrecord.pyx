@@ -52,8 +52,9 @@ cdef enum:
 
 
 cdef bint is_known_type(unsigned int msg_type) noexcept nogil:
-    """True for the eight msg_type values of PROFILE §4; anything else is rejected."""
+    """True for the eight msg_type values of PROFILE §4 and this project's Retry (0x7D)."""
     return (MSG_CLIENT_HELLO <= msg_type <= MSG_CLIENT_FINISHED_RESUME
+            or msg_type == MSG_RETRY
             or msg_type == MSG_HANDSHAKE_ACK or msg_type == MSG_ERROR_RESPONSE)
 
 
@@ -78,11 +79,11 @@ cdef str _field_error(unsigned int msg_type, unsigned int msg_seq, uint64_t frag
     if frag_len == 0 and msg_length != 0:
         return "empty fragment of a non-empty message"
     if not _is_message_type(msg_type):
-        # Acks and ErrorResponses are never reassembled, so they are never split [profile].
+        # Acks, retries and ErrorResponses are never reassembled, so never split [profile].
         if frag_offset != 0 or frag_len != msg_length:
-            return "acks and error responses must not be fragmented"
-        if msg_type == MSG_HANDSHAKE_ACK and msg_seq != 0:
-            return "ack record msg_seq must be 0"
+            return "acks, retries and error responses must not be fragmented"
+        if (msg_type == MSG_HANDSHAKE_ACK or msg_type == MSG_RETRY) and msg_seq != 0:
+            return "ack and retry records have msg_seq 0"
     return None
 
 

@@ -25,6 +25,7 @@ cdef enum:  # drop reasons, index into DROP_REASON_NAMES
     DROP_EPOCH
     DROP_REPLAY
     DROP_AEAD
+    DROP_ERASED
     DROP_N_REASONS
 
 

@@ -40,6 +40,7 @@ from palisade_c.errors import (
     ConfigError,
     PacketTooLargeError,
     SequenceExhaustedError,
+    StateError,
     DecodeError,
 )
 from palisade_c.keyschedule import DIR_C2S, DIR_S2C, header_protection_key, wipe
@@ -76,6 +77,7 @@ DROP_REASON_NAMES = (
     "ErrorInvalidEpoch",
     "replay",
     "ErrorAEADDecryptFailed",
+    "erased",
 )
 assert len(DROP_REASON_NAMES) == DROP_N_REASONS
 
@@ -281,6 +283,8 @@ cdef class RecordLayer:
         cdef uint8_t* p
         cdef uint8_t flags
         cdef object data_obj
+        if self._hp_tx is None:
+            raise StateError("the record layer was erased")
         if stream_id < 0 or stream_id > 0xFF:
             raise ValueError("stream_id must be 0..255")
         if pad < 0 or pad > MAX_PAD:
@@ -363,6 +367,8 @@ cdef class RecordLayer:
         cdef Record rec
         cdef const uint8_t* q
 
+        if self._hp_rx is None:
+            return self._drop(DROP_ERASED)
         if n < MIN_PACKET_LEN:
             return self._drop(DROP_TRUNCATED)
         if n > self.max_packet_size:
@@ -465,6 +471,18 @@ cdef class RecordLayer:
 
     def complete_transition(self) -> int:
         return self.epochs.complete_transition()
+
+    def erase(self) -> None:
+        """Erase all keys (close or abort). Sealing or opening afterwards is a local error."""
+        self.epochs.erase_all()
+        self._hp_tx_ctx = None
+        self._hp_rx_ctx = None
+        self._hp_tx = None
+        self._hp_rx = None
+
+    @property
+    def erased(self) -> bool:
+        return self.epochs.erased
 
     def get_timer(self):
         return self.epochs.get_timer()

@@ -1,0 +1,100 @@
+"""Connection configuration: identity, trust, limits and timers, with validated defaults.
+
+One ``Config`` serves clients and servers alike. Every number has a default that suits a UDP
+tunnel; serial links scale the handshake timers from ``link_bits_per_second``. Randomness comes
+from ``rng`` (``os.urandom`` unless a test injects a seeded source); the KEM and signature
+primitives inside ``cryptography`` draw their own randomness from the OS.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from palisade_c.errors import ConfigError
+from palisade_c.identity import Identity, TrustEntry, TrustStore
+
+#: PALISADE-PLUS feature bits carried in the 0x0001 extension [profile §1].
+PLUS_RESUMPTION = 0x01
+PLUS_MIGRATION = 0x02
+PLUS_SHAPING = 0x04
+
+RandomSource = Callable[[int], bytes]
+
+
+@dataclass
+class Config:
+    """Settings of one endpoint. ``identity`` is this side's long-term ML-DSA key."""
+
+    identity: Identity
+    #: Peers accepted: raw public keys, hex fingerprints, or paths to ``.pub`` files.
+    trusted_peers: Iterable[TrustEntry] = ()
+    #: Server: its node id (the RID steering prefix). Client: the node id it wants to reach.
+    node_id: bytes | None = None
+    #: Largest datagram the transport carries (UDP 1200 by default; a serial link's MTU).
+    max_datagram_size: int = 1200
+    #: Link speed, for serial links: handshake timers scale with serialization time.
+    link_bits_per_second: float | None = None
+
+    # record layer
+    replay_window: int = 1024
+    commit_threshold: int = 16
+    max_transition_time: float = 2.0
+
+    # handshake
+    handshake_timeout: float = 15.0
+    initial_rto: float = 0.3
+    max_rto: float = 8.0
+    max_half_open: int = 1024
+    #: Half-open handshakes above which the server demands a stateless cookie retry.
+    cookie_threshold: int = 256
+    #: Amplification factor before the client's address is proven [profile §8].
+    amplification_factor: int = 3
+
+    # session lifecycle
+    idle_timeout: float = 60.0
+    keepalive_interval: float = 15.0
+    close_drain_time: float = 1.0
+    rekey_after_seconds: float = 120.0
+    rekey_after_bytes: int = 1 << 34
+    rekey_retransmit: float = 0.5
+
+    # PALISADE-PLUS: feature bits offered (client) or allowed (server); 0 = CORE.
+    plus_features: int = 0
+
+    rng: RandomSource = field(default=os.urandom, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.identity, Identity):
+            raise ConfigError("identity must be a palisade_c.Identity")
+        if self.node_id is not None and len(self.node_id) != 8:
+            raise ConfigError("node_id must be 8 bytes (the RID steering prefix)")
+        if not 256 <= self.max_datagram_size <= 65535:
+            raise ConfigError("max_datagram_size must be 256..65535")
+        if not 64 <= self.replay_window <= 4096:
+            raise ConfigError("replay_window must be 64..4096")
+        if self.commit_threshold < 1:
+            raise ConfigError("commit_threshold must be at least 1")
+        if not 0 < self.max_transition_time <= 3600:
+            raise ConfigError("max_transition_time must be in (0, 3600] seconds")
+        for name in ("handshake_timeout", "initial_rto", "max_rto", "idle_timeout",
+                     "keepalive_interval", "close_drain_time", "rekey_after_seconds",
+                     "rekey_retransmit"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.plus_features & ~(PLUS_RESUMPTION | PLUS_MIGRATION | PLUS_SHAPING):
+            raise ConfigError("unknown PLUS feature bits")
+        if self.amplification_factor < 1:
+            raise ConfigError("amplification_factor must be at least 1")
+        self.trust = TrustStore(self.trusted_peers)
+
+    @property
+    def steering_prefix(self) -> bytes:
+        return self.node_id if self.node_id is not None else bytes(8)
+
+    def link_time(self, nbytes: int) -> float:
+        """Seconds to serialize ``nbytes`` on the link (0 when the speed is unknown)."""
+        if not self.link_bits_per_second:
+            return 0.0
+        return nbytes * 10 / self.link_bits_per_second

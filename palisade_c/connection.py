@@ -1,0 +1,908 @@
+"""One PALISADE session, sans-IO: datagrams and time in, datagrams and events out.
+
+Theory of operation
+-------------------
+A ``Connection`` never touches a socket or a clock. The shell around it calls
+
+    receive_datagram(data, addr, now)   for every datagram from the peer
+    datagrams_to_send(now)              to collect what to transmit
+    get_timer() / handle_timer(now)     to drive retransmissions and timeouts
+    next_event()                        to read what happened (palisade_c.events)
+
+Two kinds of datagrams exist. Cleartext handshake records ("QH") carry CH/SH/CF, acks,
+retries and ErrorResponses; they are reassembled under hard memory caps
+(:mod:`palisade_c.reassembly`) and handed whole to :mod:`palisade_c.handshake`. Encrypted
+packets ("QP") go through the compiled :class:`~palisade_c.record.RecordLayer`; control frames
+inside them drive rekeying and close.
+
+Every state change goes through the compiled :class:`~palisade_c.fsm.StateMachine`, whose
+table lists the legal edges (seed §1, §2, §6). If the table refuses an event, the input that
+caused it is dropped and counted under ``illegal-event``; nothing else changes. Nothing a peer
+sends raises out of this class: malformed input is dropped and counted, and protocol failures
+end the session with a spec error code (an ErrorResponse during the handshake, a hard
+CTRL_CLOSE afterwards) and a :class:`~palisade_c.events.ConnectionClosed` event.
+
+Rekeying is server-authoritative (PROFILE §6): the server arms its receiver and announces
+CTRL_REKEY(next); the client arms, installs its sender and acknowledges on the new epoch; the
+server installs its sender only on that evidence, so no packet is ever sealed under an epoch
+the peer cannot open. A client that wants new keys sends a request and waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from palisade_c import frames as F
+from palisade_c import hsrecord as hs
+from palisade_c import wire
+from palisade_c.config import Config
+from palisade_c.errors import (
+    ControlFrameError,
+    DecodeError,
+    ErrorCode,
+    HandshakeError,
+    StateError,
+    code_name,
+)
+from palisade_c.events import (
+    ConnectionClosed,
+    DataReceived,
+    EpochChanged,
+    Event,
+    HandshakeCompleted,
+)
+from palisade_c.fsm import StateMachine
+from palisade_c.handshake import ClientHandshake, HandshakeResult, ServerHandshake
+from palisade_c.keyschedule import wipe
+from palisade_c.reassembly import (
+    AmplificationLimiter,
+    Flight,
+    FragmentStatus,
+    ReassemblyTable,
+    RetransmitTimer,
+)
+from palisade_c.record import STREAM_DUMMY, STREAM_KEEPALIVE, Record, RecordLayer
+
+Addr = Any  # a transport address: (host, port) for UDP, a path for serial links
+
+log = logging.getLogger("palisade_c.connection")
+
+#: Encrypted packets that may wait for the server's keys (PROFILE §3).
+MAX_EARLY_PACKETS = 16
+#: Largest application stream id; 0xFE and 0xFF are keepalive and dummy.
+MAX_APP_STREAM = 0xFD
+MAX_ERROR_DETAIL = 200
+
+EventLog = Callable[[dict[str, Any]], None]
+
+
+def _now_or(now: float | None, last: float) -> float:
+    return last if now is None else now
+
+
+class Connection:
+    """A client or server session. See the module docstring for the calling convention."""
+
+    def __init__(
+        self,
+        config: Config,
+        is_client: bool,
+        *,
+        event_log: EventLog | None = None,
+        name: str = "",
+    ) -> None:
+        self.config = config
+        self.is_client = is_client
+        self.name = name or ("client" if is_client else "server")
+        self._fsm = StateMachine(not is_client)
+        self._event_log = event_log
+        self._rand = random.Random(int.from_bytes(config.rng(8), "big"))
+        self._now = 0.0
+        self._out: list[tuple[bytes, Addr]] = []
+        self._events: deque[Event] = deque()
+        self.peer_addr: Addr | None = None
+        #: The session RID (server's choice, carried by SH); the client's first-flight rid
+        #: until then.
+        self.rid: bytes = b""
+        self._hello_rid: bytes = b""
+        self.record: RecordLayer | None = None
+        self.peer_fingerprint: str | None = None
+        self.plus_features = 0
+        self.resumption_secret: bytearray | None = None
+        self._client_hs: ClientHandshake | None = None
+        self._server_hs: ServerHandshake | None = None
+        self._reasm = ReassemblyTable(4, max_age=config.handshake_timeout)
+        self._flight: Flight | None = None
+        self._flight_addr: Addr | None = None
+        self._flight_timer = self._new_timer()
+        self._hs_deadline: float | None = None
+        self._retried = False
+        # Server side before the client proved its address (PROFILE §8).
+        self._amp = AmplificationLimiter(config.amplification_factor)
+        self._amp_queue: deque[bytes] = deque()
+        self._early_packets: list[bytes] = []
+        # Session timers.
+        self._last_recv = 0.0
+        self._last_send = 0.0
+        self._drain_deadline: float | None = None
+        self._close_info: tuple[int, str, bool] | None = None
+        # Rekey bookkeeping.
+        self._epoch_started = 0.0
+        self._epoch_bytes = 0
+        self._rekey_next: int | None = None
+        self._rekey_deadline: float | None = None
+        self._rekey_interval = config.rekey_retransmit
+        self._reported_epoch = 0
+        # Counters.
+        self.packets_in = 0
+        self.packets_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.hs_bytes_in = 0
+        self.hs_bytes_out = 0
+        self._drops: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ public state
+
+    @property
+    def state(self) -> str:
+        """The seed's state name: C_IDLE ... C_CLOSED or S_IDLE ... S_CLOSED."""
+        return self._fsm.name
+
+    @property
+    def established(self) -> bool:
+        return self._fsm.established
+
+    @property
+    def closed(self) -> bool:
+        return self._fsm.closed
+
+    @property
+    def epoch(self) -> int:
+        if self.record is not None and not self.record.erased:
+            return self.record.epoch
+        return self._reported_epoch
+
+    @property
+    def drop_counts(self) -> dict[str, int]:
+        """Dropped input by reason: the record layer's counters plus the connection's own."""
+        out = dict(self._drops)
+        if self.record is not None:
+            for k, v in self.record.drop_counts.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    @property
+    def counters(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "epoch": self.epoch,
+            "packets_in": self.packets_in,
+            "packets_out": self.packets_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "handshake_bytes_in": self.hs_bytes_in,
+            "handshake_bytes_out": self.hs_bytes_out,
+            "drops": self.drop_counts,
+        }
+
+    # ------------------------------------------------------------------ sans-IO API
+
+    def connect(self, addr: Addr, now: float) -> None:
+        """Client: start the handshake towards ``addr``."""
+        if not self.is_client:
+            raise StateError("connect() is for clients")
+        if not self._fsm.can("connect"):
+            raise StateError(f"connect() in state {self.state}")
+        self._now = now
+        self._fire("connect")
+        self.peer_addr = addr
+        prefix = self.config.node_id if self.config.node_id is not None else self.config.rng(8)
+        self._hello_rid = self.rid = prefix + b"\x00\x00" + self.config.rng(14)
+        self._client_hs = ClientHandshake(self.config)
+        self._hs_deadline = now + self.config.handshake_timeout
+        self._send_flight(
+            Flight.from_message(
+                hs.MSG_CLIENT_HELLO, self.rid, 0, self._client_hs.client_hello_bytes,
+                self.config.max_datagram_size,
+            ),
+            addr,
+        )
+        self._fire("hello_sent")
+
+    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
+        """Feed one datagram from the transport. Never raises for anything in ``data``."""
+        self._now = now
+        if self._fsm.closed:
+            self._drop("closed")
+            return
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        if len(data) < 2:
+            self._drop("truncated")
+            return
+        if data[0] == 0x51 and data[1] == 0x48:  # "QH"
+            self.hs_bytes_in += len(data)
+            if not self.is_client and not self._amp.validated:
+                self._amp.on_received(len(data))
+            self._on_handshake_datagram(data, addr, now)
+            self._flush_amplification()
+        elif data[0] == 0x51 and data[1] == 0x50:  # "QP"
+            self._on_packet(data, addr, now)
+        else:
+            self._drop("bad-magic")
+
+    def datagrams_to_send(self, now: float | None = None) -> list[tuple[bytes, Addr]]:
+        """Everything queued for the transport, in order. Clears the queue."""
+        out, self._out = self._out, []
+        return out
+
+    def get_timer(self) -> float | None:
+        """The earliest time at which handle_timer() has work, or None."""
+        if self._fsm.closed:
+            return None
+        candidates = [self._flight_timer.deadline, self._hs_deadline, self._drain_deadline,
+                      self._rekey_deadline]
+        if self.record is not None and not self.record.erased:
+            candidates.append(self.record.get_timer())
+            if self._fsm.established:
+                candidates.append(self._last_recv + self.config.idle_timeout)
+                candidates.append(self._last_send + self.config.keepalive_interval)
+                candidates.append(self._epoch_started + self.config.rekey_after_seconds)
+        live = [t for t in candidates if t is not None]
+        return min(live) if live else None
+
+    def handle_timer(self, now: float) -> None:
+        """Run whatever is due at ``now``: retransmissions, timeouts, keepalives, commits."""
+        self._now = now
+        if self._fsm.closed:
+            return
+        if self._hs_deadline is not None and now >= self._hs_deadline:
+            self._fail(ErrorCode.ErrorHandshakeTimeout, "handshake timed out", send=False)
+            return
+        if self._flight_timer.due(now):
+            if self._flight_timer.on_timeout(now):
+                self._resend_flight()
+            elif not self._fsm.established:
+                self._fail(ErrorCode.ErrorHandshakeTimeout, "no answer to the handshake",
+                           send=False)
+                return
+            else:
+                self._flight = None  # the CF was never acknowledged, but data flows
+        if self._drain_deadline is not None and now >= self._drain_deadline:
+            self._drain_deadline = None
+            self._finish_close()
+            return
+        if self.record is None or self.record.erased:
+            return
+        self.record.handle_timer(now)
+        self._after_epoch_activity(now)
+        if self._fsm.established:
+            if now - self._last_recv >= self.config.idle_timeout:
+                self._idle_out()
+                return
+            if self._rekey_deadline is not None and now >= self._rekey_deadline:
+                self._retransmit_rekey(now)
+            self._maybe_rekey(now)
+            if now - self._last_send >= self.config.keepalive_interval:
+                self._seal(b"", STREAM_KEEPALIVE)
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def send_data(self, data: bytes, stream_id: int = 0) -> None:
+        """Encrypt ``data`` as one packet on ``stream_id`` (0..253)."""
+        if not 0 <= stream_id <= MAX_APP_STREAM:
+            raise ValueError(f"stream_id must be 0..{MAX_APP_STREAM}")
+        if not self._fsm.established:
+            raise StateError(f"cannot send in state {self.state}")
+        self._seal(data, stream_id)
+        self._maybe_rekey(self._now)
+
+    def close(self, error_code: int = 0, reason: str = "") -> None:
+        """Soft close: send CTRL_CLOSE(hard=0), drain for a bounded time, then CLOSED."""
+        if not 0 <= error_code <= 0xFFFF:
+            raise ValueError("error_code must fit in u16")
+        if self._fsm.closed or self.state.endswith(("_CLOSING", "_ABORT", "_IDLE")):
+            return
+        if self.record is None:
+            # No keys: nothing to drain and no authenticated way to tell the peer.
+            if self._fire("close"):
+                self._close_info = (error_code, reason, False)
+                self._finish_close()
+            return
+        self._close_info = (error_code, reason, False)
+        self._send_control(F.encode_close(error_code, False, reason))
+        self._fire("close")
+        self._drain_deadline = self._now + self.config.close_drain_time
+
+    def request_rekey(self) -> None:
+        """Ask for new keys now (client: a request; server: an announcement)."""
+        if not self._fsm.established or self.record is None:
+            raise StateError(f"cannot rekey in state {self.state}")
+        if self.is_client:
+            self._client_request_rekey()
+        else:
+            self._server_start_rekey(self._now)
+
+    # ------------------------------------------------------------------ internals: plumbing
+
+    def _new_timer(self) -> RetransmitTimer:
+        return RetransmitTimer(
+            self._rand, initial=self.config.initial_rto,
+            maximum=max(self.config.max_rto, self.config.initial_rto),
+        )
+
+    def _fire(self, event: str) -> bool:
+        before = self._fsm.name
+        if not self._fsm.fire(event):
+            self._drop("illegal-event")
+            log.debug("%s: event %s refused in %s", self.name, event, before)
+            return False
+        log.debug("%s: %s --%s--> %s", self.name, before, event, self._fsm.name)
+        self._log_event("transition", old=before, event=event, new=self._fsm.name)
+        return True
+
+    def _drop(self, reason: str) -> None:
+        self._drops[reason] = self._drops.get(reason, 0) + 1
+
+    def _log_event(self, kind: str, **fields: Any) -> None:
+        if self._event_log is not None:
+            self._event_log({"t": round(self._now, 6), "conn": self.name, "kind": kind,
+                             **fields})
+
+    def _emit(self, event: Event) -> None:
+        self._events.append(event)
+
+    def _send_raw(self, data: bytes, addr: Addr | None = None, *, handshake: bool = False
+                  ) -> None:
+        target = self.peer_addr if addr is None else addr
+        if handshake:
+            self.hs_bytes_out += len(data)
+            if not self.is_client and not self._amp.validated:
+                if self._amp_queue or not self._amp.can_send(len(data)):
+                    self._amp_queue.append(data)
+                    return
+                self._amp.on_sent(len(data))
+        self._out.append((data, target))
+        self.packets_out += 1
+        self.bytes_out += len(data)
+        self._last_send = self._now
+
+    def _flush_amplification(self) -> None:
+        while self._amp_queue and (self._amp.validated
+                                   or self._amp.can_send(len(self._amp_queue[0]))):
+            data = self._amp_queue.popleft()
+            if not self._amp.validated:
+                self._amp.on_sent(len(data))
+            self._out.append((data, self.peer_addr))
+            self.packets_out += 1
+            self.bytes_out += len(data)
+
+    def _send_flight(self, flight: Flight, addr: Addr | None = None) -> None:
+        self._flight = flight
+        self._flight_addr = addr
+        self._flight_timer = self._new_timer()
+        self._flight_timer.scale_for_link(flight.total_bytes, self.config.link_bits_per_second)
+        for rec in flight.records:
+            self._send_raw(rec, addr, handshake=True)
+        self._flight_timer.start(self._now)
+
+    def _resend_flight(self) -> None:
+        if self._flight is None:
+            return
+        for rec in self._flight.records_to_resend():
+            self._send_raw(rec, self._flight_addr, handshake=True)
+
+    def _send_error_response(self, code: int, detail: str, rid: bytes) -> None:
+        body = wire.ErrorResponse(error_code=int(code),
+                                  details=detail[:MAX_ERROR_DETAIL]).encode()
+        rec = hs.HandshakeRecord(hs.MSG_ERROR_RESPONSE, rid, 0, 0, len(body), body)
+        self._send_raw(rec.encode(), handshake=True)
+
+    # ------------------------------------------------------------------ handshake datagrams
+
+    def _on_handshake_datagram(self, data: bytes, addr: Addr, now: float) -> None:
+        try:
+            rec = hs.decode(data)
+        except DecodeError:
+            self._drop("handshake-malformed")
+            return
+        if self.is_client:
+            self._client_on_record(rec, addr, now)
+        else:
+            self._server_on_record(rec, addr, now)
+
+    def _on_ack(self, rec: hs.HandshakeRecord) -> None:
+        try:
+            ack = hs.decode_ack(rec.fragment)
+        except DecodeError:
+            self._drop("handshake-malformed")
+            return
+        flight = self._flight
+        if flight is None or not flight.on_ack(ack):
+            self._drop("stale-ack")
+            return
+        if flight.acknowledged:
+            self._flight_timer.stop()
+            if self._fsm.established:
+                self._flight = None
+
+    def _reassemble(self, rec: hs.HandshakeRecord, now: float) -> bytes | None:
+        """Add a fragment; acknowledge partial progress; return the message when complete."""
+        result = self._reasm.add(rec, now)
+        if result.status in (FragmentStatus.MALFORMED, FragmentStatus.REFUSED):
+            self._drop("handshake-" + result.status.value)
+            return None
+        if result.status is FragmentStatus.COMPLETE:
+            return result.message
+        if result.ack is not None:
+            self._send_raw(result.ack.to_record(rec.rid), handshake=True)
+        return None
+
+    # client --------------------------------------------------------------------------------
+
+    def _client_on_record(self, rec: hs.HandshakeRecord, addr: Addr, now: float) -> None:
+        t = rec.msg_type
+        if t == hs.MSG_HANDSHAKE_ACK:
+            if rec.rid in (self._hello_rid, self.rid):
+                self._on_ack(rec)
+            else:
+                self._drop("unknown-rid")
+        elif t == hs.MSG_ERROR_RESPONSE:
+            self._client_on_error_response(rec)
+        elif t == hs.MSG_RETRY:
+            self._client_on_retry(rec)
+        elif t == hs.MSG_SERVER_HELLO:
+            self._client_on_server_hello(rec, now)
+        else:
+            self._drop("unexpected-handshake")
+
+    def _client_on_error_response(self, rec: hs.HandshakeRecord) -> None:
+        # Only an error that answers our own handshake, while it can still fail, counts.
+        awaiting = self.state == "C_WAIT_SH" or (self._flight is not None
+                                                 and self._flight.msg_type == hs.MSG_CLIENT_FINISHED)
+        if rec.rid not in (self._hello_rid, self.rid) or not awaiting:
+            self._drop("stale-error-response")
+            return
+        try:
+            err = wire.ErrorResponse.decode(rec.fragment)
+        except DecodeError:
+            self._drop("handshake-malformed")
+            return
+        self._abort(err.error_code, f"server refused the handshake: {err.text}", by_peer=True,
+                    send=False)
+
+    def _client_on_retry(self, rec: hs.HandshakeRecord) -> None:
+        if self.state != "C_WAIT_SH" or rec.rid != self._hello_rid or self._retried:
+            self._drop("stale-retry")
+            return
+        new_rid = rec.fragment
+        if len(new_rid) != hs.RID_LEN or new_rid[:8] != self._hello_rid[:8]:
+            self._drop("handshake-malformed")
+            return
+        assert self._client_hs is not None
+        self._retried = True
+        self._hello_rid = self.rid = new_rid
+        self._log_event("retry")
+        self._send_flight(
+            Flight.from_message(hs.MSG_CLIENT_HELLO, new_rid, 0,
+                                self._client_hs.client_hello_bytes,
+                                self.config.max_datagram_size),
+            self._flight_addr,
+        )
+
+    def _client_on_server_hello(self, rec: hs.HandshakeRecord, now: float) -> None:
+        if self.state != "C_WAIT_SH":
+            if self._flight is not None and self._flight.msg_type == hs.MSG_CLIENT_FINISHED:
+                # The server is still resending SH: our CF is lost. Resend what is missing.
+                self._resend_flight()
+            else:
+                self._drop("unexpected-handshake")
+            return
+        # The session RID keeps the steering prefix the first flight used (PROFILE §4).
+        if rec.rid[:8] != self._hello_rid[:8]:
+            self._drop("unknown-rid")
+            return
+        message = self._reassemble(rec, now)
+        if message is None:
+            return
+        if not self._fire("sh_received"):
+            return
+        assert self._client_hs is not None
+        try:
+            cf = self._client_hs.on_server_hello(message)
+        except HandshakeError as exc:
+            self.rid = rec.rid
+            self._fail(exc.code, exc.detail, send=True)
+            return
+        result = self._client_hs.result
+        assert result is not None
+        self._fire("sh_verified")
+        self.rid = rec.rid
+        self._flight_timer.stop()
+        self._send_flight(
+            Flight.from_message(hs.MSG_CLIENT_FINISHED, self.rid, 1, cf,
+                                self.config.max_datagram_size),
+        )
+        self._install_keys(result, now)
+
+    # server --------------------------------------------------------------------------------
+
+    def _server_on_record(self, rec: hs.HandshakeRecord, addr: Addr, now: float) -> None:
+        t = rec.msg_type
+        if self.state == "S_IDLE":
+            self._fire("listen")
+        if t == hs.MSG_CLIENT_HELLO:
+            self._server_on_client_hello(rec, addr, now)
+        elif t == hs.MSG_CLIENT_FINISHED:
+            self._server_on_client_finished(rec, addr, now)
+        elif t == hs.MSG_HANDSHAKE_ACK:
+            if rec.rid == self.rid:
+                self._amp.validate()  # only a peer that saw SH knows the session RID
+                self._on_ack(rec)
+            else:
+                self._drop("unknown-rid")
+        elif t == hs.MSG_ERROR_RESPONSE:
+            if rec.rid != self.rid or self.state != "S_WAIT_FIN":
+                self._drop("stale-error-response")
+                return
+            try:
+                err = wire.ErrorResponse.decode(rec.fragment)
+            except DecodeError:
+                self._drop("handshake-malformed")
+                return
+            self._abort(err.error_code, f"client refused the handshake: {err.text}",
+                        by_peer=True, send=False)
+        else:
+            self._drop("unexpected-handshake")
+
+    def _server_on_client_hello(self, rec: hs.HandshakeRecord, addr: Addr, now: float) -> None:
+        if self.state == "S_LISTEN":
+            self.peer_addr = addr
+            self._hello_rid = rec.rid
+            self._hs_deadline = now + self.config.handshake_timeout
+            self._fire("ch_received")
+        elif rec.rid != self._hello_rid:
+            self._drop("unknown-rid")
+            return
+        if self.state != "S_WAIT_CH":
+            # A retransmitted CH: our SH (or part of it) was lost. Resend what is missing.
+            if self.state == "S_WAIT_FIN" and self._reasm.add(rec, now).status is not \
+                    FragmentStatus.MALFORMED:
+                self._resend_flight()
+            else:
+                self._drop("unexpected-handshake")
+            return
+        message = self._reassemble(rec, now)
+        if message is None:
+            return
+        self._server_hs = ServerHandshake(self.config)
+        try:
+            sh = self._server_hs.on_client_hello(message)
+        except HandshakeError as exc:
+            self.rid = self._hello_rid
+            self._fail(exc.code, exc.detail, send=True)
+            return
+        self._fire("ch_parsed")
+        self._fire("ch_verified")
+        prefix = self.config.node_id if self.config.node_id is not None else rec.rid[:8]
+        self.rid = prefix + b"\x00\x00" + self.config.rng(14)
+        self._send_flight(
+            Flight.from_message(hs.MSG_SERVER_HELLO, self.rid, 0, sh,
+                                self.config.max_datagram_size),
+        )
+        self._fire("sh_sent")
+
+    def _server_on_client_finished(self, rec: hs.HandshakeRecord, addr: Addr, now: float
+                                   ) -> None:
+        if rec.rid != self.rid:
+            self._drop("unknown-rid")
+            return
+        self._amp.validate()  # the client echoes the session RID: it received our SH
+        if self.state != "S_WAIT_FIN":
+            if self._fsm.established:
+                # CF retransmitted: our ack was lost. The table answers with a full ack.
+                result = self._reasm.add(rec, now)
+                if result.ack is not None:
+                    self._send_raw(result.ack.to_record(self.rid), handshake=True)
+                return
+            self._drop("unexpected-handshake")
+            return
+        self._flight_timer.stop()  # a CF fragment proves SH arrived
+        message = self._reassemble(rec, now)
+        if message is None:
+            return
+        assert self._server_hs is not None
+        try:
+            result = self._server_hs.on_client_finished(message)
+        except HandshakeError as exc:
+            self._fail(exc.code, exc.detail, send=True)
+            return
+        self._fire("fin_received")
+        ack = hs.HandshakeAck(hs.MSG_CLIENT_FINISHED, rec.msg_seq, [(0, len(message))])
+        self._send_raw(ack.to_record(self.rid), handshake=True)
+        self._flight = None
+        self._install_keys(result, now)
+        early, self._early_packets = self._early_packets, []
+        for pkt in early:
+            self._on_packet(pkt, self.peer_addr, now)
+
+    def _install_keys(self, result: HandshakeResult, now: float) -> None:
+        cfg = self.config
+        self.record = RecordLayer(
+            result.master_secret, self.is_client, self.rid,
+            replay_window=cfg.replay_window, commit_threshold=cfg.commit_threshold,
+            max_transition_time=cfg.max_transition_time,
+        )
+        wipe(result.master_secret)  # the record layer derived what it needs and kept no copy
+        self.resumption_secret = result.resumption_secret
+        self.peer_fingerprint = result.peer_fingerprint
+        self.plus_features = result.plus_features
+        self._hs_deadline = None
+        self._client_hs = self._server_hs = None
+        self._last_recv = self._last_send = self._epoch_started = now
+        self._fire("keys_derived")
+        self._log_event("established", peer=result.peer_fingerprint[:16])
+        self._emit(HandshakeCompleted(result.peer_fingerprint, plus_features=self.plus_features))
+
+    # ------------------------------------------------------------------ encrypted packets
+
+    def _on_packet(self, data: bytes, addr: Addr, now: float) -> None:
+        record = self.record
+        if record is None or record.erased:
+            if not self.is_client and self.state == "S_WAIT_FIN" \
+                    and len(self._early_packets) < MAX_EARLY_PACKETS:
+                self._early_packets.append(data)  # data may overtake CF (PROFILE §3)
+            else:
+                self._drop("no-keys")
+            return
+        rec = record.open(data, now)
+        if rec is None:
+            return
+        self.packets_in += 1
+        self.bytes_in += len(data)
+        self._epoch_bytes += len(data)
+        self._last_recv = now
+        if self._flight is not None and self.is_client:
+            # Any packet under the new keys proves the server has our CF (PROFILE §3).
+            self._flight = None
+            self._flight_timer.stop()
+        if self._rekey_next is not None and rec.epoch == self._rekey_next:
+            self._on_rekey_evidence(now)
+        if rec.control:
+            self._on_control(rec, now)
+        elif rec.stream_id != STREAM_KEEPALIVE and rec.stream_id != STREAM_DUMMY:
+            if self.state.endswith("_CLOSED"):
+                return
+            self._emit(DataReceived(rec.stream_id, rec.payload))
+        self._after_epoch_activity(now)
+
+    def _seal(self, payload: bytes, stream_id: int, control: bool = False) -> None:
+        assert self.record is not None
+        pkt = self.record.seal(payload, stream_id, control, 0, self._now)
+        self._epoch_bytes += len(pkt)
+        self._send_raw(pkt)
+
+    def _send_control(self, *frames: F.ControlFrame) -> None:
+        self._seal(F.encode_frames(frames), 0, True)
+
+    def _on_control(self, rec: Record, now: float) -> None:
+        try:
+            frames = F.decode_frames(rec.payload)
+        except ControlFrameError:
+            self._drop("malformed-control")
+            return
+        for frame in frames:
+            try:
+                if frame.ctrl_type == F.CTRL_REKEY:
+                    self._on_rekey_frame(frame, rec, now)
+                elif frame.ctrl_type == F.CTRL_CLOSE:
+                    self._on_close_frame(frame)
+                else:
+                    # Unknown types, and PLUS types this session did not negotiate, are
+                    # ignored [spec §14.3].
+                    self._drop("ignored-control")
+            except ControlFrameError:
+                self._drop("malformed-control")
+            if self._fsm.closed:
+                return
+
+    # ------------------------------------------------------------------ rekeying
+
+    def _maybe_rekey(self, now: float) -> None:
+        record = self.record
+        if record is None or not self._fsm.established or self._rekey_next is not None:
+            return
+        cfg = self.config
+        due = (record.needs_rekey or self._epoch_bytes >= cfg.rekey_after_bytes
+               or now - self._epoch_started >= cfg.rekey_after_seconds)
+        if not due:
+            return
+        if self.is_client:
+            self._client_request_rekey()
+        else:
+            self._server_start_rekey(now)
+
+    def _client_request_rekey(self) -> None:
+        assert self.record is not None
+        if self._rekey_next is not None or self.record.epochs.rx_state_name != "STEADY":
+            return  # one already in progress
+        if not self._fire("rekey_request"):
+            return
+        self._rekey_next = self.record.epoch + 1
+        self._send_control(F.encode_rekey(self._rekey_next, F.REKEY_REQUEST))
+        self._arm_rekey_timer(self._now)
+
+    def _server_start_rekey(self, now: float) -> None:
+        record = self.record
+        assert record is not None
+        if self._rekey_next is not None or record.epochs.rx_state_name != "STEADY" \
+                or record.epochs.install_pending or record.epochs.tx_state_name != "STEADY":
+            return
+        if self.state == "S_ESTABLISHED" and not self._fire("rekey_request"):
+            return
+        self._rekey_next = record.arm_next_epoch(now)
+        self._log_event("rekey-announce", next_epoch=self._rekey_next)
+        self._send_control(F.encode_rekey(self._rekey_next, F.REKEY_ANNOUNCE))
+        self._arm_rekey_timer(now)
+
+    def _arm_rekey_timer(self, now: float) -> None:
+        self._rekey_interval = self.config.rekey_retransmit
+        self._rekey_deadline = now + self._rekey_interval
+
+    def _retransmit_rekey(self, now: float) -> None:
+        assert self.record is not None and self._rekey_next is not None
+        kind = F.REKEY_REQUEST if self.is_client else F.REKEY_ANNOUNCE
+        self._send_control(F.encode_rekey(self._rekey_next, kind))
+        self._rekey_interval = min(self._rekey_interval * 2, self.config.max_rto)
+        self._rekey_deadline = now + self._rekey_interval
+
+    def _on_rekey_frame(self, frame: F.ControlFrame, rec: Record, now: float) -> None:
+        record = self.record
+        assert record is not None
+        next_epoch, kind = F.decode_rekey(frame)
+        epochs = record.epochs
+        if self.is_client:
+            if kind != F.REKEY_ANNOUNCE:
+                self._drop("unexpected-rekey")
+                return
+            if next_epoch == epochs.send_epoch and epochs.epoch + 1 >= next_epoch:
+                # A duplicate announcement: we already moved. Re-acknowledge (idempotent).
+                self._send_control(F.encode_rekey(next_epoch, F.REKEY_ACK))
+                return
+            if next_epoch != epochs.epoch + 1 or epochs.rx_state_name != "STEADY" \
+                    or epochs.install_pending:
+                self._drop("unexpected-rekey")
+                return
+            # Seed §3: arm the receiver and install the sender at once, then ack on the new
+            # epoch so the server learns we can open it.
+            record.arm_next_epoch(now, next_epoch)
+            record.install_next_epoch(now)
+            self._rekey_next = next_epoch
+            self._rekey_deadline = None
+            self._log_event("rekey-armed", next_epoch=next_epoch)
+            self._send_control(F.encode_rekey(next_epoch, F.REKEY_ACK))
+            return
+        # server
+        if kind == F.REKEY_REQUEST:
+            if next_epoch == epochs.epoch + 1 and self._rekey_next is None:
+                self._server_start_rekey(now)
+            elif self._rekey_next is not None:
+                pass  # already announced; the announcement's timer covers it
+            else:
+                self._drop("unexpected-rekey")
+        elif kind == F.REKEY_ACK:
+            if self._rekey_next == next_epoch:
+                self._on_rekey_evidence(now)
+            else:
+                self._drop("stale-rekey-ack")
+        else:
+            self._drop("unexpected-rekey")
+
+    def _on_rekey_evidence(self, now: float) -> None:
+        """The peer is on the new epoch. The server may now install its sender (PROFILE §6)."""
+        assert self.record is not None
+        if not self.is_client and self.record.epochs.install_pending:
+            self.record.install_next_epoch(now)
+            self._log_event("rekey-installed", epoch=self.record.send_epoch)
+        if self.is_client or not self.record.epochs.install_pending:
+            self._rekey_deadline = None
+
+    def _after_epoch_activity(self, now: float) -> None:
+        """Report a committed epoch change once both halves are on it."""
+        record = self.record
+        if record is None or record.erased:
+            return
+        epoch = record.epoch
+        if epoch != self._reported_epoch and record.send_epoch == epoch:
+            self._reported_epoch = epoch
+            self._rekey_next = None
+            self._rekey_deadline = None
+            self._epoch_started = now
+            self._epoch_bytes = 0
+            if self.state.endswith("_REKEY_PENDING"):
+                self._fire("rekey_done")
+            self._log_event("epoch", epoch=epoch)
+            self._emit(EpochChanged(epoch))
+
+    # ------------------------------------------------------------------ close and abort
+
+    def _on_close_frame(self, frame: F.ControlFrame) -> None:
+        code, hard, reason = F.decode_close(frame)
+        if hard:
+            self._abort(code, reason, by_peer=True, send=False)
+            return
+        if self.state.endswith("_CLOSING"):
+            if self._close_info is not None and self._close_info[2]:
+                return  # a duplicate of the close we are already draining for
+            self._fire("peer_close")  # the peer's answer to our close
+            self._finish_close()
+            return
+        if not self._fire("peer_close"):
+            return
+        self._close_info = (code, reason, True)
+        self._log_event("peer-close", code=code)
+        self._send_control(F.encode_close(0, False, ""))  # answer, so the peer can finish
+        self._drain_deadline = self._now + self.config.close_drain_time
+
+    def _finish_close(self) -> None:
+        if self.state.endswith("_CLOSING"):
+            self._fire("drained")
+        code, reason, by_peer = self._close_info or (0, "", False)
+        self._teardown()
+        self._emit(ConnectionClosed(code, reason, by_peer))
+        self._log_event("closed", code=code, by_peer=by_peer)
+
+    def _idle_out(self) -> None:
+        self._fire("idle_timeout")
+        self._teardown()
+        code = int(ErrorCode.ErrorIdleTimeout)
+        self._emit(ConnectionClosed(code, "idle timeout: peer silent", False))
+        self._log_event("closed", code=code, reason="idle")
+
+    def _fail(self, code: int, detail: str, *, send: bool) -> None:
+        """We detected a fatal problem: tell the peer where allowed, then ABORT -> CLOSED."""
+        self._abort(code, detail, by_peer=False, send=send)
+
+    def _abort(self, code: int, detail: str, *, by_peer: bool, send: bool) -> None:
+        if self._fsm.closed:
+            return
+        log.info("%s: abort %s: %s", self.name, code_name(code), detail)
+        if send:
+            if self.record is not None and not self.record.erased:
+                try:
+                    self._send_control(F.encode_close(code, True, detail[:64]))
+                except StateError:
+                    pass
+            elif self.rid:
+                self._send_error_response(code, detail, self.rid)
+        if not self._fsm.fire("fatal"):
+            # Idle or listening: there is nothing to abort; just close.
+            self._fsm.fire("close")
+        else:
+            self._log_event("transition", old="", event="fatal", new=self._fsm.name)
+        self._teardown()
+        self._fsm.fire("aborted")
+        self._emit(ConnectionClosed(int(code), detail, by_peer))
+        self._log_event("closed", code=int(code), by_peer=by_peer)
+
+    def _teardown(self) -> None:
+        """Erase every secret; stop every timer. Called on the way into CLOSED."""
+        if self.record is not None:
+            self.record.erase()
+        for hs_obj in (self._client_hs, self._server_hs):
+            if hs_obj is not None:
+                hs_obj.erase()
+        self._client_hs = self._server_hs = None
+        if self.resumption_secret is not None:
+            wipe(self.resumption_secret)
+        self._flight = None
+        self._flight_timer.stop()
+        self._hs_deadline = self._drain_deadline = self._rekey_deadline = None
+        self._early_packets.clear()
+        self._amp_queue.clear()

@@ -1,0 +1,160 @@
+"""Server endpoint: many sessions behind one transport, demultiplexed by RID (sans-IO).
+
+Theory of operation
+-------------------
+Every PALISADE datagram carries its RID at bytes 6..30, in handshake records and encrypted
+packets alike (PROFILE §4), so demultiplexing is one dictionary lookup; the source address is
+not used to find a session, which is what lets a client's address change under it. Each session
+is registered under two RIDs: the client's first-flight RID (so retransmitted ClientHello
+fragments find it) and the session RID the server chose in its ServerHello.
+
+A datagram with an unknown RID creates a session only if it is a ClientHello fragment, and only
+within two limits:
+
+* ``max_half_open`` sessions may be mid-handshake at once; beyond it new ones are dropped.
+* Past ``cookie_threshold`` half-open sessions the endpoint stops allocating anything for a
+  ClientHello until the client proves its address: it answers with a Retry record (type 0x7D)
+  carrying a new RID whose 14 random bytes are a compact stateless cookie
+  (HMAC-SHA3-256 over the client address, steering prefix and time). The client restarts its
+  ClientHello under that RID; each fragment then carries the cookie, so it is checked per
+  datagram without reassembly state, and a session created that way starts address-validated.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import NamedTuple
+
+from palisade_c import hsrecord as hs
+from palisade_c.config import Config
+from palisade_c.connection import Addr, Connection, EventLog
+from palisade_c.events import Event
+from palisade_c.reassembly import CookieIssuer
+
+COOKIE_LIFETIME = 30.0
+
+
+class EndpointEvent(NamedTuple):
+    """An event from one of the endpoint's sessions."""
+
+    connection: Connection
+    event: Event
+
+
+class ServerEndpoint:
+    """Accepts handshakes from any address and routes every datagram to its session."""
+
+    def __init__(self, config: Config, *, event_log: EventLog | None = None) -> None:
+        self.config = config
+        self._event_log = event_log
+        self._by_rid: dict[bytes, Connection] = {}
+        self._sessions: dict[int, Connection] = {}
+        self._cookies = CookieIssuer(config.rng(32), COOKIE_LIFETIME, compact=True)
+        self._out: list[tuple[bytes, Addr]] = []
+        self._events: deque[EndpointEvent] = deque()
+        self._drops: dict[str, int] = {}
+        self._serial = 0
+        self.retries_sent = 0
+
+    # -- introspection ------------------------------------------------------------------------
+
+    @property
+    def connections(self) -> list[Connection]:
+        return list(self._sessions.values())
+
+    @property
+    def half_open(self) -> int:
+        return sum(1 for c in self._sessions.values() if not c.established and not c.closed)
+
+    @property
+    def drop_counts(self) -> dict[str, int]:
+        return dict(self._drops)
+
+    def _drop(self, reason: str) -> None:
+        self._drops[reason] = self._drops.get(reason, 0) + 1
+
+    # -- sans-IO API ----------------------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
+        if len(data) < hs.HS_HEADER_LEN:
+            self._drop("truncated")
+            return
+        rid = bytes(data[hs.RID_OFFSET:hs.RID_OFFSET + hs.RID_LEN])
+        conn = self._by_rid.get(rid)
+        if conn is None:
+            if data[:2] != b"QH" or data[3] != hs.MSG_CLIENT_HELLO:
+                self._drop("unknown-rid")
+                return
+            conn = self._accept(rid, addr, now)
+            if conn is None:
+                return
+        conn.receive_datagram(data, addr, now)
+        self._collect(conn)
+
+    def datagrams_to_send(self, now: float | None = None) -> list[tuple[bytes, Addr]]:
+        for conn in list(self._sessions.values()):
+            self._collect(conn)
+        out, self._out = self._out, []
+        return out
+
+    def get_timer(self) -> float | None:
+        timers = [t for c in self._sessions.values() if (t := c.get_timer()) is not None]
+        return min(timers) if timers else None
+
+    def handle_timer(self, now: float) -> None:
+        for conn in list(self._sessions.values()):
+            t = conn.get_timer()
+            if t is not None and t <= now:
+                conn.handle_timer(now)
+                self._collect(conn)
+
+    def next_event(self) -> EndpointEvent | None:
+        return self._events.popleft() if self._events else None
+
+    def close(self, error_code: int = 0, reason: str = "server shutting down") -> None:
+        """Soft-close every session."""
+        for conn in list(self._sessions.values()):
+            conn.close(error_code, reason)
+            self._collect(conn)
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _accept(self, rid: bytes, addr: Addr, now: float) -> Connection | None:
+        half_open = self.half_open
+        if half_open >= self.config.max_half_open:
+            self._drop("half-open-limit")
+            return None
+        validated = False
+        if half_open >= self.config.cookie_threshold:
+            prefix, cookie = rid[:8], rid[10:]
+            if not self._cookies.check(cookie, addr, now, prefix):
+                self._send_retry(rid, addr, now)
+                return None
+            validated = True
+        self._serial += 1
+        conn = Connection(self.config, False, event_log=self._event_log,
+                          name=f"server-{self._serial}")
+        if validated:
+            conn._amp.validate()  # the cookie proves the client receives at this address
+        self._sessions[self._serial] = conn
+        self._by_rid[rid] = conn
+        return conn
+
+    def _send_retry(self, rid: bytes, addr: Addr, now: float) -> None:
+        # A Retry answers one ClientHello fragment with one small record: no amplification.
+        new_rid = rid[:8] + b"\x00\x00" + self._cookies.make(addr, now, rid[:8])
+        rec = hs.HandshakeRecord(hs.MSG_RETRY, rid, 0, 0, len(new_rid), new_rid)
+        self._out.append((rec.encode(), addr))
+        self.retries_sent += 1
+
+    def _collect(self, conn: Connection) -> None:
+        if conn.rid and conn.rid not in self._by_rid:
+            self._by_rid[conn.rid] = conn
+        self._out.extend(conn.datagrams_to_send())
+        while (ev := conn.next_event()) is not None:
+            self._events.append(EndpointEvent(conn, ev))
+        if conn.closed:
+            for key in [k for k, c in self._by_rid.items() if c is conn]:
+                del self._by_rid[key]
+            for key in [k for k, c in self._sessions.items() if c is conn]:
+                del self._sessions[key]

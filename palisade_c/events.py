@@ -1,0 +1,56 @@
+"""Events a connection reports to the application (``Connection.next_event()``).
+
+Plain frozen dataclasses: cheap to create, easy to match on, safe to log (none of them holds
+key material; ``DataReceived.data`` is application plaintext and is never logged by us).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base class of every connection event."""
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeCompleted(Event):
+    """Keys are installed; data can flow. ``peer_fingerprint`` is the peer's key fingerprint."""
+
+    peer_fingerprint: str
+    resumed: bool = False
+    plus_features: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived(Event):
+    """Application data on ``stream_id``. ``early`` marks replayable 0-RTT data."""
+
+    stream_id: int
+    data: bytes
+    early: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EpochChanged(Event):
+    """Both directions now use ``epoch`` (the receiver committed the transition)."""
+
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed(Event):
+    """The connection reached CLOSED. ``by_peer`` tells who closed it."""
+
+    error_code: int
+    reason: str = ""
+    by_peer: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeProgress(Event):
+    """Bytes moved so far during a handshake (for progress output on slow links)."""
+
+    bytes_sent: int
+    bytes_received: int
