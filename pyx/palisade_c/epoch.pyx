@@ -202,8 +202,11 @@ cdef class EpochMachine:
         cdef uint32_t nxt_epoch
         if _RX_TABLE[self.rx_state][RX_EV_ARM] < 0:
             raise EpochStateError("arm_next_epoch: already in TRANSITION")
-        if self.tx_pending is not None or self.tx_cur.epoch != self.rx_cur.epoch:
-            raise EpochStateError("arm_next_epoch: the sender has not installed the current epoch")
+        if (self.tx_pending is not None or self.tx_cur.epoch != self.rx_cur.epoch
+                or self.tx_state != TX_STEADY):
+            # Checked before anything changes, so a refusal leaves the machine as it was.
+            raise EpochStateError(
+                "arm_next_epoch: the sender has not finished moving to the current epoch")
         if self.rx_cur.epoch >= MAX_EPOCH:
             raise EpochStateError("epoch space exhausted")
         nxt_epoch = self.rx_cur.epoch + 1
@@ -285,8 +288,10 @@ cdef class EpochMachine:
         key.window.mark(seq)
         if key is self.rx_next:
             self.packets_on_next += 1
-            if not self.next_epoch_seen:
-                self.next_epoch_seen = True
+            self.next_epoch_seen = True
+            if self._first_next_at < 0:
+                # Start the clock at the first packet that comes with a time (a caller may
+                # open some packets without one).
                 self._first_next_at = now
             if self.packets_on_next >= self.commit_threshold:
                 self._commit()

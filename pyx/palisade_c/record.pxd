@@ -75,4 +75,5 @@ cdef class RecordLayer:
     cdef bytes _seal(self, object payload, int stream_id, bint control, Py_ssize_t pad, double now)
     cdef Record _open(self, bytes data, double now)
     cdef Record _drop(self, int reason)
+    cdef Record _open_other(self, object data, double now)
     cdef inline void _protect(self, uint8_t* pkt, object hp) except *

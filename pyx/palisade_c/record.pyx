@@ -278,13 +278,16 @@ cdef class RecordLayer:
                      double now):
         cdef EpochMachine em = self.epochs
         cdef TrafficKey key = em.tx_cur
-        cdef Py_ssize_t plen = len(payload)
+        cdef Py_ssize_t plen
         cdef Py_ssize_t ct_len, total
         cdef uint8_t* p
         cdef uint8_t flags
         cdef object data_obj
         if self._hp_tx is None:
             raise StateError("the record layer was erased")
+        if type(payload) is not bytes:
+            payload = memoryview(payload).cast("B")   # byte length, not item count
+        plen = len(payload)
         if stream_id < 0 or stream_id > 0xFF:
             raise ValueError("stream_id must be 0..255")
         if pad < 0 or pad > MAX_PAD:
@@ -300,6 +303,7 @@ cdef class RecordLayer:
         if pad:
             if len(self._scratch) < plen + pad:
                 self._scratch = bytearray(plen + pad)
+            # Assign through a byte view so plen counts bytes whatever the payload's item size.
             self._scratch[:plen] = payload
             memset(<uint8_t*>(<char*>self._scratch) + plen, 0, pad)
             self._w_in.point(<uint8_t*>(<char*>self._scratch), plen + pad, True)
@@ -446,17 +450,26 @@ cdef class RecordLayer:
     def open(self, data, now=None):
         """Authenticate and decrypt one packet. Returns a Record, or None if it was dropped
         (the reason is counted in ``drop_counts``) or was a dummy packet."""
-        if type(data) is not bytes:
-            try:
-                data = bytes(data)
-            except TypeError:
-                return self._drop(DROP_TRUNCATED)
-        return self._open(data, -1.0 if now is None else now)
+        cdef double t = -1.0 if now is None else now
+        if type(data) is bytes:
+            return self._open(data, t)
+        return self._open_other(data, t)
+
+    cdef Record _open_other(self, object data, double now):
+        """Accept any bytes-like object; anything else is dropped, never raised."""
+        try:
+            view = memoryview(data)
+        except TypeError:
+            return self._drop(DROP_TRUNCATED)
+        if view.nbytes > self.max_packet_size:
+            return self._drop(DROP_TOO_LARGE)   # checked before copying anything
+        return self._open(view.tobytes(), now)
 
     def open_many(self, packets, now=None) -> list:
         """``open`` for a batch; the result has one entry (Record or None) per packet."""
         cdef double t = -1.0 if now is None else now
-        return [self._open(d if type(d) is bytes else bytes(d), t) for d in packets]
+        return [self._open(d, t) if type(d) is bytes else self._open_other(d, t)
+                for d in packets]
 
     # -- epoch operations (delegated; see epoch.pyx) ----------------------------------------
 
