@@ -121,6 +121,11 @@ class Connection:
         self._flight_timer = self._new_timer()
         self._hs_deadline: float | None = None
         self._retried = False
+        self._pending_ack: tuple[bytes, hs.HandshakeAck] | None = None
+        self._ack_deadline: float | None = None
+        # A quarter of the first retransmission timeout, stretched on slow links so the ack
+        # does not race the rest of the burst still crossing the wire.
+        self._ack_delay = config.initial_rto / 4 + config.link_time(2 * config.max_datagram_size)
         # Server side before the client proved its address (PROFILE §8).
         self._amp = AmplificationLimiter(config.amplification_factor)
         self._amp_queue: deque[bytes] = deque()
@@ -246,7 +251,7 @@ class Connection:
         if self._fsm.closed:
             return None
         candidates = [self._flight_timer.deadline, self._hs_deadline, self._drain_deadline,
-                      self._rekey_deadline]
+                      self._rekey_deadline, self._ack_deadline]
         if self.record is not None and not self.record.erased:
             candidates.append(self.record.get_timer())
             if self._fsm.established:
@@ -264,6 +269,8 @@ class Connection:
         if self._hs_deadline is not None and now >= self._hs_deadline:
             self._fail(ErrorCode.ErrorHandshakeTimeout, "handshake timed out", send=False)
             return
+        if self._ack_deadline is not None and now >= self._ack_deadline:
+            self._send_pending_ack()
         if self._flight_timer.due(now):
             if self._flight_timer.on_timeout(now):
                 self._resend_flight()
@@ -439,10 +446,24 @@ class Connection:
             self._drop("handshake-" + result.status.value)
             return None
         if result.status is FragmentStatus.COMPLETE:
+            # The reply (or the explicit CF ack) tells the peer everything arrived.
+            self._pending_ack = None
+            self._ack_deadline = None
             return result.message
         if result.ack is not None:
-            self._send_raw(result.ack.to_record(rec.rid), handshake=True)
+            # Delayed ack: a burst of fragments earns one ack, sent only if the message is
+            # still incomplete when the delay runs out (that is when the sender needs it).
+            self._pending_ack = (rec.rid, result.ack)
+            if self._ack_deadline is None:
+                self._ack_deadline = now + self._ack_delay
         return None
+
+    def _send_pending_ack(self) -> None:
+        if self._pending_ack is not None:
+            rid, ack = self._pending_ack
+            self._send_raw(ack.to_record(rid), handshake=True)
+        self._pending_ack = None
+        self._ack_deadline = None
 
     # client --------------------------------------------------------------------------------
 
@@ -504,8 +525,10 @@ class Connection:
             else:
                 self._drop("unexpected-handshake")
             return
-        # The session RID keeps the steering prefix the first flight used (PROFILE §4).
-        if rec.rid[:8] != self._hello_rid[:8]:
+        # A client that targeted a node id expects the session RID to keep that steering
+        # prefix (PROFILE §4). One that did not used a random prefix, and the server puts its
+        # own node id there, so there is nothing to compare.
+        if self.config.node_id is not None and rec.rid[:8] != self._hello_rid[:8]:
             self._drop("unknown-rid")
             return
         message = self._reassemble(rec, now)
@@ -741,9 +764,13 @@ class Connection:
     def _server_start_rekey(self, now: float) -> None:
         record = self.record
         assert record is not None
-        if self._rekey_next is not None or record.epochs.rx_state_name != "STEADY" \
-                or record.epochs.install_pending or record.epochs.tx_state_name != "STEADY":
+        epochs = record.epochs
+        if self._rekey_next is not None or epochs.rx_state_name != "STEADY" \
+                or epochs.install_pending:
             return
+        if epochs.tx_state_name == "TRANSITION":
+            # Both halves are on the current epoch; the key_phase hint has done its job.
+            record.complete_transition()
         if self.state == "S_ESTABLISHED" and not self._fire("rekey_request"):
             return
         self._rekey_next = record.arm_next_epoch(now)
@@ -771,6 +798,14 @@ class Connection:
             if kind != F.REKEY_ANNOUNCE:
                 self._drop("unexpected-rekey")
                 return
+            if (epochs.rx_state_name == "TRANSITION" and epochs.next_epoch is not None
+                    and next_epoch == epochs.next_epoch + 1 and rec.epoch == epochs.next_epoch):
+                # An authenticated announcement of the epoch after our pending one proves the
+                # server finished the last rekey: commit ours explicitly before moving on.
+                record.commit_epoch_transition()
+            if epochs.tx_state_name == "TRANSITION" and next_epoch == epochs.send_epoch + 1 \
+                    and epochs.epoch == epochs.send_epoch:
+                record.complete_transition()
             if next_epoch == epochs.send_epoch and epochs.epoch + 1 >= next_epoch:
                 # A duplicate announcement: we already moved. Re-acknowledge (idempotent).
                 self._send_control(F.encode_rekey(next_epoch, F.REKEY_ACK))
@@ -904,5 +939,6 @@ class Connection:
         self._flight = None
         self._flight_timer.stop()
         self._hs_deadline = self._drain_deadline = self._rekey_deadline = None
+        self._pending_ack = self._ack_deadline = None
         self._early_packets.clear()
         self._amp_queue.clear()

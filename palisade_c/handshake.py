@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import mlkem
 
@@ -48,10 +49,6 @@ _KEM_PUBLIC: dict[int, type[mlkem.MLKEM768PublicKey] | type[mlkem.MLKEM1024Publi
     wire.KEM_MLKEM768: mlkem.MLKEM768PublicKey,
     wire.KEM_MLKEM1024: mlkem.MLKEM1024PublicKey,
 }
-
-
-def sha3(data: bytes) -> bytes:
-    return hashlib.sha3_256(data).digest()
 
 
 @dataclass
@@ -136,6 +133,8 @@ class ClientHandshake:
             extensions=extensions,
         )
         self.client_hello_bytes = self.client_hello.encode()
+        # CH carries no signature, so its transcript form is its encoding.
+        self._ch_star = self.client_hello.transcript_bytes()
         self.result: HandshakeResult | None = None
 
     def erase(self) -> None:
@@ -172,7 +171,10 @@ class ClientHandshake:
             raise HandshakeError(ErrorCode.ErrorInvalidServerHello, "PLUS features not offered")
         if not self._config.trust.is_trusted(sh.server_certificate):
             raise HandshakeError(ErrorCode.ErrorCertificateInvalid, "server key is not pinned")
-        signed = sha3(ch.transcript_bytes() + sh.transcript_bytes())
+        # Hash CH* ‖ SH* once; the copy continues into th with CF*.
+        running = hashlib.sha3_256(self._ch_star)
+        running.update(sh.transcript_bytes())
+        signed = running.digest()
         if not verify_signature(
             sh.server_certificate, sh.server_signature, signed, SERVER_SIG_CONTEXT
         ):
@@ -180,7 +182,8 @@ class ClientHandshake:
         ss_c = _decapsulate(self._kem_key, sh.ct_c)
         ss_s, ct_s = _encapsulate(sh.kem_choice, sh.k_s, ErrorCode.ErrorInvalidServerHello)
         cf = wire.ClientFinished(ct_s=ct_s)
-        th = sha3(ch.transcript_bytes() + sh.transcript_bytes() + cf.transcript_bytes())
+        running.update(cf.transcript_bytes())
+        th = running.digest()
         cf = cf.replace(client_signature=self._config.identity.sign(th, CLIENT_SIG_CONTEXT))
         master, resumption = _derive(ss_c, ss_s, ch.client_nonce, sh.server_nonce, th)
         self.erase()
@@ -211,6 +214,7 @@ class ServerHandshake:
     _ch: wire.ClientHello | None = None
     _sh: wire.ServerHello | None = None
     _plus: int = 0
+    _running: Any = None  # SHA3-256 state over CH* ‖ SH*
 
     def erase(self) -> None:
         self._kem_key = None
@@ -255,9 +259,11 @@ class ServerHandshake:
             server_certificate=self.config.identity.public_key,
             extensions=extensions,
         )
-        signed = sha3(ch.transcript_bytes() + sh.transcript_bytes())
+        running = hashlib.sha3_256(ch.transcript_bytes())
+        running.update(sh.transcript_bytes())
+        signed = running.digest()
         sh = sh.replace(server_signature=self.config.identity.sign(signed, SERVER_SIG_CONTEXT))
-        self._ch, self._sh, self._ss_c = ch, sh, ss_c
+        self._ch, self._sh, self._ss_c, self._running = ch, sh, ss_c, running
         return sh.encode()
 
     def on_client_finished(self, data: bytes) -> HandshakeResult:
@@ -275,7 +281,9 @@ class ServerHandshake:
         except DecodeError as exc:
             raise HandshakeError(exc.code, str(exc)) from exc
         ch, sh = self._ch, self._sh
-        th = sha3(ch.transcript_bytes() + sh.transcript_bytes() + cf.transcript_bytes())
+        running = self._running.copy()
+        running.update(cf.transcript_bytes())
+        th = running.digest()
         if not verify_signature(
             ch.client_certificate, cf.client_signature, th, CLIENT_SIG_CONTEXT
         ):
