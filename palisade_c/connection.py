@@ -257,7 +257,8 @@ class Connection:
             if self._fsm.established:
                 candidates.append(self._last_recv + self.config.idle_timeout)
                 candidates.append(self._last_send + self.config.keepalive_interval)
-                candidates.append(self._epoch_started + self.config.rekey_after_seconds)
+                if self._rekey_next is None:  # the age trigger waits while a rekey runs
+                    candidates.append(self._epoch_started + self.config.rekey_after_seconds)
         live = [t for t in candidates if t is not None]
         return min(live) if live else None
 
@@ -289,13 +290,13 @@ class Connection:
         self.record.handle_timer(now)
         self._after_epoch_activity(now)
         if self._fsm.established:
-            if now - self._last_recv >= self.config.idle_timeout:
+            if now >= self._last_recv + self.config.idle_timeout:
                 self._idle_out()
                 return
             if self._rekey_deadline is not None and now >= self._rekey_deadline:
                 self._retransmit_rekey(now)
             self._maybe_rekey(now)
-            if now - self._last_send >= self.config.keepalive_interval:
+            if now >= self._last_send + self.config.keepalive_interval:
                 self._seal(b"", STREAM_KEEPALIVE)
 
     def next_event(self) -> Event | None:
@@ -743,7 +744,7 @@ class Connection:
             return
         cfg = self.config
         due = (record.needs_rekey or self._epoch_bytes >= cfg.rekey_after_bytes
-               or now - self._epoch_started >= cfg.rekey_after_seconds)
+               or now >= self._epoch_started + cfg.rekey_after_seconds)
         if not due:
             return
         if self.is_client:
@@ -795,6 +796,8 @@ class Connection:
         next_epoch, kind = F.decode_rekey(frame)
         epochs = record.epochs
         if self.is_client:
+            if kind == F.REKEY_ACK and next_epoch == epochs.next_epoch:
+                return  # the server installed the new epoch; the packet itself is the proof
             if kind != F.REKEY_ANNOUNCE:
                 self._drop("unexpected-rekey")
                 return
@@ -845,6 +848,9 @@ class Connection:
         if not self.is_client and self.record.epochs.install_pending:
             self.record.install_next_epoch(now)
             self._log_event("rekey-installed", epoch=self.record.send_epoch)
+            # Show the client at once that we moved, so its transition clock starts even if
+            # the application has nothing to send.
+            self._send_control(F.encode_rekey(self.record.send_epoch, F.REKEY_ACK))
         if self.is_client or not self.record.epochs.install_pending:
             self._rekey_deadline = None
 
@@ -916,13 +922,17 @@ class Connection:
                     pass
             elif self.rid:
                 self._send_error_response(code, detail, self.rid)
+        before = self._fsm.name
         if not self._fsm.fire("fatal"):
             # Idle or listening: there is nothing to abort; just close.
-            self._fsm.fire("close")
+            if self._fsm.fire("close"):
+                self._log_event("transition", old=before, event="close", new=self._fsm.name)
         else:
-            self._log_event("transition", old="", event="fatal", new=self._fsm.name)
+            self._log_event("transition", old=before, event="fatal", new=self._fsm.name)
         self._teardown()
-        self._fsm.fire("aborted")
+        before = self._fsm.name
+        if self._fsm.fire("aborted"):
+            self._log_event("transition", old=before, event="aborted", new=self._fsm.name)
         self._emit(ConnectionClosed(int(code), detail, by_peer))
         self._log_event("closed", code=int(code), by_peer=by_peer)
 

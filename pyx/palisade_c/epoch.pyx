@@ -310,11 +310,13 @@ cdef class EpochMachine:
         """Apply the time-based criteria (opportunistically, and from handle_timer)."""
         if now < 0:
             return 0
+        # Compare against the same sums get_timer() reports, so a shell that wakes exactly at
+        # the reported deadline always finds the work due (no float rounding gap).
         if (self.rx_state == RX_TRANSITION and self._first_next_at >= 0
-                and now - self._first_next_at >= self.max_transition_time):
+                and now >= self._first_next_at + self.max_transition_time):
             self._commit()
         if (self.tx_state == TX_TRANSITION and self._tx_installed_at >= 0
-                and now - self._tx_installed_at >= self.max_transition_time / 2):
+                and now >= self._tx_installed_at + self.max_transition_time / 2):
             self._tx_step(TX_EV_COMPLETE)
         return 0
 
