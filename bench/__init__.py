@@ -1,1 +1,1 @@
-"""Benchmarks. Each reports its figures as ratios against raw primitives measured in the same run."""
+"""Benchmarks: each prints ratios against raw primitives measured in the same run."""

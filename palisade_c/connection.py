@@ -486,8 +486,9 @@ class Connection:
 
     def _client_on_error_response(self, rec: hs.HandshakeRecord) -> None:
         # Only an error that answers our own handshake, while it can still fail, counts.
-        awaiting = self.state == "C_WAIT_SH" or (self._flight is not None
-                                                 and self._flight.msg_type == hs.MSG_CLIENT_FINISHED)
+        cf_unconfirmed = (self._flight is not None
+                          and self._flight.msg_type == hs.MSG_CLIENT_FINISHED)
+        awaiting = self.state == "C_WAIT_SH" or cf_unconfirmed
         if rec.rid not in (self._hello_rid, self.rid) or not awaiting:
             self._drop("stale-error-response")
             return
@@ -631,9 +632,9 @@ class Connection:
         if self.state != "S_WAIT_FIN":
             if self._fsm.established:
                 # CF retransmitted: our ack was lost. The table answers with a full ack.
-                result = self._reasm.add(rec, now)
-                if result.ack is not None:
-                    self._send_raw(result.ack.to_record(self.rid), handshake=True)
+                again = self._reasm.add(rec, now)
+                if again.ack is not None:
+                    self._send_raw(again.ack.to_record(self.rid), handshake=True)
                 return
             self._drop("unexpected-handshake")
             return

@@ -28,10 +28,21 @@ from typing import NamedTuple
 from palisade_c import hsrecord as hs
 from palisade_c.config import Config
 from palisade_c.connection import Addr, Connection, EventLog
+from palisade_c.errors import DecodeError
 from palisade_c.events import Event
 from palisade_c.reassembly import CookieIssuer
 
 COOKIE_LIFETIME = 30.0
+
+
+def _cookie_addr(addr: Addr) -> tuple[object, ...]:
+    """The address in the (host, port) form the cookie MAC takes. Transport addresses are
+    opaque here (a serial device path, a gateway name); anything that is not a (host, port)
+    tuple is bound by its text instead of making CookieIssuer raise."""
+    if (isinstance(addr, tuple) and len(addr) >= 2 and isinstance(addr[0], str | bytes)
+            and type(addr[1]) is int and 0 <= addr[1] <= 0xFFFF):
+        return addr
+    return (repr(addr), 0)
 
 
 class EndpointEvent(NamedTuple):
@@ -85,6 +96,14 @@ class ServerEndpoint:
             if data[:2] != b"QH" or data[3] != hs.MSG_CLIENT_HELLO:
                 self._drop("unknown-rid")
                 return
+            try:
+                hs.decode(data)
+            except DecodeError:
+                # Only a record that decodes may open a session. A session made for a mere
+                # lookalike would never leave S_IDLE, so no timer would ever free its
+                # half-open slot.
+                self._drop("handshake-malformed")
+                return
             conn = self._accept(rid, addr, now)
             if conn is None:
                 return
@@ -127,7 +146,7 @@ class ServerEndpoint:
         validated = False
         if half_open >= self.config.cookie_threshold:
             prefix, cookie = rid[:8], rid[10:]
-            if not self._cookies.check(cookie, addr, now, prefix):
+            if not self._cookies.check(cookie, _cookie_addr(addr), now, prefix):
                 self._send_retry(rid, addr, now)
                 return None
             validated = True
@@ -142,7 +161,7 @@ class ServerEndpoint:
 
     def _send_retry(self, rid: bytes, addr: Addr, now: float) -> None:
         # A Retry answers one ClientHello fragment with one small record: no amplification.
-        new_rid = rid[:8] + b"\x00\x00" + self._cookies.make(addr, now, rid[:8])
+        new_rid = rid[:8] + b"\x00\x00" + self._cookies.make(_cookie_addr(addr), now, rid[:8])
         rec = hs.HandshakeRecord(hs.MSG_RETRY, rid, 0, 0, len(new_rid), new_rid)
         self._out.append((rec.encode(), addr))
         self.retries_sent += 1
@@ -154,7 +173,7 @@ class ServerEndpoint:
         while (ev := conn.next_event()) is not None:
             self._events.append(EndpointEvent(conn, ev))
         if conn.closed:
-            for key in [k for k, c in self._by_rid.items() if c is conn]:
-                del self._by_rid[key]
-            for key in [k for k, c in self._sessions.items() if c is conn]:
-                del self._sessions[key]
+            for rid in [k for k, c in self._by_rid.items() if c is conn]:
+                del self._by_rid[rid]
+            for serial in [k for k, c in self._sessions.items() if c is conn]:
+                del self._sessions[serial]

@@ -35,7 +35,7 @@ from palisade_c import hsrecord as hs
 from palisade_c.config import Config
 from palisade_c.connection import Connection
 from palisade_c.endpoint import EndpointEvent, ServerEndpoint
-from palisade_c.events import Event
+from palisade_c.events import ConnectionClosed, DataReceived, Event
 
 Addr = Any
 #: (data, src, dst, now) -> replacement datagrams ([] swallows it), or None to pass it on as is.
@@ -127,12 +127,14 @@ class SimLink:
         self._queue: list[_Delivery] = []
         self._callbacks: list[_Callback] = []
         self._seq = 0
+        self._timers: dict[str, float] = {}
         self.events: list[SimEvent] = []
         self.emitted: list[WireEntry] = []
         self.delivered: list[WireEntry] = []
         self.lost = 0
         self.duplicated = 0
         self.event_handlers: list[Callable[[SimEvent], None]] = []
+        self.step_hooks: list[Callable[[float], None]] = []
 
     # -- wiring ----------------------------------------------------------------------------------
 
@@ -147,6 +149,10 @@ class SimLink:
     def on_event(self, handler: Callable[[SimEvent], None]) -> None:
         """Call ``handler`` for every event as it is collected (it may send data)."""
         self.event_handlers.append(handler)
+
+    def on_step(self, hook: Callable[[float], None]) -> None:
+        """Call ``hook(now)`` after every step of the simulation (to sample state)."""
+        self.step_hooks.append(hook)
 
     def schedule(self, at: float, fn: Callable[[float], None]) -> None:
         """Run ``fn(now)`` at virtual time ``at`` (an application timer)."""
@@ -167,9 +173,23 @@ class SimLink:
         return sum(len(e.data) for e in self.delivered
                    if e.dst == dst and (src is None or e.src == src))
 
+    @property
+    def pending_callbacks(self) -> int:
+        return len(self._callbacks)
+
     def events_of(self, node: str, kind: type[Event] | None = None) -> list[SimEvent]:
         return [e for e in self.events
                 if e.node == node and (kind is None or isinstance(e.event, kind))]
+
+    def closes(self, node: str) -> list[ConnectionClosed]:
+        """The ConnectionClosed events ``node`` reported (all of an endpoint's sessions)."""
+        return [e.event for e in self.events
+                if e.node == node and isinstance(e.event, ConnectionClosed)]
+
+    def data_received(self, node: str, since: int = 0) -> list[bytes]:
+        """Payloads of the DataReceived events ``node`` reported (from event index ``since``)."""
+        return [e.event.data for e in self.events[since:]
+                if e.node == node and isinstance(e.event, DataReceived)]
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -196,6 +216,8 @@ class SimLink:
                 return self.events[first:]
             self.now = max(self.now, t)
             self._step()
+            for hook in self.step_hooks:
+                hook(self.now)
         raise SimulationError(f"no quiescence after {max_steps} steps (t={self.now:.3f})")
 
     def _next_time(self) -> float | None:
@@ -204,14 +226,17 @@ class SimLink:
             times.append(self._queue[0].time)
         if self._callbacks:
             times.append(self._callbacks[0].time)
-        for node in self.nodes.values():
+        self._timers = {}
+        for name, node in self.nodes.items():
             t = node.peer.get_timer()
             if t is not None:
+                self._timers[name] = t
                 times.append(t)
         return min(times) if times else None
 
     def _step(self) -> None:
         now = self.now
+        touched: set[str] = set()
         while self._queue and self._queue[0].time <= now:
             d = heapq.heappop(self._queue)
             node = self._by_addr.get(d.dst)
@@ -219,11 +244,18 @@ class SimLink:
                 continue  # nobody listens there
             self.delivered.append(WireEntry(now, d.src, d.dst, d.data))
             node.peer.receive_datagram(d.data, d.src, now)
+            touched.add(node.name)
+        ran_callback = False
         while self._callbacks and self._callbacks[0].time <= now:
             cb = heapq.heappop(self._callbacks)
             cb.fn(now)
-        for node in self.nodes.values():
-            t = node.peer.get_timer()
+            ran_callback = True
+        # Timers polled by _next_time are still valid for nodes nothing happened to since.
+        for name, node in self.nodes.items():
+            if ran_callback or name in touched:
+                t = node.peer.get_timer()
+            else:
+                t = self._timers.get(name)
             if t is not None and t <= now:
                 node.peer.handle_timer(now)
 

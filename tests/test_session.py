@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from simlink import CLIENT_ADDR, SERVER_ADDR, Pair, make_pair, seeded_rng
 
 from palisade_c import frames as F
 from palisade_c.config import Config
@@ -23,7 +24,6 @@ from palisade_c.epoch import SEQ_REKEY_THRESHOLD
 from palisade_c.errors import ErrorCode
 from palisade_c.events import ConnectionClosed, DataReceived, EpochChanged
 from palisade_c.identity import Identity
-from simlink import CLIENT_ADDR, SERVER_ADDR, Pair, make_pair, seeded_rng
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +325,7 @@ def test_nothing_is_processed_after_closed(ids: tuple[Identity, Identity]) -> No
             captured.append(data)
         return None
 
-    pair, server = established(ids, mitm=capture)
+    pair, _ = established(ids, mitm=capture)
     pair.client.send_data(b"before")
     pair.run(duration=0.1)
     pair.client.close()
@@ -396,7 +396,7 @@ def test_dead_peer_is_detected(ids: tuple[Identity, Identity]) -> None:
 def test_counters(ids: tuple[Identity, Identity]) -> None:
     pair, server = established(ids)
     client = pair.client
-    for i in range(5):
+    for _ in range(5):
         client.send_data(b"x" * 100)
     pair.run(duration=0.5)
     client.send_data(b"tampered in flight")
