@@ -135,6 +135,10 @@ class Connection:
         self._last_send = 0.0
         self._drain_deadline: float | None = None
         self._close_info: tuple[int, str, bool] | None = None
+        # The close we sent, resent while draining: a single lost frame must not leave the
+        # peer waiting for its idle timeout.
+        self._close_frame: F.ControlFrame | None = None
+        self._close_resend_at: float | None = None
         # Rekey bookkeeping.
         self._epoch_started = 0.0
         self._epoch_bytes = 0
@@ -251,7 +255,7 @@ class Connection:
         if self._fsm.closed:
             return None
         candidates = [self._flight_timer.deadline, self._hs_deadline, self._drain_deadline,
-                      self._rekey_deadline, self._ack_deadline]
+                      self._rekey_deadline, self._ack_deadline, self._close_resend_at]
         if self.record is not None and not self.record.erased:
             candidates.append(self.record.get_timer())
             if self._fsm.established:
@@ -280,11 +284,17 @@ class Connection:
                            send=False)
                 return
             else:
-                self._flight = None  # the CF was never acknowledged, but data flows
+                # Established on our side, yet the server never acknowledged CF nor sent one
+                # authenticated packet (either clears the flight): the session never formed.
+                self._fail(ErrorCode.ErrorHandshakeTimeout,
+                           "server never confirmed the handshake", send=False)
+                return
         if self._drain_deadline is not None and now >= self._drain_deadline:
             self._drain_deadline = None
             self._finish_close()
             return
+        if self._close_resend_at is not None and now >= self._close_resend_at:
+            self._resend_close()
         if self.record is None or self.record.erased:
             return
         self.record.handle_timer(now)
@@ -324,9 +334,11 @@ class Connection:
                 self._finish_close()
             return
         self._close_info = (error_code, reason, False)
-        self._send_control(F.encode_close(error_code, False, reason))
+        self._close_frame = F.encode_close(error_code, False, reason)
+        self._send_control(self._close_frame)
         self._fire("close")
         self._drain_deadline = self._now + self.config.close_drain_time
+        self._close_resend_at = self._now + self.config.close_drain_time / 3
 
     def request_rekey(self) -> None:
         """Ask for new keys now (client: a request; server: an announcement)."""
@@ -881,7 +893,9 @@ class Connection:
             return
         if self.state.endswith("_CLOSING"):
             if self._close_info is not None and self._close_info[2]:
-                return  # a duplicate of the close we are already draining for
+                # The peer resent its close: our answer was lost. Answer again; no new state.
+                self._send_control(F.encode_close(0, False, ""))
+                return
             self._fire("peer_close")  # the peer's answer to our close
             self._finish_close()
             return
@@ -891,6 +905,14 @@ class Connection:
         self._log_event("peer-close", code=code)
         self._send_control(F.encode_close(0, False, ""))  # answer, so the peer can finish
         self._drain_deadline = self._now + self.config.close_drain_time
+
+    def _resend_close(self) -> None:
+        """Initiator while draining: send our close again, every third of the drain time."""
+        if self._close_frame is None or not self.state.endswith("_CLOSING"):
+            self._close_resend_at = None
+            return
+        self._send_control(self._close_frame)
+        self._close_resend_at = self._now + self.config.close_drain_time / 3
 
     def _finish_close(self) -> None:
         if self.state.endswith("_CLOSING"):
@@ -950,6 +972,7 @@ class Connection:
         self._flight = None
         self._flight_timer.stop()
         self._hs_deadline = self._drain_deadline = self._rekey_deadline = None
+        self._close_resend_at = None
         self._pending_ack = self._ack_deadline = None
         self._early_packets.clear()
         self._amp_queue.clear()

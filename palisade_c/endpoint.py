@@ -60,6 +60,7 @@ class ServerEndpoint:
         self._event_log = event_log
         self._by_rid: dict[bytes, Connection] = {}
         self._sessions: dict[int, Connection] = {}
+        self._half_open: set[Connection] = set()
         self._cookies = CookieIssuer(config.rng(32), COOKIE_LIFETIME, compact=True)
         self._out: list[tuple[bytes, Addr]] = []
         self._events: deque[EndpointEvent] = deque()
@@ -75,7 +76,8 @@ class ServerEndpoint:
 
     @property
     def half_open(self) -> int:
-        return sum(1 for c in self._sessions.values() if not c.established and not c.closed)
+        """Sessions still in their handshake (kept as a set, so admission costs O(1))."""
+        return len(self._half_open)
 
     @property
     def drop_counts(self) -> dict[str, int]:
@@ -156,6 +158,7 @@ class ServerEndpoint:
         if validated:
             conn._amp.validate()  # the cookie proves the client receives at this address
         self._sessions[self._serial] = conn
+        self._half_open.add(conn)
         self._by_rid[rid] = conn
         return conn
 
@@ -172,6 +175,8 @@ class ServerEndpoint:
         self._out.extend(conn.datagrams_to_send())
         while (ev := conn.next_event()) is not None:
             self._events.append(EndpointEvent(conn, ev))
+        if conn.established or conn.closed:
+            self._half_open.discard(conn)
         if conn.closed:
             for rid in [k for k, c in self._by_rid.items() if c is conn]:
                 del self._by_rid[rid]

@@ -233,6 +233,11 @@ class ServerHandshake:
             ch = wire.ClientHello.decode(data)
         except DecodeError as exc:
             raise HandshakeError(exc.code, str(exc)) from exc
+        if ch.client_signature:
+            # The client signs in ClientFinished (PROFILE §2-§3); CH carries no signature, and a
+            # filled-in one sits outside the transcript where anyone could have put it.
+            raise HandshakeError(ErrorCode.ErrorInvalidClientHello,
+                                 "ClientHello must not carry a signature")
         kem = next((k for k in ch.supported_kems if k in SUPPORTED_KEMS), None)
         if kem is None:
             raise HandshakeError(ErrorCode.ErrorUnsupportedKEM, "no common KEM")

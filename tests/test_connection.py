@@ -327,8 +327,8 @@ def test_close_after_establishment_drains_and_both_sides_see_it(ids: Ids, closer
     assert pair.server.connections == []
 
 
-def test_close_whose_frame_is_lost_still_ends_both_sides(ids: Ids) -> None:
-    """CTRL_CLOSE is not retransmitted: the closer gives up after the drain time, and the
+def test_close_whose_frames_are_all_lost_still_ends_both_sides(ids: Ids) -> None:
+    """With every resend of CTRL_CLOSE lost, the closer gives up after the drain time and the
     peer, hearing nothing, closes on its idle timeout. Both ends are bounded."""
     client_cfg, server_cfg = configs(ids, 53, idle_timeout=5.0, keepalive_interval=1.0)
     blackhole = {"on": False}
@@ -341,6 +341,27 @@ def test_close_whose_frame_is_lost_still_ends_both_sides(ids: Ids) -> None:
     assert [c.error_code for c in closes_of(pair, pair.client)] == [7]
     assert [c.error_code for c in closes_of(pair, session)] == [0x0203]
     assert session.state == "S_CLOSED" and session.record is not None and session.record.erased
+
+
+def test_a_lost_close_frame_is_resent_while_draining(ids: Ids) -> None:
+    """The first CTRL_CLOSE is lost; the resend a third of the drain time later reaches the
+    peer, which closes with the closer's code instead of waiting for its idle timeout."""
+    client_cfg, server_cfg = configs(ids, 54, idle_timeout=30.0, close_drain_time=0.9)
+    dropped: list[float] = []
+
+    def drop_first_close(d: bytes, src: object, dst: object, now: float) -> list[bytes] | None:
+        if src == CLIENT_ADDR and d[:2] == b"QP" and d[3] & 0x01 and not dropped:
+            dropped.append(now)
+            return []
+        return None
+
+    pair = make_pair(client_cfg, server_cfg, mitm=drop_first_close)
+    session = pair.handshake()
+    pair.client.close(7, "bye")
+    pair.run(lambda: pair.client.closed and session.closed, duration=10)
+    assert dropped
+    assert [c.error_code for c in closes_of(pair, session)] == [7]
+    assert [c.error_code for c in closes_of(pair, pair.client)] == [7]
 
 
 # --- drops, illegal input, state names ----------------------------------------------------------
@@ -501,3 +522,16 @@ def test_every_state_is_a_seed_state_name(ids: Ids) -> None:
     assert {"S_IDLE", "S_LISTEN", "S_WAIT_CH", "S_VERIFY_CH", "S_PREPARE_SH", "S_WAIT_FIN",
             "S_DERIVE_KEYS", "S_ESTABLISHED", "S_REKEY_PENDING", "S_CLOSING", "S_ABORT",
             "S_CLOSED"} <= server_states
+
+
+def test_client_fails_when_the_server_never_confirms_its_finished(ids: Ids) -> None:
+    """The client is established after sending CF, but if neither the CF ack nor any
+    authenticated packet ever arrives, its CF resends run out and it fails with 0x010A."""
+    client_cfg, server_cfg = configs(ids, 55, idle_timeout=600.0, keepalive_interval=600.0)
+    pair = make_pair(client_cfg, server_cfg)
+    pair.link.mitm = lambda d, src, dst, now: (
+        [] if src == SERVER_ADDR and pair.client.established else None)
+    pair.connect()
+    pair.run(lambda: pair.client.closed, duration=120)
+    assert [c.error_code for c in closes_of(pair, pair.client)] == [0x010A]
+    assert pair.client.record is not None and pair.client.record.erased
