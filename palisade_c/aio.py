@@ -1,0 +1,675 @@
+"""asyncio shell around the sans-IO core: :func:`connect`, :func:`serve` and :class:`Tunnel`.
+
+Theory of operation
+-------------------
+The core (:class:`~palisade_c.connection.Connection` for a client,
+:class:`~palisade_c.endpoint.ServerEndpoint` for a server) never does I/O and never reads a
+clock. An :class:`_Engine` drives one core on the event loop with three rules:
+
+* every received datagram goes to ``receive_datagram(data, addr, loop.time())``;
+* after *every* operation that can produce output (a datagram in, a timer, ``send``,
+  ``close``) the engine runs :meth:`_Engine.update`: it sends everything from
+  ``datagrams_to_send`` at once through the transport, hands out the new events, and re-arms
+  the timer;
+* there is exactly one timer per core, a ``loop.call_at`` handle set to ``get_timer()``.
+  When it fires the engine calls ``handle_timer(loop.time())`` and updates. A handle (rather
+  than a task sleeping in a loop) is cancelled and replaced in O(1) whenever the deadline
+  moves and cannot outlive the loop.
+
+Sends are eager and synchronous: :meth:`Tunnel.send` seals the packet and hands it to the
+socket before returning. Nothing is queued in the shell on the way out; on the way in, a tunnel
+buffers at most :data:`MAX_QUEUED_EVENTS` events for a reader that falls behind and then drops
+data (counted under ``rx-queue-full`` in :attr:`Tunnel.counters`), as a datagram link would.
+
+Closing is always bounded: the core finishes a soft close within ``close_drain_time``; the
+shell waits that long plus :data:`CLOSE_GRACE` and then gives up on the peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+from palisade_c.config import Config
+from palisade_c.connection import Connection
+from palisade_c.endpoint import ServerEndpoint
+from palisade_c.errors import (
+    ConfigError,
+    ConnectionClosedError,
+    ErrorCode,
+    HandshakeError,
+    PalisadeError,
+    StateError,
+    code_name,
+)
+from palisade_c.events import (
+    ConnectionClosed,
+    DataReceived,
+    Event,
+    HandshakeCompleted,
+)
+from palisade_c.transport.base import Addr, Transport, parse_url
+from palisade_c.transport.udp import UdpTransport
+
+__all__ = [
+    "CLOSE_GRACE",
+    "MAX_QUEUED_EVENTS",
+    "Handler",
+    "HandshakeTimeoutError",
+    "Server",
+    "Tunnel",
+    "connect",
+    "serve",
+]
+
+log = logging.getLogger("palisade_c.aio")
+
+#: Events a tunnel holds for a slow reader before it drops incoming data.
+MAX_QUEUED_EVENTS = 4096
+#: Seconds allowed beyond ``close_drain_time`` (and beyond ``handshake_timeout`` for a
+#: handshake) before the shell stops waiting for the core. The core enforces both limits by
+#: itself; this only guards against a core bug turning into a hang.
+CLOSE_GRACE = 1.0
+
+#: Smallest step between two timer callbacks. If handle_timer(now) leaves a deadline at or
+#: before ``now`` (it should not), re-firing at once would spin the loop; this bounds it.
+MIN_TIMER_STEP = 0.001
+
+#: What :func:`serve` runs for each established tunnel.
+Handler = Callable[["Tunnel"], Awaitable[None]]
+
+
+class HandshakeTimeoutError(HandshakeError, TimeoutError):
+    """The handshake got no (complete) answer in time.
+
+    It is a :class:`~palisade_c.errors.HandshakeError` with code ``ErrorHandshakeTimeout`` and
+    also a :class:`TimeoutError` (which ``asyncio.TimeoutError`` is), so either ``except``
+    clause catches it.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.ErrorHandshakeTimeout, message)
+
+
+def _handshake_error(event: ConnectionClosed) -> HandshakeError:
+    """The exception for a handshake that ended in ``event``."""
+    if event.error_code == ErrorCode.ErrorHandshakeTimeout:
+        return HandshakeTimeoutError(event.reason or "handshake timed out")
+    try:
+        code = ErrorCode(event.error_code)
+    except ValueError:
+        # A code we do not know (a newer peer): keep it visible in the message.
+        return HandshakeError(
+            ErrorCode.ErrorInternal, f"unknown error code {code_name(event.error_code)}: "
+            f"{event.reason}"
+        )
+    return HandshakeError(code, event.reason)
+
+
+class _Core(Protocol):
+    """What an engine needs from a sans-IO core (Connection and ServerEndpoint both fit)."""
+
+    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None: ...
+
+    def datagrams_to_send(self, now: float | None = None) -> list[tuple[bytes, Addr]]: ...
+
+    def get_timer(self) -> float | None: ...
+
+    def handle_timer(self, now: float) -> None: ...
+
+
+class _Engine:
+    """Drives one sans-IO core over one transport (see the module docstring)."""
+
+    def __init__(self, core: _Core, transport: Transport) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._core = core
+        self.transport = transport
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_fire = float("-inf")
+        self._stopped = False
+        transport.on_datagram = self._on_datagram
+
+    # -- driving ----------------------------------------------------------------------------------
+
+    def _on_datagram(self, data: bytes, addr: Addr) -> None:
+        if self._stopped:
+            return
+        try:
+            self._core.receive_datagram(data, addr, self._loop.time())
+        except Exception:
+            # The core promises never to raise for peer input; if it does, that is a bug in
+            # it, and dropping the datagram is the safe reaction.
+            log.exception("core raised on a received datagram; dropped")
+        self.update()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._stopped:
+            return
+        self._last_fire = now = self._loop.time()
+        try:
+            self._core.handle_timer(now)
+        except Exception:
+            # A timer that raises would fire again at once and spin the loop: fail instead.
+            log.exception("core raised in handle_timer; shutting this engine down")
+            self._internal_error()
+            return
+        self.update()
+
+    def update(self) -> None:
+        """Send pending output, hand out events, re-arm the timer.
+
+        Called after every core operation that can produce output.
+        """
+        # Handling an event can itself produce output (a server closing a session that
+        # finished its handshake during shutdown), so repeat until the events run out.
+        while not self._stopped:
+            for data, addr in self._core.datagrams_to_send(self._loop.time()):
+                self.transport.send(data, addr)
+            if not self._dispatch_events():
+                break
+        self._rearm()
+
+    def _rearm(self) -> None:
+        deadline = None if self._stopped else self._core.get_timer()
+        if deadline is not None and deadline <= self._last_fire:
+            deadline = self._last_fire + MIN_TIMER_STEP
+        timer = self._timer
+        if timer is not None and (deadline is None or timer.when() != deadline):
+            timer.cancel()
+            self._timer = timer = None
+        if deadline is not None and timer is None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def stop(self) -> None:
+        """Stop driving the core and release the transport (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.transport.on_datagram = None
+        self.transport.close()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    # -- subclass hooks ---------------------------------------------------------------------------
+
+    def _dispatch_events(self) -> bool:
+        """Hand out the core's pending events; True if there were any."""
+        raise NotImplementedError
+
+    def _internal_error(self) -> None:
+        raise NotImplementedError
+
+
+class Tunnel:
+    """One established PALISADE session, client or server side.
+
+    Receive with :meth:`recv` (data only), :meth:`recv_event` (every event) or ``async for``;
+    use one style per tunnel, since they read from the same queue. Send with :meth:`send`.
+    """
+
+    def __init__(self, connection: Connection, engine: _Engine, *, owns_engine: bool) -> None:
+        self._conn = connection
+        self._engine = engine
+        # A client tunnel is the only user of its engine and socket; a server tunnel shares
+        # the server's.
+        self._owns_engine = owns_engine
+        self._events: deque[Event] = deque()
+        self._changed = asyncio.Event()
+        self._closed: asyncio.Future[ConnectionClosed] = engine._loop.create_future()
+        self._close_returned = False
+        self._closing = False
+        self._queue_drops = 0
+        self._handshake: HandshakeCompleted | None = None
+
+    # -- called by the engine ---------------------------------------------------------------------
+
+    def _on_handshake(self, event: HandshakeCompleted) -> None:
+        self._handshake = event
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, ConnectionClosed):
+            self._finish(event)
+            return
+        if len(self._events) >= MAX_QUEUED_EVENTS and isinstance(event, DataReceived):
+            self._queue_drops += 1
+            return
+        self._events.append(event)
+        self._changed.set()
+
+    def _finish(self, event: ConnectionClosed) -> None:
+        if not self._closed.done():
+            self._closed.set_result(event)
+        self._changed.set()
+
+    # -- properties -------------------------------------------------------------------------------
+
+    @property
+    def connection(self) -> Connection:
+        """The sans-IO connection underneath (for introspection; drive it only via the tunnel)."""
+        return self._conn
+
+    @property
+    def handshake(self) -> HandshakeCompleted | None:
+        """The handshake's outcome (``None`` only before it completes)."""
+        return self._handshake
+
+    @property
+    def peer_fingerprint(self) -> str:
+        """Hex SHA3-256 fingerprint of the peer's authenticated public key."""
+        return self._conn.peer_fingerprint or ""
+
+    @property
+    def peer_address(self) -> Addr:
+        """Where the peer's datagrams are sent."""
+        return self._conn.peer_addr
+
+    @property
+    def counters(self) -> dict[str, Any]:
+        """The connection's counters, plus data this tunnel dropped for a slow reader."""
+        counters = self._conn.counters
+        if self._queue_drops:
+            drops = dict(counters.get("drops", {}))
+            drops["rx-queue-full"] = drops.get("rx-queue-full", 0) + self._queue_drops
+            counters["drops"] = drops
+        return counters
+
+    @property
+    def closed(self) -> asyncio.Future[ConnectionClosed]:
+        """Resolved with the :class:`~palisade_c.events.ConnectionClosed` event at CLOSED."""
+        return self._closed
+
+    @property
+    def is_closed(self) -> bool:
+        """True once the connection reached CLOSED."""
+        return self._closed.done()
+
+    # -- sending ----------------------------------------------------------------------------------
+
+    def _closed_error(self) -> ConnectionClosedError:
+        if self._closed.done():
+            ev = self._closed.result()
+            return ConnectionClosedError(ev.error_code, ev.reason)
+        return ConnectionClosedError(0, "closing")
+
+    def send(self, data: bytes | bytearray | memoryview, stream_id: int = 0) -> None:
+        """Encrypt ``data`` as one packet on ``stream_id`` and send it now.
+
+        Raises :class:`~palisade_c.errors.ConnectionClosedError` once the tunnel is closing or
+        closed, :class:`~palisade_c.errors.PacketTooLargeError` if ``data`` does not fit in
+        one datagram, and :class:`ValueError` for a stream id outside 0..253.
+        """
+        if self._closing or self._closed.done():
+            raise self._closed_error()
+        try:
+            self._conn.send_data(bytes(data), stream_id)
+        except StateError:
+            # The peer started a close (or the session died) since our last look.
+            if not self._conn.established:
+                raise self._closed_error() from None
+            raise
+        self._engine.update()
+
+    # -- receiving --------------------------------------------------------------------------------
+
+    async def recv_event(self) -> Event:
+        """The next event (data, epoch change, ...); the :class:`ConnectionClosed` event last.
+
+        After the close event has been returned once, raises ConnectionClosedError.
+        """
+        while True:
+            if self._events:
+                return self._events.popleft()
+            if self._closed.done():
+                if not self._close_returned:
+                    self._close_returned = True
+                    return self._closed.result()
+                raise self._closed_error()
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def recv(self) -> bytes:
+        """The next datagram's payload (any stream); other events are skipped.
+
+        Raises :class:`~palisade_c.errors.ConnectionClosedError` once the tunnel is closed
+        and every datagram received before the close has been returned.
+        """
+        while True:
+            while self._events:
+                event = self._events.popleft()
+                if isinstance(event, DataReceived):
+                    return event.data
+            if self._closed.done():
+                raise self._closed_error()
+            self._changed.clear()
+            await self._changed.wait()
+
+    def __aiter__(self) -> Tunnel:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self.recv()
+        except ConnectionClosedError:
+            raise StopAsyncIteration from None
+
+    # -- closing ----------------------------------------------------------------------------------
+
+    async def close(self, error_code: int = 0, reason: str = "") -> ConnectionClosed:
+        """Soft close: tell the peer, drain, and wait (bounded) for CLOSED.
+
+        Returns the close event (which may be the peer's, if it closed first).
+        """
+        if not self._closed.done():
+            self._conn.close(error_code, reason)  # ValueError for a code outside u16
+            self._closing = True
+            self._engine.update()
+            bound = self._conn.config.close_drain_time + CLOSE_GRACE
+            try:
+                async with asyncio.timeout(bound):
+                    await asyncio.shield(self._closed)
+            except TimeoutError:
+                log.warning("%s: close did not finish within %.1f s; abandoning it",
+                            self._conn.name, bound)
+                self._finish(ConnectionClosed(int(ErrorCode.ErrorInternal),
+                                              "close timed out", False))
+        if self._owns_engine:
+            self._engine.stop()
+            await self._engine.transport.wait_closed()
+        return self._closed.result()
+
+    async def wait_closed(self) -> ConnectionClosed:
+        """Wait until the tunnel is closed (by either side) without closing it."""
+        return await asyncio.shield(self._closed)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return (f"Tunnel({self._conn.name}, state={self._conn.state}, "
+                f"peer={self.peer_fingerprint[:16]})")
+
+
+# -- client ----------------------------------------------------------------------------------------
+
+
+class _ClientEngine(_Engine):
+    def __init__(self, connection: Connection, transport: Transport) -> None:
+        super().__init__(connection, transport)
+        self.connection = connection
+        self.tunnel = Tunnel(connection, self, owns_engine=True)
+        #: Resolved with HandshakeCompleted, or ConnectionClosed if the handshake failed.
+        self.handshake: asyncio.Future[HandshakeCompleted | ConnectionClosed] = (
+            self._loop.create_future()
+        )
+
+    def _dispatch_events(self) -> bool:
+        any_event = False
+        while (event := self.connection.next_event()) is not None:
+            any_event = True
+            if isinstance(event, HandshakeCompleted):
+                self.tunnel._on_handshake(event)
+                if not self.handshake.done():
+                    self.handshake.set_result(event)
+                continue
+            if isinstance(event, ConnectionClosed):
+                if not self.handshake.done():
+                    self.handshake.set_result(event)
+                # CLOSED: the core will never send again, so the socket can go now. Output
+                # produced on the way to CLOSED was flushed before the events were read.
+                self.stop()
+            self.tunnel._on_event(event)
+        return any_event
+
+    def _internal_error(self) -> None:
+        event = ConnectionClosed(int(ErrorCode.ErrorInternal), "internal error", False)
+        if not self.handshake.done():
+            self.handshake.set_result(event)
+        self.tunnel._finish(event)
+        self.stop()
+
+
+async def connect(url: str, config: Config, *, timeout: float | None = None) -> Tunnel:
+    """Open a tunnel to the server at ``url`` (``udp://HOST:PORT``).
+
+    Returns once the handshake has completed. Raises
+    :class:`~palisade_c.errors.HandshakeError` carrying the spec error code when the handshake
+    fails (for example ``ErrorCertificateInvalid`` when a key is not pinned), and
+    :class:`HandshakeTimeoutError` (also a :class:`TimeoutError`) when no handshake completes
+    within ``timeout`` seconds, or within ``config.handshake_timeout`` if ``timeout`` is None.
+    Raises :class:`~palisade_c.errors.ConfigError` for a bad URL or an unresolvable host.
+    """
+    _scheme, host, port, _params = parse_url(url)
+    if port == 0:
+        raise ConfigError(f"bad URL {url!r}: a server port cannot be 0")
+    transport, peer = await UdpTransport.for_peer(
+        host, port, max_datagram_size=config.max_datagram_size
+    )
+    engine = _ClientEngine(Connection(config, is_client=True), transport)
+    conn = engine.connection
+    bound = timeout if timeout is not None else config.handshake_timeout + CLOSE_GRACE
+    try:
+        conn.connect(peer, engine._loop.time())
+        engine.update()
+        async with asyncio.timeout(bound):
+            outcome = await asyncio.shield(engine.handshake)
+    except TimeoutError:
+        with contextlib.suppress(PalisadeError):
+            conn.close()  # erases the half-done handshake's secrets
+        engine.stop()
+        await transport.wait_closed()
+        raise HandshakeTimeoutError(
+            f"handshake timed out after {bound:g} s (no answer from {url})"
+        ) from None
+    except BaseException:
+        # Cancelled, or the core raised: never leave the socket open behind us.
+        with contextlib.suppress(PalisadeError):
+            conn.close()
+        engine.stop()
+        raise
+    if isinstance(outcome, ConnectionClosed):
+        await transport.wait_closed()
+        raise _handshake_error(outcome)
+    log.debug("connected to %s, peer %s", url, outcome.peer_fingerprint[:16])
+    return engine.tunnel
+
+
+# -- server ----------------------------------------------------------------------------------------
+
+
+class _ServerEngine(_Engine):
+    def __init__(self, endpoint: ServerEndpoint, transport: Transport, handler: Handler) -> None:
+        super().__init__(endpoint, transport)
+        self.endpoint = endpoint
+        self.handler = handler
+        self.tunnels: dict[Connection, Tunnel] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closing = False
+        #: Called after an internal error stopped the engine (the Server shuts itself down).
+        self.on_fatal: Callable[[], None] | None = None
+
+    def _dispatch_events(self) -> bool:
+        any_event = False
+        while (item := self.endpoint.next_event()) is not None:
+            any_event = True
+            conn, event = item
+            if isinstance(event, HandshakeCompleted):
+                self._on_established(conn, event)
+                continue
+            tunnel = self.tunnels.get(conn)
+            if tunnel is None:
+                # A session that never completed its handshake: nobody to tell.
+                if isinstance(event, ConnectionClosed):
+                    log.debug("%s: handshake failed: %s %s", conn.name,
+                              code_name(event.error_code), event.reason)
+                continue
+            if isinstance(event, ConnectionClosed):
+                del self.tunnels[conn]
+            tunnel._on_event(event)
+        return any_event
+
+    def _on_established(self, conn: Connection, event: HandshakeCompleted) -> None:
+        tunnel = Tunnel(conn, self, owns_engine=False)
+        tunnel._on_handshake(event)
+        self.tunnels[conn] = tunnel
+        if self.closing:
+            # Finished its handshake while we shut down: close it rather than serve it.
+            conn.close(0, "server shutting down")
+            return
+        log.debug("%s: established with %s at %s", conn.name, event.peer_fingerprint[:16],
+                  conn.peer_addr)
+        task = self._loop.create_task(self._run_handler(tunnel), name=f"palisade {conn.name}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run_handler(self, tunnel: Tunnel) -> None:
+        code, reason = 0, ""
+        try:
+            await self.handler(tunnel)
+        except ConnectionClosedError:
+            pass  # the handler used a tunnel the peer closed: a normal way to end
+        except Exception:
+            log.exception("handler for %s failed", tunnel.connection.name)
+            code, reason = int(ErrorCode.ErrorInternal), "handler failed"
+        finally:
+            # A handler returning ends its tunnel (as websockets does); the close is bounded.
+            if not tunnel.is_closed and not self.stopped:
+                await tunnel.close(code, reason)
+
+    def _internal_error(self) -> None:
+        event = ConnectionClosed(int(ErrorCode.ErrorInternal), "internal error", False)
+        for tunnel in list(self.tunnels.values()):
+            tunnel._finish(event)
+        self.tunnels.clear()
+        self.stop()
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+
+class Server:
+    """A running PALISADE server (see :func:`serve`). Also an async context manager."""
+
+    def __init__(self, engine: _ServerEngine, config: Config) -> None:
+        self._engine = engine
+        self._config = config
+        self._shutdown: asyncio.Task[None] | None = None
+        self._done: asyncio.Future[None] = engine._loop.create_future()
+        engine.on_fatal = self.close  # so that serve_forever() and wait_closed() return
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound ``(host, port)`` (the real port when 0 was asked for)."""
+        sockname = self._engine.transport.local_address
+        return str(sockname[0]), int(sockname[1])
+
+    @property
+    def endpoint(self) -> ServerEndpoint:
+        """The sans-IO endpoint underneath (for introspection)."""
+        return self._engine.endpoint
+
+    @property
+    def tunnels(self) -> list[Tunnel]:
+        """The established tunnels that are not closed yet."""
+        return list(self._engine.tunnels.values())
+
+    @property
+    def is_serving(self) -> bool:
+        return self._shutdown is None
+
+    def close(self) -> None:
+        """Start shutting down: soft-close every tunnel, then release the socket.
+
+        Returns at once; await :meth:`wait_closed` for the end. Idempotent.
+        """
+        if self._shutdown is None:
+            self._shutdown = self._engine._loop.create_task(self._close())
+
+    async def _close(self) -> None:
+        engine = self._engine
+        try:
+            engine.closing = True
+            engine.endpoint.close()
+            engine.update()
+            bound = self._config.close_drain_time + CLOSE_GRACE
+            tunnels = list(engine.tunnels.values())
+            if tunnels:
+                await asyncio.wait([t.closed for t in tunnels], timeout=bound)
+            for tunnel in tunnels:  # no-op for those that closed
+                tunnel._finish(ConnectionClosed(int(ErrorCode.ErrorInternal), "server closed"))
+            # Handlers see their tunnels closed and should return; give them a moment, then
+            # cancel the rest so that shutdown is bounded.
+            if engine.tasks:
+                _done, pending = await asyncio.wait(set(engine.tasks), timeout=CLOSE_GRACE)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    await asyncio.wait(pending)
+        finally:
+            engine.stop()
+            await engine.transport.wait_closed()
+            if not self._done.done():
+                self._done.set_result(None)
+
+    async def wait_closed(self) -> None:
+        """Wait until the server has been closed and shut down completely."""
+        await asyncio.shield(self._done)
+
+    async def serve_forever(self) -> None:
+        """Serve until :meth:`close` is called; if cancelled, close the server first."""
+        try:
+            await asyncio.shield(self._done)
+        except asyncio.CancelledError:
+            self.close()
+            await self.wait_closed()
+            raise
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+        await self.wait_closed()
+
+    def __repr__(self) -> str:
+        host, port = self.address
+        return f"Server(udp://{host}:{port}, tunnels={len(self._engine.tunnels)})"
+
+
+async def serve(url: str, config: Config, handler: Handler) -> Server:
+    """Listen on ``url`` (``udp://HOST:PORT``; port 0 picks a free port).
+
+    Every connection that completes its handshake becomes a :class:`Tunnel` and gets its own
+    task running ``handler(tunnel)``. When the handler returns, the tunnel is closed softly;
+    if it raises, the tunnel is closed with ``ErrorInternal``. Raises :class:`OSError` when
+    the address cannot be bound and :class:`~palisade_c.errors.ConfigError` for a bad URL.
+    """
+    _scheme, host, port, _params = parse_url(url)
+    transport = await UdpTransport.bind(host, port, max_datagram_size=config.max_datagram_size)
+    engine = _ServerEngine(ServerEndpoint(config), transport, handler)
+    server = Server(engine, config)
+    log.debug("serving on %s", transport.local_address)
+    return server

@@ -1,0 +1,191 @@
+"""The datagram transport interface shared by UDP and (later) serial links, and URL parsing.
+
+A transport moves whole datagrams; it knows nothing about PALISADE. The asyncio shell
+(:mod:`palisade_c.aio`) sets :attr:`Transport.on_datagram` and calls :meth:`Transport.send`;
+the sans-IO core never sees a transport at all. Keeping the interface this small is what lets
+a serial link (framed bytes on a UART) stand in for UDP without the shell changing: the shell
+only needs ``send``, a receive callback, the link's MTU and, for slow links, its speed (the
+core scales its handshake timers from it).
+
+Addresses are opaque to everything above the transport: ``(host, port)`` or an IPv6 4-tuple for
+UDP, a device path for serial. The core stores them and hands them back to :meth:`send`.
+
+URLs name an endpoint: ``udp://HOST:PORT`` where HOST is an IPv4 literal, an IPv6 literal in
+brackets (``udp://[::1]:4433``) or a DNS name; a query string carries transport parameters
+(``udp://0.0.0.0:4433?x=y``). :func:`parse_url` checks all of it up front so that a typo is a
+clear :class:`~palisade_c.errors.ConfigError` and not a confusing socket error later.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import ipaddress
+import re
+from collections.abc import Callable
+from typing import Any, NamedTuple
+from urllib.parse import parse_qsl, urlsplit
+
+from palisade_c.errors import ConfigError
+
+__all__ = [
+    "SCHEMES",
+    "Addr",
+    "DatagramHandler",
+    "ParsedUrl",
+    "Transport",
+    "parse_url",
+]
+
+#: A transport address; opaque above the transport (see the module docstring).
+Addr = Any
+#: Receives one datagram and the address it came from.
+DatagramHandler = Callable[[bytes, Addr], None]
+
+#: Schemes :func:`parse_url` accepts. A new transport adds its scheme here.
+SCHEMES = frozenset({"udp"})
+
+# One DNS label: letters, digits, hyphens inside, underscores tolerated (some internal names
+# use them); at most 63 characters.
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+# ASCII digits only: str.isdigit() also accepts characters such as "²" that int() refuses.
+_DIGITS = re.compile(r"[0-9]+")
+
+
+class ParsedUrl(NamedTuple):
+    """A checked endpoint URL; unpacks as ``scheme, host, port, params``."""
+
+    scheme: str
+    host: str
+    port: int
+    params: dict[str, str]
+
+
+def _check_host(host: str, url: str) -> str:
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ConfigError(f"bad URL {url!r}: unterminated IPv6 bracket")
+        literal = host[1:-1]
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            raise ConfigError(f"bad URL {url!r}: {literal!r} is not an IPv6 address") from None
+        return literal
+    if ":" in host:
+        raise ConfigError(f"bad URL {url!r}: put an IPv6 address in brackets, e.g. [::1]")
+    if not host:
+        raise ConfigError(f"bad URL {url!r}: no host (use 0.0.0.0 to listen on every address)")
+    labels = host.rstrip(".").split(".")
+    if all(_DIGITS.fullmatch(label) for label in labels):
+        # Looks like an IPv4 literal, so it must be a valid one ("300.1.1.1" is a typo, not a
+        # name to resolve).
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ConfigError(f"bad URL {url!r}: {host!r} is not an IPv4 address") from None
+        return host
+    if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        raise ConfigError(f"bad URL {url!r}: {host!r} is not a valid host name")
+    return host
+
+
+def parse_url(url: str) -> ParsedUrl:
+    """Split and check an endpoint URL such as ``udp://127.0.0.1:4433``.
+
+    Returns ``(scheme, host, port, params)``: the host without IPv6 brackets, the port as an
+    int (0 is allowed: it asks the OS for a free port when binding), and the query string as
+    a dict. Raises :class:`ConfigError` naming what is wrong.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigError(f"bad URL {url!r}: expected SCHEME://HOST:PORT, e.g. udp://[::1]:4433")
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unterminated "[" around an IPv6 address
+        raise ConfigError(f"bad URL {url!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in SCHEMES:
+        supported = ", ".join(sorted(SCHEMES))
+        raise ConfigError(
+            f"bad URL {url!r}: unsupported scheme {scheme!r} (supported: {supported})"
+        )
+    if "@" in parts.netloc:
+        raise ConfigError(f"bad URL {url!r}: user information is not allowed")
+    if parts.path not in ("", "/") or parts.fragment:
+        raise ConfigError(f"bad URL {url!r}: unexpected path or fragment")
+    # Split host and port ourselves: urlsplit accepts an unbracketed IPv6 address and then
+    # fails obscurely, and its .port reports errors without naming the URL.
+    netloc = parts.netloc
+    if netloc.startswith("["):
+        end = netloc.find("]")
+        host_part, rest = netloc[: end + 1], netloc[end + 1 :]
+        sep, port_text = rest[:1], rest[1:]
+    else:
+        if netloc.count(":") > 1:
+            raise ConfigError(f"bad URL {url!r}: put an IPv6 address in brackets, e.g. [::1]")
+        host_part, sep, port_text = netloc.partition(":")
+    if sep != ":":
+        raise ConfigError(f"bad URL {url!r}: no port (expected {scheme}://HOST:PORT)")
+    if not _DIGITS.fullmatch(port_text) or len(port_text) > 5 or int(port_text) > 65535:
+        raise ConfigError(f"bad URL {url!r}: port {port_text!r} is not a number in 0..65535")
+    host = _check_host(host_part, url)
+    try:
+        params = dict(parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True))
+    except ValueError:
+        raise ConfigError(f"bad URL {url!r}: malformed query string") from None
+    return ParsedUrl(scheme, host, int(port_text), params)
+
+
+class Transport(abc.ABC):
+    """A datagram link. Subclasses implement :meth:`send`, :meth:`close` and the properties.
+
+    Received datagrams go to :attr:`on_datagram` (set by the owner before any can arrive;
+    datagrams arriving while it is ``None`` are dropped, as a network would). Every method is
+    called on the event loop thread and must return without blocking: ``send`` either hands
+    the datagram to the OS at once or buffers it a bounded amount, and otherwise drops it,
+    because a datagram protocol recovers from loss but not from a stalled event loop.
+    """
+
+    def __init__(self) -> None:
+        self.on_datagram: DatagramHandler | None = None
+        self._closing = False
+        #: Resolved once the link is released; subclasses create it on the running loop.
+        self._closed: asyncio.Future[None] | None = None
+
+    @property
+    @abc.abstractmethod
+    def max_datagram_size(self) -> int:
+        """The largest datagram the link carries (the core is configured with it)."""
+
+    @property
+    def link_bits_per_second(self) -> float | None:
+        """Link speed for slow links (serial); ``None`` where it does not matter (UDP)."""
+        return None
+
+    @property
+    @abc.abstractmethod
+    def local_address(self) -> Addr:
+        """This end's address (for UDP, the bound ``(host, port)``)."""
+
+    @abc.abstractmethod
+    def send(self, data: bytes, addr: Addr) -> None:
+        """Send one datagram to ``addr`` now, without blocking. Never raises for I/O errors."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop receiving and release the link (pending sends are flushed best-effort)."""
+
+    @property
+    def is_closing(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closing
+
+    async def wait_closed(self) -> None:
+        """Wait until the link is released after :meth:`close`."""
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
+
+    def deliver(self, data: bytes, addr: Addr) -> None:
+        """Hand one received datagram to :attr:`on_datagram` (called by subclasses)."""
+        handler = self.on_datagram
+        if handler is not None:
+            handler(data, addr)
