@@ -98,6 +98,9 @@ class Connection:
         self.config = config
         self.is_client = is_client
         self.name = name or ("client" if is_client else "server")
+        #: Called whenever this session queues output or an event, even from an application
+        #: call such as send_data(); the server endpoint uses it to visit only busy sessions.
+        self.on_wakeup: Callable[[Connection], None] | None = None
         self._fsm = StateMachine(not is_client)
         self._event_log = event_log
         self._rand = random.Random(int.from_bytes(config.rng(8), "big"))
@@ -377,6 +380,8 @@ class Connection:
 
     def _emit(self, event: Event) -> None:
         self._events.append(event)
+        if self.on_wakeup is not None:
+            self.on_wakeup(self)
 
     def _send_raw(self, data: bytes, addr: Addr | None = None, *, handshake: bool = False
                   ) -> None:
@@ -389,6 +394,8 @@ class Connection:
                     return
                 self._amp.on_sent(len(data))
         self._out.append((data, target))
+        if self.on_wakeup is not None:
+            self.on_wakeup(self)
         self.packets_out += 1
         self.bytes_out += len(data)
         self._last_send = self._now
@@ -400,6 +407,8 @@ class Connection:
             if not self._amp.validated:
                 self._amp.on_sent(len(data))
             self._out.append((data, self.peer_addr))
+            if self.on_wakeup is not None:
+                self.on_wakeup(self)
             self.packets_out += 1
             self.bytes_out += len(data)
 

@@ -22,6 +22,7 @@ within two limits:
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from typing import NamedTuple
 
@@ -61,6 +62,12 @@ class ServerEndpoint:
         self._by_rid: dict[bytes, Connection] = {}
         self._sessions: dict[int, Connection] = {}
         self._half_open: set[Connection] = set()
+        # Sessions with output or events not yet collected (set by Connection.on_wakeup).
+        self._busy: set[Connection] = set()
+        # Timer heap of (deadline, tiebreak, session); _deadlines holds each session's live one.
+        self._timers: list[tuple[float, int, Connection]] = []
+        self._deadlines: dict[Connection, float | None] = {}
+        self._tiebreak = 0
         self._cookies = CookieIssuer(config.rng(32), COOKIE_LIFETIME, compact=True)
         self._out: list[tuple[bytes, Addr]] = []
         self._events: deque[EndpointEvent] = deque()
@@ -113,21 +120,29 @@ class ServerEndpoint:
         self._collect(conn)
 
     def datagrams_to_send(self, now: float | None = None) -> list[tuple[bytes, Addr]]:
-        for conn in list(self._sessions.values()):
-            self._collect(conn)
+        # Only sessions that queued something since the last call (on_wakeup) are visited.
+        while self._busy:
+            self._collect(self._busy.pop())
         out, self._out = self._out, []
         return out
 
     def get_timer(self) -> float | None:
-        timers = [t for c in self._sessions.values() if (t := c.get_timer()) is not None]
-        return min(timers) if timers else None
+        heap = self._timers
+        # Entries are never updated in place: a stale one (the session's deadline moved) is
+        # skipped here, so the heap top is always a live deadline.
+        while heap and self._deadlines.get(heap[0][2]) != heap[0][0]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
 
     def handle_timer(self, now: float) -> None:
-        for conn in list(self._sessions.values()):
-            t = conn.get_timer()
-            if t is not None and t <= now:
-                conn.handle_timer(now)
-                self._collect(conn)
+        heap = self._timers
+        while heap and heap[0][0] <= now:
+            t, _, conn = heapq.heappop(heap)
+            if self._deadlines.get(conn) != t:
+                continue  # stale entry
+            self._deadlines[conn] = None
+            conn.handle_timer(now)
+            self._collect(conn)
 
     def next_event(self) -> EndpointEvent | None:
         return self._events.popleft() if self._events else None
@@ -157,6 +172,7 @@ class ServerEndpoint:
                           name=f"server-{self._serial}")
         if validated:
             conn._amp.validate()  # the cookie proves the client receives at this address
+        conn.on_wakeup = self._busy.add
         self._sessions[self._serial] = conn
         self._half_open.add(conn)
         self._by_rid[rid] = conn
@@ -170,6 +186,8 @@ class ServerEndpoint:
         self.retries_sent += 1
 
     def _collect(self, conn: Connection) -> None:
+        """Take a session's output and events and refresh its place in the timer heap."""
+        self._busy.discard(conn)
         if conn.rid and conn.rid not in self._by_rid:
             self._by_rid[conn.rid] = conn
         self._out.extend(conn.datagrams_to_send())
@@ -177,7 +195,14 @@ class ServerEndpoint:
             self._events.append(EndpointEvent(conn, ev))
         if conn.established or conn.closed:
             self._half_open.discard(conn)
+        deadline = None if conn.closed else conn.get_timer()
+        if deadline != self._deadlines.get(conn):
+            self._deadlines[conn] = deadline
+            if deadline is not None:
+                self._tiebreak += 1
+                heapq.heappush(self._timers, (deadline, self._tiebreak, conn))
         if conn.closed:
+            self._deadlines.pop(conn, None)
             for rid in [k for k, c in self._by_rid.items() if c is conn]:
                 del self._by_rid[rid]
             for serial in [k for k, c in self._sessions.items() if c is conn]:
