@@ -31,7 +31,6 @@ the peer cannot open. A client that wants new keys sends a request and waits.
 from __future__ import annotations
 
 import logging
-import random
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -80,8 +79,17 @@ MAX_ERROR_DETAIL = 200
 EventLog = Callable[[dict[str, Any]], None]
 
 
-def _now_or(now: float | None, last: float) -> float:
-    return last if now is None else now
+class _Jitter:
+    """``random()`` for the retransmission timers, drawn from the configured source so that
+    a seeded ``Config.rng`` makes every timer deterministic; no per-session RNG to seed."""
+
+    __slots__ = ("_rng",)
+
+    def __init__(self, rng: Callable[[int], bytes]) -> None:
+        self._rng = rng
+
+    def random(self) -> float:
+        return int.from_bytes(self._rng(7), "big") / (1 << 56)
 
 
 class Connection:
@@ -103,7 +111,7 @@ class Connection:
         self.on_wakeup: Callable[[Connection], None] | None = None
         self._fsm = StateMachine(not is_client)
         self._event_log = event_log
-        self._rand = random.Random(int.from_bytes(config.rng(8), "big"))
+        self._rand = _Jitter(config.rng)
         self._now = 0.0
         self._out: list[tuple[bytes, Addr]] = []
         self._events: deque[Event] = deque()
@@ -124,7 +132,7 @@ class Connection:
         self._flight_timer = self._new_timer()
         self._hs_deadline: float | None = None
         self._retried = False
-        self._pending_ack: tuple[bytes, hs.HandshakeAck] | None = None
+        self._pending_ack: tuple[bytes, int, int] | None = None  # reassembly key
         self._ack_deadline: float | None = None
         # A quarter of the first retransmission timeout, stretched on slow links so the ack
         # does not race the rest of the burst still crossing the wire.
@@ -463,7 +471,7 @@ class Connection:
 
     def _reassemble(self, rec: hs.HandshakeRecord, now: float) -> bytes | None:
         """Add a fragment; acknowledge partial progress; return the message when complete."""
-        result = self._reasm.add(rec, now)
+        result = self._reasm.add(rec, now, ack=False)
         if result.status in (FragmentStatus.MALFORMED, FragmentStatus.REFUSED):
             self._drop("handshake-" + result.status.value)
             return None
@@ -472,18 +480,19 @@ class Connection:
             self._pending_ack = None
             self._ack_deadline = None
             return result.message
-        if result.ack is not None:
-            # Delayed ack: a burst of fragments earns one ack, sent only if the message is
-            # still incomplete when the delay runs out (that is when the sender needs it).
-            self._pending_ack = (rec.rid, result.ack)
-            if self._ack_deadline is None:
-                self._ack_deadline = now + self._ack_delay
+        # Delayed ack: a burst of fragments earns one ack, sent only if the message is still
+        # incomplete when the delay runs out (that is when the sender needs it). The ack is
+        # built then, from what is held then.
+        self._pending_ack = (rec.rid, rec.msg_type, rec.msg_seq)
+        if self._ack_deadline is None:
+            self._ack_deadline = now + self._ack_delay
         return None
 
     def _send_pending_ack(self) -> None:
         if self._pending_ack is not None:
-            rid, ack = self._pending_ack
-            self._send_raw(ack.to_record(rid), handshake=True)
+            reasm = self._reasm.get(self._pending_ack)
+            if reasm is not None and reasm.started and not reasm.is_complete:
+                self._send_raw(reasm.ack().to_record(self._pending_ack[0]), handshake=True)
         self._pending_ack = None
         self._ack_deadline = None
 

@@ -20,6 +20,7 @@ th = SHA3-256(CH* ‖ SH* ‖ CF*) under "PALISADE client". th also feeds the ke
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ class HandshakeResult:
     sig: int = wire.SIG_MLDSA65
     aead: int = wire.AEAD_CHACHA20POLY1305
 
-    @property
+    @functools.cached_property
     def peer_fingerprint(self) -> str:
         return fingerprint(self.peer_public_key)
 

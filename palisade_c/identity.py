@@ -233,10 +233,12 @@ class TrustStore:
     Malformed entries raise :class:`ConfigError` when the store is built.
     """
 
-    __slots__ = ("_fingerprints",)
+    __slots__ = ("_fingerprints", "_known_raw")
 
     def __init__(self, entries: Iterable[TrustEntry] = ()) -> None:
         self._fingerprints: set[str] = set()
+        # Raw keys already seen to be pinned: a set lookup instead of a SHA3 per handshake.
+        self._known_raw: set[bytes] = set()
         for entry in entries:
             self.add(entry)
 
@@ -259,7 +261,15 @@ class TrustStore:
     def is_trusted(self, public_key: bytes) -> bool:
         """True if ``public_key`` (raw bytes, as received) is pinned. Never raises."""
         raw = _as_bytes(public_key)
-        return raw is not None and fingerprint(raw) in self._fingerprints
+        if raw is None:
+            return False
+        if raw in self._known_raw:
+            return True
+        if fingerprint(raw) not in self._fingerprints:
+            return False
+        if len(self._known_raw) < 4 * len(self._fingerprints):  # bounded: pinned keys only
+            self._known_raw.add(raw)
+        return True
 
     @property
     def fingerprints(self) -> frozenset[str]:

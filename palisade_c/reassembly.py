@@ -171,6 +171,18 @@ class Reassembler:
             return b""
 
         frag = record.fragment
+        ranges = self._ranges
+        if (not ranges and start == 0) or (len(ranges) == 1 and ranges[0] == (0, start)):
+            # The common case: fragments arriving in order. No overlap is possible.
+            if self._fragments >= self._max_fragments:
+                raise self._reject("too many fragments for one message")
+            self._buf[start:end] = frag
+            self._fragments += 1
+            self._ranges = [(0, end)]
+            if end == self._msg_length:
+                self._complete = True
+                return bytes(self._buf)
+            return None
         contained = False
         for r_start, r_end in self._ranges:
             lo, hi = max(start, r_start), min(end, r_end)
@@ -308,8 +320,12 @@ class ReassemblyTable:
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 
-    def add(self, record: HandshakeRecord, now: float = 0.0) -> FragmentResult:
-        """Feed one decoded record. Never raises for anything a peer can send."""
+    def add(self, record: HandshakeRecord, now: float = 0.0, *, ack: bool = True
+            ) -> FragmentResult:
+        """Feed one decoded record. Never raises for anything a peer can send.
+
+        With ``ack=False`` the result carries no ack for a partial message (the caller builds
+        one later from :meth:`get`, when it actually sends it)."""
         if not _is_reassembled_type(record.msg_type):
             # Acks and ErrorResponses always arrive whole (the decoder enforces it) and are
             # neither reassembled nor acknowledged.
@@ -340,21 +356,20 @@ class ReassemblyTable:
             created = now
         else:
             created, reasm = entry
-        held_before = reasm.bytes_held
+        duplicates_before = reasm.duplicates
         try:
             message = reasm.add(record)
         except DecodeError:
             self.malformed += 1
             return FragmentResult(FragmentStatus.MALFORMED)
-        ack = reasm.ack()
         if message is not None:
             self._entries.pop(key, None)
             self._mark_completed(key, now, reasm.msg_length)
-            return FragmentResult(FragmentStatus.COMPLETE, message, ack)
+            return FragmentResult(FragmentStatus.COMPLETE, message, _full_ack(key, len(message)))
         self._entries[key] = (created, reasm)
-        if reasm.bytes_held == held_before:
-            return FragmentResult(FragmentStatus.DUPLICATE, None, ack)
-        return FragmentResult(FragmentStatus.PARTIAL, None, ack)
+        status = (FragmentStatus.DUPLICATE if reasm.duplicates != duplicates_before
+                  else FragmentStatus.PARTIAL)
+        return FragmentResult(status, None, reasm.ack() if ack else None)
 
     def _mark_completed(self, key: ReassemblyKey, now: float, msg_length: int) -> None:
         if self._max_completed == 0:
