@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives import hashes, hmac
 from palisade_c.errors import ConfigError, DecodeError, ErrorCode, StateError
 from palisade_c.hsrecord import (
     ACK_MAX_RANGES,
+    HS_RECORD_OVERHEAD,
     MAX_MESSAGE,
     MSG_CLIENT_FINISHED_RESUME,
     MSG_CLIENT_HELLO,
@@ -453,7 +454,23 @@ class Flight:
     def from_message(
         cls, msg_type: int, rid: bytes, msg_seq: int, message: bytes, max_datagram: int
     ) -> Flight:
-        return cls(fragment_message(msg_type, rid, msg_seq, message, max_datagram))
+        records = fragment_message(msg_type, rid, msg_seq, message, max_datagram)
+        if not _is_reassembled_type(msg_type):
+            raise ConfigError("acks and error responses are not sent as flights")
+        # fragment_message fills records greedily in order, so each record's span follows
+        # from its size; no need to decode what was just encoded.
+        flight = cls.__new__(cls)
+        spans: list[tuple[bytes, int, int]] = []
+        offset = 0
+        for raw in records:
+            end = offset + len(raw) - HS_RECORD_OVERHEAD
+            spans.append((raw, offset, end))
+            offset = end
+        flight._rid, flight._msg_type, flight._msg_seq = rid, msg_type, msg_seq
+        flight._msg_length = len(message)
+        flight._spans = spans
+        flight._last_ack = None
+        return flight
 
     @property
     def records(self) -> tuple[bytes, ...]:

@@ -62,6 +62,7 @@ MAX_PAD = 0xFFFF
 
 cdef uint64_t _SEQ_HARD_LIMIT = SEQ_HARD_LIMIT
 cdef char* _FORMAT_B = "B"
+cdef object _ECB = modes.ECB()   # stateless mode object, shared by every context
 
 # Counter names; the spec's error names where one exists (PROFILE §9, negative vectors).
 DROP_REASON_NAMES = (
@@ -247,8 +248,8 @@ cdef class RecordLayer:
         hp_rx = header_protection_key(master_secret, rx_dir)
         # One ECB context per direction for the whole session (PROFILE §4): ECB has no state
         # between blocks, so reuse is safe and saves a cipher setup per packet.
-        self._hp_tx_ctx = Cipher(algorithms.AES(hp_tx), modes.ECB()).encryptor()
-        self._hp_rx_ctx = Cipher(algorithms.AES(hp_rx), modes.ECB()).encryptor()
+        self._hp_tx_ctx = Cipher(algorithms.AES(hp_tx), _ECB).encryptor()
+        self._hp_rx_ctx = Cipher(algorithms.AES(hp_rx), _ECB).encryptor()
         wipe(hp_tx)
         wipe(hp_rx)
         self._hp_tx = self._hp_tx_ctx.update_into
