@@ -9,11 +9,13 @@ primitives inside ``cryptography`` draw their own randomness from the OS.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from palisade_c.errors import ConfigError
 from palisade_c.identity import Identity, TrustEntry, TrustStore
+from palisade_c.tickets import TicketService
 
 #: PALISADE-PLUS feature bits carried in the 0x0001 extension [profile §1].
 PLUS_RESUMPTION = 0x01
@@ -62,6 +64,18 @@ class Config:
 
     # PALISADE-PLUS: feature bits offered (client) or allowed (server); 0 = CORE.
     plus_features: int = 0
+    #: Server: issues and redeems resumption tickets (built by the endpoint when
+    #: PLUS_RESUMPTION is allowed and none is given; pass one with a SqliteTicketStore to keep
+    #: used tickets across restarts).
+    tickets: TicketService | None = None
+    #: Server: application streams allowed in 0-RTT early data (keepalives always are).
+    early_data_streams: frozenset[int] = frozenset({0})
+    #: Wall clock for ticket lifetimes (tickets outlive processes, so not the monotonic now).
+    ticket_clock: Callable[[], float] = field(default=time.time, repr=False)
+    #: Migration: promote a candidate path after this many authenticated packets within
+    #: ``migration_window`` seconds, or on a PATH_RESPONSE.
+    migration_packets: int = 3
+    migration_window: float = 5.0
 
     rng: RandomSource = field(default=os.urandom, repr=False)
 

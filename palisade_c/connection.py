@@ -38,7 +38,7 @@ from typing import Any
 from palisade_c import frames as F
 from palisade_c import hsrecord as hs
 from palisade_c import wire
-from palisade_c.config import Config
+from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION, Config
 from palisade_c.errors import (
     ControlFrameError,
     DecodeError,
@@ -53,10 +53,18 @@ from palisade_c.events import (
     EpochChanged,
     Event,
     HandshakeCompleted,
+    NewTicket,
+    PathMigrated,
 )
 from palisade_c.fsm import StateMachine
-from palisade_c.handshake import ClientHandshake, HandshakeResult, ServerHandshake
-from palisade_c.keyschedule import wipe
+from palisade_c.handshake import (
+    ClientHandshake,
+    ClientResumeHandshake,
+    HandshakeResult,
+    ServerHandshake,
+    ServerResumeHandshake,
+)
+from palisade_c.keyschedule import ticket_psk, wipe
 from palisade_c.reassembly import (
     AmplificationLimiter,
     Flight,
@@ -65,6 +73,13 @@ from palisade_c.reassembly import (
     RetransmitTimer,
 )
 from palisade_c.record import STREAM_DUMMY, STREAM_KEEPALIVE, Record, RecordLayer
+from palisade_c.tickets import (
+    TICKET_NONCE_LEN,
+    ClientTicket,
+    TicketService,
+    decode_new_ticket,
+    encode_new_ticket,
+)
 
 Addr = Any  # a transport address: (host, port) for UDP, a path for serial links
 
@@ -72,6 +87,9 @@ log = logging.getLogger("palisade_c.connection")
 
 #: Encrypted packets that may wait for the server's keys (PROFILE §3).
 MAX_EARLY_PACKETS = 16
+#: Migrate nonces remembered per session to refuse replays (each is 32 random bytes).
+MAX_MIGRATE_NONCES = 1024
+_FINISHED_TYPES = (hs.MSG_CLIENT_FINISHED, hs.MSG_CLIENT_FINISHED_RESUME)
 #: Largest application stream id; 0xFE and 0xFF are keepalive and dummy.
 MAX_APP_STREAM = 0xFD
 MAX_ERROR_DETAIL = 200
@@ -102,6 +120,7 @@ class Connection:
         *,
         event_log: EventLog | None = None,
         name: str = "",
+        tickets: TicketService | None = None,
     ) -> None:
         self.config = config
         self.is_client = is_client
@@ -126,6 +145,21 @@ class Connection:
         self.resumption_secret: bytearray | None = None
         self._client_hs: ClientHandshake | None = None
         self._server_hs: ServerHandshake | None = None
+        # PALISADE-PLUS: resumption, 0-RTT and migration.
+        self._tickets = tickets if tickets is not None else config.tickets
+        self._resume_hs: ClientResumeHandshake | None = None
+        self._server_resume_hs: ServerResumeHandshake | None = None
+        self._early: RecordLayer | None = None  # 0-RTT keys (client seals, server opens)
+        self._early_budget = 0
+        self._early_bytes = 0
+        self.resumed = False
+        self._candidate: Addr | None = None
+        self._candidate_count = 0
+        self._candidate_since = 0.0
+        self._candidate_amp: AmplificationLimiter | None = None
+        self._path_challenge: bytes | None = None
+        self._migrate_nonces: set[bytes] = set()
+        self._last_addr: Addr | None = None
         self._reasm = ReassemblyTable(4, max_age=config.handshake_timeout)
         self._flight: Flight | None = None
         self._flight_addr: Addr | None = None
@@ -191,9 +225,10 @@ class Connection:
     def drop_counts(self) -> dict[str, int]:
         """Dropped input by reason: the record layer's counters plus the connection's own."""
         out = dict(self._drops)
-        if self.record is not None:
-            for k, v in self.record.drop_counts.items():
-                out[k] = out.get(k, 0) + v
+        for layer in (self.record, self._early):
+            if layer is not None:
+                for k, v in layer.drop_counts.items():
+                    out[k] = out.get(k, 0) + v
         return out
 
     @property
@@ -212,27 +247,83 @@ class Connection:
 
     # ------------------------------------------------------------------ sans-IO API
 
-    def connect(self, addr: Addr, now: float) -> None:
-        """Client: start the handshake towards ``addr``."""
+    def connect(self, addr: Addr, now: float, *, ticket: ClientTicket | None = None,
+                early_data: bytes | None = None, early_stream: int = 0) -> None:
+        """Client: start the handshake towards ``addr``.
+
+        With a ``ticket`` (PLUS) the client tries resumption, sending ``early_data`` as 0-RTT
+        packets on ``early_stream`` if given; a refused ticket falls back to a full handshake
+        on its own. Early data is replayable: send only what is safe to receive twice.
+        """
         if not self.is_client:
             raise StateError("connect() is for clients")
         if not self._fsm.can("connect"):
             raise StateError(f"connect() in state {self.state}")
+        if early_data is not None and ticket is None:
+            raise StateError("early data needs a resumption ticket")
+        if not 0 <= early_stream <= MAX_APP_STREAM:
+            raise ValueError(f"early_stream must be 0..{MAX_APP_STREAM}")
         self._now = now
-        self._fire("connect")
         self.peer_addr = addr
+        self._flight_addr = addr
+        self._hs_deadline = now + self.config.handshake_timeout
+        self._new_hello_rid()
+        if ticket is not None and ticket.usable(self.config.ticket_clock()):
+            self._start_resumption(ticket, early_data, early_stream)
+            return
+        self._fire("connect")
+        self._start_full_handshake()
+
+    def _new_hello_rid(self) -> None:
         prefix = self.config.node_id if self.config.node_id is not None else self.config.rng(8)
         self._hello_rid = self.rid = prefix + b"\x00\x00" + self.config.rng(14)
+
+    def _start_full_handshake(self) -> None:
         self._client_hs = ClientHandshake(self.config)
-        self._hs_deadline = now + self.config.handshake_timeout
         self._send_flight(
             Flight.from_message(
                 hs.MSG_CLIENT_HELLO, self.rid, 0, self._client_hs.client_hello_bytes,
                 self.config.max_datagram_size,
             ),
-            addr,
+            self.peer_addr,
         )
         self._fire("hello_sent")
+
+    def _start_resumption(self, ticket: ClientTicket, early_data: bytes | None,
+                          early_stream: int) -> None:
+        self._fire("resume")
+        offer = early_data is not None and ticket.max_early_data > 0
+        self._resume_hs = ClientResumeHandshake(self.config, ticket, offer)
+        self._send_flight(
+            Flight.from_message(hs.MSG_CLIENT_HELLO_RESUME, self.rid, 0,
+                                self._resume_hs.hello_bytes, self.config.max_datagram_size),
+            self.peer_addr,
+        )
+        secret = self._resume_hs.early_secret
+        if early_data is None or secret is None:
+            return
+        self._early = RecordLayer(secret, True, self._hello_rid, early=True,
+                                  replay_window=self.config.replay_window)
+        wipe(secret)
+        # Never more than the ticket allows: the server would refuse the rest anyway.
+        data = early_data[:ticket.max_early_data]
+        room = self.config.max_datagram_size - 61
+        for i in range(0, len(data), room) if data else range(1):
+            self._send_raw(self._early.seal(data[i:i + room], early_stream, False, 0, self._now))
+
+    def _fallback_to_full_handshake(self, code: int) -> None:
+        """The server refused our ticket: forget it and run a full handshake [seed §4]."""
+        self._log_event("resumption-refused", code=code)
+        if self._resume_hs is not None:
+            self._resume_hs.erase()
+        self._resume_hs = None
+        if self._early is not None:
+            self._early.erase()
+            self._early = None
+        self._flight_timer.stop()
+        self._fire("resume_rejected")
+        self._new_hello_rid()
+        self._start_full_handshake()
 
     def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
         """Feed one datagram from the transport. Never raises for anything in ``data``."""
@@ -511,14 +602,16 @@ class Connection:
             self._client_on_retry(rec)
         elif t == hs.MSG_SERVER_HELLO:
             self._client_on_server_hello(rec, now)
+        elif t == hs.MSG_SERVER_HELLO_RESUME:
+            self._client_on_server_hello_resume(rec, now)
         else:
             self._drop("unexpected-handshake")
 
     def _client_on_error_response(self, rec: hs.HandshakeRecord) -> None:
         # Only an error that answers our own handshake, while it can still fail, counts.
         cf_unconfirmed = (self._flight is not None
-                          and self._flight.msg_type == hs.MSG_CLIENT_FINISHED)
-        awaiting = self.state == "C_WAIT_SH" or cf_unconfirmed
+                          and self._flight.msg_type in _FINISHED_TYPES)
+        awaiting = self.state in ("C_WAIT_SH", "C_RESUME_PENDING") or cf_unconfirmed
         if rec.rid not in (self._hello_rid, self.rid) or not awaiting:
             self._drop("stale-error-response")
             return
@@ -526,6 +619,9 @@ class Connection:
             err = wire.ErrorResponse.decode(rec.fragment)
         except DecodeError:
             self._drop("handshake-malformed")
+            return
+        if self.state == "C_RESUME_PENDING":
+            self._fallback_to_full_handshake(err.error_code)
             return
         self._abort(err.error_code, f"server refused the handshake: {err.text}", by_peer=True,
                     send=False)
@@ -551,7 +647,7 @@ class Connection:
 
     def _client_on_server_hello(self, rec: hs.HandshakeRecord, now: float) -> None:
         if self.state != "C_WAIT_SH":
-            if self._flight is not None and self._flight.msg_type == hs.MSG_CLIENT_FINISHED:
+            if self._flight is not None and self._flight.msg_type in _FINISHED_TYPES:
                 # The server is still resending SH: our CF is lost. Resend what is missing.
                 self._resend_flight()
             else:
@@ -586,6 +682,42 @@ class Connection:
         )
         self._install_keys(result, now)
 
+    def _client_on_server_hello_resume(self, rec: hs.HandshakeRecord, now: float) -> None:
+        if self.state != "C_RESUME_PENDING":
+            if self._flight is not None and self._flight.msg_type in _FINISHED_TYPES:
+                self._resend_flight()  # SHR again: our CFR was lost
+            else:
+                self._drop("unexpected-handshake")
+            return
+        if self.config.node_id is not None and rec.rid[:8] != self._hello_rid[:8]:
+            self._drop("unknown-rid")
+            return
+        message = self._reassemble(rec, now)
+        if message is None:
+            return
+        resume = self._resume_hs
+        assert resume is not None
+        try:
+            cfr = resume.on_server_hello_resume(message)
+        except HandshakeError as exc:
+            self.rid = rec.rid
+            self._fail(exc.code, exc.detail, send=True)
+            return
+        result = resume.result
+        assert result is not None
+        self._fire("resume_accepted")
+        self.rid = rec.rid
+        self._flight_timer.stop()
+        self._send_flight(
+            Flight.from_message(hs.MSG_CLIENT_FINISHED_RESUME, self.rid, 1, cfr,
+                                self.config.max_datagram_size),
+        )
+        if self._early is not None:
+            self._early.erase()  # 1-RTT keys from here on
+            self._early = None
+        self._install_keys(result, now, early_data_accepted=resume.accepted_0rtt)
+        self._resume_hs = None
+
     # server --------------------------------------------------------------------------------
 
     def _server_on_record(self, rec: hs.HandshakeRecord, addr: Addr, now: float) -> None:
@@ -594,8 +726,10 @@ class Connection:
             self._fire("listen")
         if t == hs.MSG_CLIENT_HELLO:
             self._server_on_client_hello(rec, addr, now)
-        elif t == hs.MSG_CLIENT_FINISHED:
+        elif t in _FINISHED_TYPES:
             self._server_on_client_finished(rec, addr, now)
+        elif t == hs.MSG_CLIENT_HELLO_RESUME:
+            self._server_on_client_hello_resume(rec, addr, now)
         elif t == hs.MSG_HANDSHAKE_ACK:
             if rec.rid == self.rid:
                 self._amp.validate()  # only a peer that saw SH knows the session RID
@@ -653,6 +787,66 @@ class Connection:
         )
         self._fire("sh_sent")
 
+    def _server_on_client_hello_resume(self, rec: hs.HandshakeRecord, addr: Addr,
+                                       now: float) -> None:
+        if self.state == "S_LISTEN":
+            self.peer_addr = addr
+            self._hello_rid = rec.rid
+            self._hs_deadline = now + self.config.handshake_timeout
+            self._fire("chr_received")
+        elif rec.rid != self._hello_rid:
+            self._drop("unknown-rid")
+            return
+        if self.state != "S_RESUME_WAIT_CHR":
+            if self.state == "S_WAIT_FIN" and self._server_resume_hs is not None and \
+                    self._reasm.add(rec, now).status is not FragmentStatus.MALFORMED:
+                self._resend_flight()  # CHR again: our SHR was lost
+            else:
+                self._drop("unexpected-handshake")
+            return
+        message = self._reassemble(rec, now)
+        if message is None:
+            return
+        self.rid = self._hello_rid
+        tickets = self._tickets
+        if tickets is None or not self.config.plus_features & PLUS_RESUMPTION:
+            self._refuse_resumption(int(ErrorCode.ErrorTicketInvalid), "resumption disabled")
+            return
+        resume = ServerResumeHandshake(self.config, tickets)
+        try:
+            shr = resume.on_client_hello_resume(message)
+        except HandshakeError as exc:
+            if 0x0400 <= exc.code <= 0x04FF:
+                self._refuse_resumption(int(exc.code), exc.detail)
+            else:
+                self._fail(exc.code, exc.detail, send=True)
+            return
+        self._server_resume_hs = resume
+        self._fire("resume_accepted")
+        prefix = self.config.node_id if self.config.node_id is not None else rec.rid[:8]
+        self.rid = prefix + b"\x00\x00" + self.config.rng(14)
+        self._send_flight(
+            Flight.from_message(hs.MSG_SERVER_HELLO_RESUME, self.rid, 0, shr,
+                                self.config.max_datagram_size),
+        )
+        self._fire("sh_sent")
+        if resume.accept_0rtt and resume.early_secret is not None and resume.inner is not None:
+            self._early = RecordLayer(resume.early_secret, False, self._hello_rid, early=True,
+                                      replay_window=self.config.replay_window)
+            wipe(resume.early_secret)
+            self._early_budget = resume.inner.max_early_data  # the ticket's, not the offer
+        waiting, self._early_packets = self._early_packets, []
+        for pkt in waiting:
+            self._on_packet(pkt, self.peer_addr, now)
+
+    def _refuse_resumption(self, code: int, detail: str) -> None:
+        """Tell the client its ticket is no good so it falls back; this session ends."""
+        self._send_error_response(code, detail, self._hello_rid)
+        self._log_event("resumption-refused", code=code)
+        self._fire("resume_rejected")
+        self._teardown()
+        self._emit(ConnectionClosed(code, detail, False))
+
     def _server_on_client_finished(self, rec: hs.HandshakeRecord, addr: Addr, now: float
                                    ) -> None:
         if rec.rid != self.rid:
@@ -668,26 +862,38 @@ class Connection:
                 return
             self._drop("unexpected-handshake")
             return
+        resumed = rec.msg_type == hs.MSG_CLIENT_FINISHED_RESUME
+        if resumed != (self._server_resume_hs is not None):
+            self._drop("unexpected-handshake")  # CF for a resumption, or CFR for a full one
+            return
         self._flight_timer.stop()  # a CF fragment proves SH arrived
         message = self._reassemble(rec, now)
         if message is None:
             return
-        assert self._server_hs is not None
         try:
-            result = self._server_hs.on_client_finished(message)
+            if self._server_resume_hs is not None:
+                result = self._server_resume_hs.on_client_finished_resume(message)
+            else:
+                assert self._server_hs is not None
+                result = self._server_hs.on_client_finished(message)
         except HandshakeError as exc:
             self._fail(exc.code, exc.detail, send=True)
             return
         self._fire("fin_received")
-        ack = hs.HandshakeAck(hs.MSG_CLIENT_FINISHED, rec.msg_seq, [(0, len(message))])
+        ack = hs.HandshakeAck(rec.msg_type, rec.msg_seq, [(0, len(message))])
         self._send_raw(ack.to_record(self.rid), handshake=True)
         self._flight = None
+        self._server_resume_hs = None
+        if self._early is not None:
+            self._early.erase()  # the 0-RTT window closes once 1-RTT keys exist
+            self._early = None
         self._install_keys(result, now)
         early, self._early_packets = self._early_packets, []
         for pkt in early:
             self._on_packet(pkt, self.peer_addr, now)
 
-    def _install_keys(self, result: HandshakeResult, now: float) -> None:
+    def _install_keys(self, result: HandshakeResult, now: float, *,
+                      early_data_accepted: bool = False) -> None:
         cfg = self.config
         self.record = RecordLayer(
             result.master_secret, self.is_client, self.rid,
@@ -700,25 +906,54 @@ class Connection:
         self.plus_features = result.plus_features
         self._hs_deadline = None
         self._client_hs = self._server_hs = None
+        self.resumed = result.resumed
         self._last_recv = self._last_send = self._epoch_started = now
         self._fire("keys_derived")
-        self._log_event("established", peer=result.peer_fingerprint[:16])
-        self._emit(HandshakeCompleted(result.peer_fingerprint, plus_features=self.plus_features))
+        self._log_event("established", peer=result.peer_fingerprint[:16], resumed=self.resumed)
+        self._emit(HandshakeCompleted(result.peer_fingerprint, resumed=self.resumed,
+                                      plus_features=self.plus_features,
+                                      early_data_accepted=early_data_accepted))
+        if not self.is_client:
+            self._issue_ticket(result)
+
+    def _issue_ticket(self, result: HandshakeResult) -> None:
+        """Server: one NEW_TICKET after every (full or resumed) handshake, when negotiated."""
+        tickets = self._tickets
+        if tickets is None or not self.plus_features & PLUS_RESUMPTION \
+                or self.resumption_secret is None:
+            return
+        nonce = self.config.rng(TICKET_NONCE_LEN)
+        psk = ticket_psk(self.resumption_secret, nonce)
+        try:
+            ticket = tickets.issue(psk, nonce, bytes.fromhex(result.peer_fingerprint),
+                                   result.kem, result.sig, result.aead)
+        finally:
+            wipe(psk)
+        self._send_control(encode_new_ticket(tickets.lifetime, tickets.max_early_data, nonce,
+                                             ticket))
 
     # ------------------------------------------------------------------ encrypted packets
 
     def _on_packet(self, data: bytes, addr: Addr, now: float) -> None:
+        if self._early is not None and not self.is_client and len(data) >= 30 \
+                and data[6:30] == self._hello_rid and self._hello_rid != self.rid:
+            self._on_early_packet(data, now)  # 0-RTT packets carry the first-flight RID
+            return
         record = self.record
         if record is None or record.erased:
-            if not self.is_client and self.state == "S_WAIT_FIN" \
+            if not self.is_client and self.state in ("S_WAIT_FIN", "S_RESUME_WAIT_CHR") \
                     and len(self._early_packets) < MAX_EARLY_PACKETS:
-                self._early_packets.append(data)  # data may overtake CF (PROFILE §3)
+                # Data may overtake CF, and 0-RTT data may overtake CHR (PROFILE §3, §7).
+                self._early_packets.append(data)
             else:
                 self._drop("no-keys")
             return
         rec = record.open(data, now)
         if rec is None:
             return
+        self._last_addr = addr
+        if addr != self.peer_addr and self.peer_addr is not None and not self.is_client:
+            self._on_new_path(addr, len(data), now)
         self.packets_in += 1
         self.bytes_in += len(data)
         self._epoch_bytes += len(data)
@@ -736,6 +971,114 @@ class Connection:
                 return
             self._emit(DataReceived(rec.stream_id, rec.payload))
         self._after_epoch_activity(now)
+
+    def _on_early_packet(self, data: bytes, now: float) -> None:
+        """Server: one 0-RTT packet. Replayable, so only allowlisted streams and keepalives,
+        never a control frame, and never past the ticket's allowance [spec §12.8, seed §4]."""
+        assert self._early is not None
+        rec = self._early.open(data, now)
+        if rec is None:
+            return
+        if rec.control:
+            self._drop("early-control-ignored")
+            return
+        if rec.stream_id == STREAM_KEEPALIVE or rec.stream_id == STREAM_DUMMY:
+            return
+        if rec.stream_id not in self.config.early_data_streams:
+            self._drop("early-stream-refused")
+            return
+        if self._early_bytes + len(rec.payload) > self._early_budget:
+            self._drop("early-data-limit")
+            return
+        self._early_bytes += len(rec.payload)
+        self.packets_in += 1
+        self.bytes_in += len(data)
+        self._emit(DataReceived(rec.stream_id, rec.payload, early=True))
+
+    # ------------------------------------------------------------------ migration (PLUS)
+
+    @property
+    def _migration(self) -> bool:
+        return bool(self.plus_features & PLUS_MIGRATION)
+
+    def migrate(self) -> None:
+        """Client: announce that our address changed (soft migration, spec §13.2).
+
+        Call after the transport moved to its new address; the next packet carries
+        CTRL_MIGRATE from there, and the server validates the new path before using it."""
+        if not self.is_client or not self._fsm.established or self.record is None:
+            raise StateError("migrate() is for an established client")
+        if not self._migration:
+            raise StateError("migration was not negotiated (PALISADE-PLUS feature 0x02)")
+        self._send_control(F.encode_migrate(self.config.rng(32), self.record.epoch))
+
+    def _on_new_path(self, addr: Addr, size: int, now: float) -> None:
+        """Server: an authenticated packet came from an address other than the primary path:
+        NAT rebinding, or a migration whose CTRL_MIGRATE is inside this very packet. Both make
+        the address a candidate; the primary path changes only once it is validated."""
+        if not self._migration:
+            self._drop("path-change-ignored")  # CORE: the session stays on its path
+            return
+        if addr != self._candidate:
+            self._candidate = addr
+            self._candidate_count = 0
+            self._candidate_since = now
+            self._candidate_amp = AmplificationLimiter(self.config.amplification_factor)
+            self._path_challenge = self.config.rng(32)
+            self._candidate_amp.on_received(size)
+            self._log_event("path-candidate")
+            self._send_path_challenge()
+        else:
+            assert self._candidate_amp is not None
+            self._candidate_amp.on_received(size)
+        self._candidate_count += 1
+        if now - self._candidate_since > self.config.migration_window:
+            # Too slow to count as one burst: start counting again from this packet.
+            self._candidate_since = now
+            self._candidate_count = 1
+        if self._candidate_count >= self.config.migration_packets:
+            self._promote_candidate()
+
+    def _send_path_challenge(self) -> None:
+        assert self.record is not None and self._path_challenge is not None
+        frame = F.encode_path(F.CTRL_PATH_CHALLENGE, self._path_challenge)
+        pkt = self.record.seal(F.encode_frames([frame]), 0, True, 0, self._now)
+        amp = self._candidate_amp
+        # An unvalidated path gets at most 3x what it sent us (PROFILE §8).
+        if amp is not None and amp.can_send(len(pkt)):
+            amp.on_sent(len(pkt))
+            self._out.append((pkt, self._candidate))
+            self.packets_out += 1
+            self.bytes_out += len(pkt)
+            if self.on_wakeup is not None:
+                self.on_wakeup(self)
+        else:
+            self._drop("amplification-deferred")
+
+    def _promote_candidate(self) -> None:
+        self.peer_addr = self._candidate
+        self._candidate = None
+        self._candidate_amp = None
+        self._path_challenge = None
+        self._log_event("path-migrated")
+        self._emit(PathMigrated(self.peer_addr))
+
+    def _on_migrate_frame(self, frame: F.ControlFrame, rec: Record, addr: Addr) -> None:
+        nonce, _observed, reason = F.decode_migrate(frame)
+        if self.is_client or not self._migration:
+            self._drop("ignored-control")
+            return
+        if nonce in self._migrate_nonces:
+            self._drop("migrate-replay")  # single use [spec §13]
+            return
+        if reason != F.MIGRATE_REASON_SOFT or self.record is None \
+                or rec.epoch != self.record.epoch:
+            self._drop("migrate-invalid")
+            return
+        if len(self._migrate_nonces) >= MAX_MIGRATE_NONCES:
+            self._migrate_nonces.pop()
+        self._migrate_nonces.add(nonce)
+        # The candidate itself was set by _on_new_path when this packet arrived.
 
     def _seal(self, payload: bytes, stream_id: int, control: bool = False) -> None:
         assert self.record is not None
@@ -758,6 +1101,21 @@ class Connection:
                     self._on_rekey_frame(frame, rec, now)
                 elif frame.ctrl_type == F.CTRL_CLOSE:
                     self._on_close_frame(frame)
+                elif frame.ctrl_type == F.CTRL_NEW_TICKET and self.is_client \
+                        and self.plus_features & PLUS_RESUMPTION:
+                    self._on_new_ticket(frame)
+                elif frame.ctrl_type == F.CTRL_MIGRATE:
+                    self._on_migrate_frame(frame, rec, self._last_addr)
+                elif frame.ctrl_type == F.CTRL_PATH_CHALLENGE and self._migration:
+                    data = F.decode_path(frame)
+                    self._send_control(F.encode_path(F.CTRL_PATH_RESPONSE, data))
+                elif frame.ctrl_type == F.CTRL_PATH_RESPONSE and self._migration:
+                    if self._path_challenge is not None \
+                            and F.decode_path(frame) == self._path_challenge \
+                            and self._last_addr == self._candidate:
+                        self._promote_candidate()
+                    else:
+                        self._drop("stale-path-response")
                 else:
                     # Unknown types, and PLUS types this session did not negotiate, are
                     # ignored [spec §14.3].
@@ -766,6 +1124,18 @@ class Connection:
                 self._drop("malformed-control")
             if self._fsm.closed:
                 return
+
+    def _on_new_ticket(self, frame: F.ControlFrame) -> None:
+        lifetime, max_early, nonce, ticket = decode_new_ticket(frame)
+        if self.resumption_secret is None or self.peer_fingerprint is None:
+            return
+        psk = ticket_psk(self.resumption_secret, nonce)
+        try:
+            saved = ClientTicket(ticket, bytes(psk), self.peer_fingerprint,
+                                 self.config.ticket_clock() + lifetime, max_early)
+        finally:
+            wipe(psk)
+        self._emit(NewTicket(saved))
 
     # ------------------------------------------------------------------ rekeying
 
@@ -981,10 +1351,15 @@ class Connection:
         """Erase every secret; stop every timer. Called on the way into CLOSED."""
         if self.record is not None:
             self.record.erase()
-        for hs_obj in (self._client_hs, self._server_hs):
+        for hs_obj in (self._client_hs, self._server_hs, self._resume_hs,
+                       self._server_resume_hs):
             if hs_obj is not None:
                 hs_obj.erase()
         self._client_hs = self._server_hs = None
+        self._resume_hs = self._server_resume_hs = None
+        if self._early is not None:
+            self._early.erase()
+            self._early = None
         if self.resumption_secret is not None:
             wipe(self.resumption_secret)
         self._flight = None

@@ -8,8 +8,8 @@ not used to find a session, which is what lets a client's address change under i
 is registered under two RIDs: the client's first-flight RID (so retransmitted ClientHello
 fragments find it) and the session RID the server chose in its ServerHello.
 
-A datagram with an unknown RID creates a session only if it is a ClientHello fragment, and only
-within two limits:
+A datagram with an unknown RID creates a session only if it is a ClientHello (or, PLUS, a
+ClientHelloResume) fragment that decodes, and only within two limits:
 
 * ``max_half_open`` sessions may be mid-handshake at once; beyond it new ones are dropped.
 * Past ``cookie_threshold`` half-open sessions the endpoint stops allocating anything for a
@@ -27,11 +27,12 @@ from collections import deque
 from typing import NamedTuple
 
 from palisade_c import hsrecord as hs
-from palisade_c.config import Config
+from palisade_c.config import PLUS_RESUMPTION, Config
 from palisade_c.connection import Addr, Connection, EventLog
 from palisade_c.errors import DecodeError
 from palisade_c.events import Event
 from palisade_c.reassembly import CookieIssuer
+from palisade_c.tickets import TicketService
 
 COOKIE_LIFETIME = 30.0
 
@@ -74,6 +75,12 @@ class ServerEndpoint:
         self._drops: dict[str, int] = {}
         self._serial = 0
         self.retries_sent = 0
+        #: Resumption tickets for every session (PLUS): the configured service, or an
+        #: in-memory one when resumption is allowed and none was given.
+        self.tickets = config.tickets
+        if self.tickets is None and config.plus_features & PLUS_RESUMPTION:
+            self.tickets = TicketService(bytes.fromhex(config.identity.fingerprint),
+                                         rng=config.rng, clock=config.ticket_clock)
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -102,7 +109,8 @@ class ServerEndpoint:
         rid = bytes(data[hs.RID_OFFSET:hs.RID_OFFSET + hs.RID_LEN])
         conn = self._by_rid.get(rid)
         if conn is None:
-            if data[:2] != b"QH" or data[3] != hs.MSG_CLIENT_HELLO:
+            if data[:2] != b"QH" or data[3] not in (hs.MSG_CLIENT_HELLO,
+                                                      hs.MSG_CLIENT_HELLO_RESUME):
                 self._drop("unknown-rid")
                 return
             try:
@@ -169,7 +177,7 @@ class ServerEndpoint:
             validated = True
         self._serial += 1
         conn = Connection(self.config, False, event_log=self._event_log,
-                          name=f"server-{self._serial}")
+                          name=f"server-{self._serial}", tickets=self.tickets)
         if validated:
             conn._amp.validate()  # the cookie proves the client receives at this address
         conn.on_wakeup = self._busy.add

@@ -5,6 +5,7 @@ SEQ_HARD_LIMIT: Final[int]
 DEFAULT_COMMIT_THRESHOLD: Final[int]
 DEFAULT_MAX_TRANSITION_TIME: Final[float]
 MAX_EPOCH: Final[int]
+EARLY_EPOCH: Final[int]
 RX_STATE_NAMES: Final[tuple[str, str]]
 TX_STATE_NAMES: Final[tuple[str, str]]
 
@@ -51,7 +52,10 @@ class EpochMachine:
         replay_window: int = 1024,
         commit_threshold: int = 16,
         max_transition_time: float = 2.0,
+        early: bool = False,
     ) -> None: ...
+    @property
+    def early(self) -> bool: ...
     def arm_next_epoch(
         self, now: float | None = None, expected_epoch: int | None = None
     ) -> int: ...

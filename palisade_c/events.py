@@ -7,6 +7,10 @@ key material; ``DataReceived.data`` is application plaintext and is never logged
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from palisade_c.tickets import ClientTicket
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +25,8 @@ class HandshakeCompleted(Event):
     peer_fingerprint: str
     resumed: bool = False
     plus_features: int = 0
+    #: Resumption with 0-RTT: whether the server accepted the early data.
+    early_data_accepted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +52,20 @@ class ConnectionClosed(Event):
     error_code: int
     reason: str = ""
     by_peer: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NewTicket(Event):
+    """Client: the server issued a resumption ticket (single use; store it to resume)."""
+
+    ticket: ClientTicket
+
+
+@dataclass(frozen=True, slots=True)
+class PathMigrated(Event):
+    """Server: the session's primary path moved to ``address`` after validation."""
+
+    address: Any
 
 
 @dataclass(frozen=True, slots=True)

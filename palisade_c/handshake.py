@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac as _hmac
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.asymmetric import mlkem
 
 from palisade_c import keyschedule as ks
@@ -33,6 +35,7 @@ from palisade_c import wire
 from palisade_c.config import Config
 from palisade_c.errors import DecodeError, ErrorCode, HandshakeError
 from palisade_c.identity import fingerprint, verify_signature
+from palisade_c.tickets import ClientTicket, TicketInner, TicketService
 
 SERVER_SIG_CONTEXT = b"PALISADE server"
 CLIENT_SIG_CONTEXT = b"PALISADE client"
@@ -65,8 +68,16 @@ class HandshakeResult:
     sig: int = wire.SIG_MLDSA65
     aead: int = wire.AEAD_CHACHA20POLY1305
 
+    resumed: bool = False
+    #: Resumption: the peer is known by fingerprint only (no certificate is exchanged).
+    resumed_peer_fingerprint: str = ""
+    #: Resumption, server side: the redeemed ticket's early-data allowance.
+    max_early_data: int = 0
+
     @functools.cached_property
     def peer_fingerprint(self) -> str:
+        if self.resumed_peer_fingerprint:
+            return self.resumed_peer_fingerprint
         return fingerprint(self.peer_public_key)
 
     def erase(self) -> None:
@@ -93,11 +104,13 @@ def _decapsulate(
 
 
 def _derive(
-    ss_c: bytes, ss_s: bytes, client_nonce: bytes, server_nonce: bytes, th: bytes
+    ss_c: bytes, ss_s: bytes, client_nonce: bytes, server_nonce: bytes, th: bytes,
+    psk: bytes | bytearray | None = None,
 ) -> tuple[bytearray, bytearray]:
-    """master and resumption secrets from the KEM secrets, nonces and transcript (§3)."""
+    """master and resumption secrets from the KEM secrets, nonces and transcript (§3); a
+    resumption uses the ticket's PSK as the Extract salt (PROFILE §7)."""
     ikm = ks.early_ikm(ss_c, ss_s, client_nonce, server_nonce)
-    hs = ks.handshake_secret(ikm, th)
+    hs = ks.handshake_secret(ikm, th, psk)
     try:
         master = ks.master_secret(hs)
         return master, ks.resumption_secret(master)
@@ -306,5 +319,215 @@ class ServerHandshake:
             kem=sh.kem_choice,
             sig=sh.sig_choice,
             aead=sh.aead_choice,
+        )
+        return self.result
+
+
+# -- resumption (PALISADE-PLUS, PROFILE §7) ---------------------------------------------------
+#
+# CHR -> SHR -> CFR. No certificates and no signatures: both sides prove they hold the ticket's
+# PSK with HMAC-SHA3-256 under finished keys expanded from it. The server's MAC covers
+# SHA3-256(CHR* ‖ SHR*); the client's covers th = SHA3-256(CHR* ‖ SHR* ‖ CFR*), where X* is X
+# without its MAC. A fresh double KEM exchange still runs, so the new session's keys do not
+# depend on the PSK alone, and the PSK is the Extract salt of the usual key schedule.
+
+
+def _mac(key: bytearray, data: bytes) -> bytes:
+    h = hmac.HMAC(key, hashes.SHA3_256())
+    h.update(data)
+    return h.finalize()
+
+
+class ClientResumeHandshake:
+    """Client side of resumption: CHR (with optional early-data keys), check SHR, build CFR."""
+
+    def __init__(self, config: Config, ticket: ClientTicket, early_data: bool) -> None:
+        self._config = config
+        self._ticket = ticket
+        self._psk = bytearray(ticket.psk)
+        self._kem_key: mlkem.MLKEM768PrivateKey | None = mlkem.MLKEM768PrivateKey.generate()
+        extensions = []
+        if config.plus_features:
+            extensions.append(wire.make_plus_extension(config.plus_features))
+        self.hello = wire.ClientHelloResume(
+            ticket=ticket.ticket,
+            k_c=self._kem_key.public_key().public_bytes_raw(),
+            resume_nonce=config.rng(32),
+            early_data_offered=early_data,
+            extensions=extensions,
+        )
+        self.hello_bytes = self.hello.encode()
+        self._running = hashlib.sha3_256(self.hello.transcript_bytes())
+        #: 0-RTT traffic secret, when early data is offered (the caller builds its record layer).
+        self.early_secret: bytearray | None = (
+            ks.early_data_secret(self._psk, self._running.digest()) if early_data else None
+        )
+        self.result: HandshakeResult | None = None
+        self.accepted_0rtt = False
+
+    def erase(self) -> None:
+        self._kem_key = None
+        ks.wipe(self._psk)
+        ks.wipe(self.early_secret)
+
+    def on_server_hello_resume(self, data: bytes) -> bytes:
+        try:
+            return self._on_shr(data)
+        except HandshakeError:
+            self.erase()
+            raise
+
+    def _on_shr(self, data: bytes) -> bytes:
+        if self._kem_key is None:
+            raise HandshakeError(ErrorCode.ErrorProtocolViolation, "handshake already finished")
+        try:
+            shr = wire.ServerHelloResume.decode(data)
+        except DecodeError as exc:
+            raise HandshakeError(exc.code, str(exc)) from exc
+        plus = _plus_from(shr.extensions, ErrorCode.ErrorInvalidServerHello)
+        if plus & ~self._config.plus_features:
+            raise HandshakeError(ErrorCode.ErrorInvalidServerHello, "PLUS features not offered")
+        running = self._running.copy()
+        running.update(shr.transcript_bytes())
+        server_key = ks.finished_key(self._psk, b"server")
+        try:
+            good = _hmac.compare_digest(_mac(server_key, running.digest()), shr.mac)
+        finally:
+            ks.wipe(server_key)
+        if not good:
+            # Only a holder of the PSK, sealed in the ticket by the real server, can make it.
+            raise HandshakeError(ErrorCode.ErrorSignatureVerifyFailed, "resumption MAC")
+        ss_c = _decapsulate(self._kem_key, shr.ct_c)
+        ss_s, ct_s = _encapsulate(wire.KEM_MLKEM768, shr.k_s, ErrorCode.ErrorInvalidServerHello)
+        cfr_star = wire.ClientFinishedResume(ct_s=ct_s, mac=bytes(32)).transcript_bytes()
+        running.update(cfr_star)
+        th = running.digest()
+        client_key = ks.finished_key(self._psk, b"client")
+        try:
+            cfr = wire.ClientFinishedResume(ct_s=ct_s, mac=_mac(client_key, th))
+        finally:
+            ks.wipe(client_key)
+        master, resumption = _derive(ss_c, ss_s, self.hello.resume_nonce, shr.server_nonce, th,
+                                     self._psk)
+        self.accepted_0rtt = shr.accept_0rtt
+        self.result = HandshakeResult(
+            master_secret=master, resumption_secret=resumption, peer_public_key=b"",
+            plus_features=plus, transcript_hash=th, resumed=True,
+            resumed_peer_fingerprint=self._ticket.server_fingerprint,
+        )
+        self._kem_key = None
+        ks.wipe(self._psk)
+        return cfr.encode()
+
+
+class ServerResumeHandshake:
+    """Server side of resumption: redeem the ticket, build SHR, check CFR."""
+
+    def __init__(self, config: Config, tickets: TicketService) -> None:
+        self._config = config
+        self._tickets = tickets
+        self._kem_key: mlkem.MLKEM768PrivateKey | mlkem.MLKEM1024PrivateKey | None = None
+        self._psk = bytearray()
+        self._ss_c: bytes | None = None
+        self._running: Any = None
+        self._hello: wire.ClientHelloResume | None = None
+        self._shr: wire.ServerHelloResume | None = None
+        self._plus = 0
+        self.inner: TicketInner | None = None
+        self.accept_0rtt = False
+        self.early_secret: bytearray | None = None
+        self.result: HandshakeResult | None = None
+
+    def erase(self) -> None:
+        self._kem_key = None
+        self._ss_c = None
+        ks.wipe(self._psk)
+        ks.wipe(self.early_secret)
+
+    def on_client_hello_resume(self, data: bytes) -> bytes:
+        try:
+            return self._on_chr(data)
+        except HandshakeError:
+            self.erase()
+            raise
+
+    def _on_chr(self, data: bytes) -> bytes:
+        try:
+            chr_ = wire.ClientHelloResume.decode(data)
+        except DecodeError as exc:
+            raise HandshakeError(exc.code, str(exc)) from exc
+        offered = _plus_from(chr_.extensions, ErrorCode.ErrorInvalidClientHello)
+        self._plus = offered & self._config.plus_features
+        inner, why = self._tickets.redeem(chr_.ticket)
+        if inner is None:
+            code = {"expired": ErrorCode.ErrorTicketExpired,
+                    "replayed": ErrorCode.ErrorTicketReplayed}.get(why,
+                                                                   ErrorCode.ErrorTicketInvalid)
+            raise HandshakeError(code, f"ticket {why}")
+        # The pin that admitted the original client must still be in force.
+        if inner.client_fingerprint.hex() not in self._config.trust.fingerprints:
+            raise HandshakeError(ErrorCode.ErrorCertificateInvalid, "ticket's client not pinned")
+        if inner.kem not in SUPPORTED_KEMS:
+            raise HandshakeError(ErrorCode.ErrorTicketInvalid, "ticket names an unknown KEM")
+        self.inner = inner
+        self._psk = bytearray(inner.psk)
+        ss_c, ct_c = _encapsulate(wire.KEM_MLKEM768, chr_.k_c, ErrorCode.ErrorInvalidClientHello)
+        self._kem_key = mlkem.MLKEM768PrivateKey.generate()
+        self.accept_0rtt = bool(chr_.early_data_offered and inner.max_early_data > 0
+                                and self._config.early_data_streams)
+        running = hashlib.sha3_256(chr_.transcript_bytes())
+        if self.accept_0rtt:
+            self.early_secret = ks.early_data_secret(self._psk, running.digest())
+        extensions = [wire.make_plus_extension(self._plus)] if self._plus else []
+        shr = wire.ServerHelloResume(
+            server_nonce=self._config.rng(32),
+            k_s=self._kem_key.public_key().public_bytes_raw(),
+            ct_c=ct_c, mac=bytes(32), accept_0rtt=self.accept_0rtt, extensions=extensions,
+        )
+        running.update(shr.transcript_bytes())
+        server_key = ks.finished_key(self._psk, b"server")
+        try:
+            shr = shr.replace(mac=_mac(server_key, running.digest()))
+        finally:
+            ks.wipe(server_key)
+        self._hello, self._shr, self._ss_c, self._running = chr_, shr, ss_c, running
+        return shr.encode()
+
+    def on_client_finished_resume(self, data: bytes) -> HandshakeResult:
+        try:
+            return self._on_cfr(data)
+        except HandshakeError:
+            self.erase()
+            raise
+
+    def _on_cfr(self, data: bytes) -> HandshakeResult:
+        if self._kem_key is None or self._hello is None or self._shr is None \
+                or self._ss_c is None or self.inner is None:
+            raise HandshakeError(ErrorCode.ErrorProtocolViolation, "CFR out of order")
+        try:
+            cfr = wire.ClientFinishedResume.decode(data)
+        except DecodeError as exc:
+            raise HandshakeError(exc.code, str(exc)) from exc
+        running = self._running.copy()
+        running.update(cfr.transcript_bytes())
+        th = running.digest()
+        client_key = ks.finished_key(self._psk, b"client")
+        try:
+            good = _hmac.compare_digest(_mac(client_key, th), cfr.mac)
+        finally:
+            ks.wipe(client_key)
+        if not good:
+            raise HandshakeError(ErrorCode.ErrorSignatureVerifyFailed, "resumption MAC")
+        ss_s = _decapsulate(self._kem_key, cfr.ct_s)
+        master, resumption = _derive(self._ss_c, ss_s, self._hello.resume_nonce,
+                                     self._shr.server_nonce, th, self._psk)
+        inner = self.inner
+        self.erase()
+        self.result = HandshakeResult(
+            master_secret=master, resumption_secret=resumption, peer_public_key=b"",
+            plus_features=self._plus, transcript_hash=th, kem=inner.kem, sig=inner.sig,
+            aead=inner.aead, resumed=True,
+            resumed_peer_fingerprint=inner.client_fingerprint.hex(),
+            max_early_data=inner.max_early_data,
         )
         return self.result

@@ -346,8 +346,8 @@ class ReassemblyTable:
                     self.malformed += 1
                     return FragmentResult(FragmentStatus.MALFORMED)
                 self._mark_completed(key, now, record.msg_length)
-                ack = _full_ack(key, record.msg_length)
-                return FragmentResult(FragmentStatus.COMPLETE, record.fragment, ack)
+                return FragmentResult(FragmentStatus.COMPLETE, record.fragment,
+                                      _full_ack(key, record.msg_length))
             if len(self._entries) >= self._max_messages:
                 self.expire(now)
             if len(self._entries) >= self._max_messages:

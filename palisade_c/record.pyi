@@ -74,7 +74,10 @@ class RecordLayer:
         commit_threshold: int = 16,
         max_transition_time: float = 2.0,
         max_packet_size: int = ...,
+        early: bool = False,
     ) -> None: ...
+    @property
+    def early(self) -> bool: ...
     def seal(
         self,
         payload: bytes | bytearray | memoryview,

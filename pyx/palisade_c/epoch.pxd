@@ -60,6 +60,7 @@ cdef class EpochMachine:
     cdef uint32_t _tx_phase_packets
     cdef double _tx_installed_at
     cdef readonly bint next_epoch_seen
+    cdef readonly bint early
 
     cdef int _rx_step(self, int event) except -2
     cdef int _tx_step(self, int event) except -2

@@ -57,6 +57,7 @@ SEQ_HARD_LIMIT = 1 << 40
 DEFAULT_COMMIT_THRESHOLD = 16
 DEFAULT_MAX_TRANSITION_TIME = 2.0
 MAX_EPOCH = 0xFFFFFFFE  # 0xFFFFFFFF is reserved for 0-RTT early data [spec]
+EARLY_EPOCH = 0xFFFFFFFF
 
 cdef double _NO_TIME = -1.0
 
@@ -149,7 +150,11 @@ cdef class EpochMachine:
     def __init__(self, master_secret, bint is_client, *,
                  uint32_t replay_window=1024,
                  uint32_t commit_threshold=DEFAULT_COMMIT_THRESHOLD,
-                 double max_transition_time=DEFAULT_MAX_TRANSITION_TIME):
+                 double max_transition_time=DEFAULT_MAX_TRANSITION_TIME,
+                 bint early=False):
+        """``early=True`` builds the 0-RTT machine: ``master_secret`` is then the early-data
+        secret itself, the only epoch is 0xFFFFFFFF (it can never be rekeyed: arming refuses
+        at MAX_EPOCH), and sequence numbers start at 1 [spec]."""
         if len(master_secret) != 32:
             raise ConfigError("master_secret must be 32 bytes")
         if commit_threshold < 1 or commit_threshold > 1_000_000:
@@ -162,14 +167,16 @@ cdef class EpochMachine:
         self.max_transition_time = max_transition_time
         self._tx_dir = DIR_C2S if is_client else DIR_S2C
         self._rx_dir = DIR_S2C if is_client else DIR_C2S
-        self._secret = epoch0_secret(master_secret)
-        self.rx_cur = TrafficKey.derive(self._secret, self._rx_dir, 0, replay_window)
-        self.tx_cur = TrafficKey.derive(self._secret, self._tx_dir, 0)
+        cdef uint32_t first_epoch = EARLY_EPOCH if early else 0
+        self.early = early
+        self._secret = bytearray(master_secret) if early else epoch0_secret(master_secret)
+        self.rx_cur = TrafficKey.derive(self._secret, self._rx_dir, first_epoch, replay_window)
+        self.tx_cur = TrafficKey.derive(self._secret, self._tx_dir, first_epoch)
         self.rx_next = None
         self.tx_pending = None
         self.rx_state = RX_STEADY
         self.tx_state = TX_STEADY
-        self.tx_seq = 0
+        self.tx_seq = 1 if early else 0
         self.packets_on_next = 0
         self._first_next_at = _NO_TIME
         self._armed_at = _NO_TIME
@@ -208,7 +215,7 @@ cdef class EpochMachine:
             raise EpochStateError(
                 "arm_next_epoch: the sender has not finished moving to the current epoch")
         if self.rx_cur.epoch >= MAX_EPOCH:
-            raise EpochStateError("epoch space exhausted")
+            raise EpochStateError("epoch space exhausted (or 0-RTT keys, which never rekey)")
         nxt_epoch = self.rx_cur.epoch + 1
         if expected_epoch is not None and expected_epoch != nxt_epoch:
             raise EpochStateError(f"next epoch must be {nxt_epoch}, not {expected_epoch}")

@@ -13,8 +13,9 @@ an edge in the table: invalid transitions cannot happen, not merely "should not"
 
 The handshake edges follow the seed's state descriptions; the close and error edges follow
 seed §6: a soft close goes through CLOSING (draining) to CLOSED, a fatal error through ABORT to
-CLOSED, and CLOSED accepts no event at all. C_RESUME_PENDING and S_RESUME_WAIT_CHR have no
-edges yet: nothing can reach them until resumption (PALISADE-PLUS) is built.
+CLOSED, and CLOSED accepts no event at all. Resumption (PLUS) runs through C_RESUME_PENDING
+and S_RESUME_WAIT_CHR; a refused ticket sends the client back to C_INITIATING for a full
+handshake and ends the server's attempt.
 """
 
 cimport cython
@@ -63,10 +64,13 @@ cdef dict _EVENT_INDEX = {name: i for i, name in enumerate(EVENTS)}
 # The tables, as readable edge lists; compiled into C arrays below.
 _CLIENT_EDGES = (
     ("C_IDLE", "connect", "C_INITIATING"),
+    ("C_IDLE", "resume", "C_RESUME_PENDING"),
     ("C_INITIATING", "hello_sent", "C_WAIT_SH"),
     ("C_WAIT_SH", "sh_received", "C_VERIFY_SH"),
     ("C_VERIFY_SH", "sh_verified", "C_DERIVE_KEYS"),
     ("C_DERIVE_KEYS", "keys_derived", "C_ESTABLISHED"),
+    ("C_RESUME_PENDING", "resume_accepted", "C_DERIVE_KEYS"),
+    ("C_RESUME_PENDING", "resume_rejected", "C_INITIATING"),
     ("C_ESTABLISHED", "rekey_request", "C_REKEY_PENDING"),
     ("C_REKEY_PENDING", "rekey_done", "C_ESTABLISHED"),
     # close: with keys there is something to drain; without, there is nothing to say.
@@ -74,6 +78,7 @@ _CLIENT_EDGES = (
     ("C_REKEY_PENDING", "close", "C_CLOSING"),
     ("C_INITIATING", "close", "C_CLOSED"),
     ("C_WAIT_SH", "close", "C_CLOSED"),
+    ("C_RESUME_PENDING", "close", "C_CLOSED"),
     ("C_ESTABLISHED", "peer_close", "C_CLOSING"),
     ("C_REKEY_PENDING", "peer_close", "C_CLOSING"),
     ("C_CLOSING", "peer_close", "C_CLOSED"),
@@ -85,6 +90,7 @@ _CLIENT_EDGES = (
     ("C_WAIT_SH", "fatal", "C_ABORT"),
     ("C_VERIFY_SH", "fatal", "C_ABORT"),
     ("C_DERIVE_KEYS", "fatal", "C_ABORT"),
+    ("C_RESUME_PENDING", "fatal", "C_ABORT"),
     ("C_ESTABLISHED", "fatal", "C_ABORT"),
     ("C_REKEY_PENDING", "fatal", "C_ABORT"),
     ("C_CLOSING", "fatal", "C_ABORT"),
@@ -94,11 +100,15 @@ _CLIENT_EDGES = (
 _SERVER_EDGES = (
     ("S_IDLE", "listen", "S_LISTEN"),
     ("S_LISTEN", "ch_received", "S_WAIT_CH"),
+    ("S_LISTEN", "chr_received", "S_RESUME_WAIT_CHR"),
     ("S_WAIT_CH", "ch_parsed", "S_VERIFY_CH"),
     ("S_VERIFY_CH", "ch_verified", "S_PREPARE_SH"),
     ("S_PREPARE_SH", "sh_sent", "S_WAIT_FIN"),
     ("S_WAIT_FIN", "fin_received", "S_DERIVE_KEYS"),
     ("S_DERIVE_KEYS", "keys_derived", "S_ESTABLISHED"),
+    ("S_RESUME_WAIT_CHR", "resume_accepted", "S_PREPARE_SH"),
+    ("S_RESUME_WAIT_CHR", "resume_rejected", "S_CLOSED"),
+    ("S_RESUME_WAIT_CHR", "close", "S_CLOSED"),
     ("S_ESTABLISHED", "rekey_request", "S_REKEY_PENDING"),
     ("S_REKEY_PENDING", "rekey_done", "S_ESTABLISHED"),
     ("S_ESTABLISHED", "close", "S_CLOSING"),
@@ -118,6 +128,7 @@ _SERVER_EDGES = (
     ("S_PREPARE_SH", "fatal", "S_ABORT"),
     ("S_WAIT_FIN", "fatal", "S_ABORT"),
     ("S_DERIVE_KEYS", "fatal", "S_ABORT"),
+    ("S_RESUME_WAIT_CHR", "fatal", "S_ABORT"),
     ("S_ESTABLISHED", "fatal", "S_ABORT"),
     ("S_REKEY_PENDING", "fatal", "S_ABORT"),
     ("S_CLOSING", "fatal", "S_ABORT"),

@@ -115,3 +115,30 @@ def header_protection_key(master, direction: bytes) -> bytearray:
 
 def resumption_secret(master) -> bytearray:
     return hkdf_expand(master, label(b"resumption"), SECRET_LEN)
+
+
+# -- resumption and 0-RTT [profile §7] ---------------------------------------------------------
+
+def ticket_psk(resumption, bytes ticket_nonce) -> bytearray:
+    """The PSK a ticket carries: Expand(resumption_secret, label("ticket psk") ‖ nonce, 32).
+
+    Both sides compute it (the server seals it into the ticket, the client keeps it beside the
+    opaque ticket), so neither stores the resumption secret itself."""
+    return hkdf_expand(resumption, label(b"ticket psk") + ticket_nonce, SECRET_LEN)
+
+
+def finished_key(psk, bytes role) -> bytearray:
+    """MAC key for the resumption Finished values: Expand(psk, label(role + " finished"), 32)."""
+    return hkdf_expand(psk, label(role + b" finished"), SECRET_LEN)
+
+
+def early_data_secret(psk, bytes chr_hash) -> bytearray:
+    """Expand(Extract(psk, label("early data") ‖ SHA3-256(CHR*)), label("early traffic"), 32).
+
+    The record layer in early mode derives the c2s key, IV and header-protection key from it
+    with the usual direction labels."""
+    prk = hkdf_extract(psk, label(b"early data") + chr_hash)
+    try:
+        return hkdf_expand(prk, label(b"early traffic"), SECRET_LEN)
+    finally:
+        wipe(prk)

@@ -49,6 +49,7 @@ cdef class Record:
 cdef class RecordLayer:
     cdef readonly EpochMachine epochs
     cdef readonly bint is_client
+    cdef readonly bint early
     cdef uint8_t _rid[RID_LEN]
     cdef object _hp_tx_ctx
     cdef object _hp_rx_ctx

@@ -222,13 +222,18 @@ cdef class RecordLayer:
     ``master_secret`` is the handshake's master secret; the layer derives epoch 0 and the
     header-protection keys from it and keeps no copy. ``now`` arguments are seconds on any
     monotonic clock; the layer never reads a clock itself.
+
+    With ``early=True`` the layer protects 0-RTT early data instead: ``master_secret`` is the
+    early-data secret, every packet carries epoch 0xFFFFFFFF, sequence numbers start at 1, and
+    the layer has its own replay window and never rekeys.
     """
 
     def __init__(self, master_secret, bint is_client, rid, *,
                  uint32_t replay_window=1024,
                  uint32_t commit_threshold=16,
                  double max_transition_time=2.0,
-                 Py_ssize_t max_packet_size=DEFAULT_MAX_PACKET_SIZE):
+                 Py_ssize_t max_packet_size=DEFAULT_MAX_PACKET_SIZE,
+                 bint early=False):
         rid = bytes(rid)
         if len(rid) != RID_LEN:
             raise ConfigError("rid must be 24 bytes")
@@ -241,7 +246,8 @@ cdef class RecordLayer:
         memcpy(self._rid, PyBytes_AS_STRING(rid), RID_LEN)
         self.epochs = EpochMachine(master_secret, is_client, replay_window=replay_window,
                                    commit_threshold=commit_threshold,
-                                   max_transition_time=max_transition_time)
+                                   max_transition_time=max_transition_time, early=early)
+        self.early = early
         tx_dir = DIR_C2S if is_client else DIR_S2C
         rx_dir = DIR_S2C if is_client else DIR_C2S
         hp_tx = header_protection_key(master_secret, tx_dir)
@@ -404,6 +410,8 @@ cdef class RecordLayer:
         pt_len = ct_len - TAG_LEN
         if pad_len > pt_len:
             return self._drop(DROP_BAD_PADDING)
+        if self.early and seq == 0:
+            return self._drop(DROP_EPOCH)   # early data starts at seq 1 [spec]
 
         em.poll(now)   # time-based commit, opportunistically [event tables]
         phase = (flags >> 2) & 1
