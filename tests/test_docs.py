@@ -12,7 +12,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
 def _doc_tables() -> dict[str, dict[tuple[str, str], str]]:
     text = DOC.read_text(encoding="utf-8")
-    section = text[text.index("## 12. State machines as implemented"):]
+    section = text[text.index("State machines as implemented"):]
     rows = re.findall(r"^\| ([CS]_[A-Z_]+) \| ([a-z_]+) \| ([CS]_[A-Z_]+) \|$", section, re.M)
     out: dict[str, dict[tuple[str, str], str]] = {"C": {}, "S": {}}
     for src, event, dst in rows:
