@@ -17,7 +17,9 @@ PYX_DIR = Path("pyx") / "palisade_c"
 
 # Extra C sources compiled into a given extension (the firmware link codec is shared with
 # device firmware, so it lives in firmware_bridge/c/ and is compiled in here, not copied).
-EXTRA_SOURCES: dict[str, list[str]] = {}
+EXTRA_SOURCES: dict[str, list[str]] = {
+    "link": ["firmware_bridge/c/pal_link.c"],
+}
 
 
 def extensions() -> list[Extension]:

@@ -1,0 +1,133 @@
+"""Serial link benchmarks (firmware_bridge, PROFILE §10), each against a reference in one process.
+
+Run: ``python bench/serial.py`` (``--seconds`` per measurement, ``--rounds``). Needs the
+``cobs`` package (``pip install cobs``) for the reference.
+
+Framing: one frame encoded and decoded back, ``palisade_c.link`` (the C codec shared with the
+firmware) against the same frame built with ``cobs.cobs.encode`` + ``zlib.crc32`` and checked
+with ``cobs.cobs.decode`` + ``zlib.crc32``. The reference decodes a frame it already knows the
+end of, which flatters it; ours runs its full streaming decoder. Two shapes: one frame per call
+(a device trickling frames) and a stream of frames decoded from one read (a serial read of
+several frames at once). The machine is shared and noisy, so the ratio (ours / reference, both
+measured here, interleaved, best of several rounds) is the figure to track.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import struct
+import sys
+import time
+import zlib
+from collections.abc import Callable
+
+from palisade_c import link
+
+try:
+    from cobs import cobs  # type: ignore[import-untyped, import-not-found, unused-ignore]
+except ImportError:  # pragma: no cover - depends on the environment
+    sys.exit("bench/serial.py needs the reference COBS codec: pip install cobs")
+
+SIZES = (64, 512)
+BATCH = 256  # frames per timed call; also the length of the stream in the stream shape
+
+
+def _rate(fn: Callable[[], None], per_call: int, seconds: float) -> float:
+    """Calls ``fn`` repeatedly for about ``seconds``; returns operations per second."""
+    calls = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while True:
+        fn()
+        calls += 1
+        now = time.perf_counter()
+        if now >= deadline:
+            return calls * per_call / (now - start)
+
+
+# --- framing ------------------------------------------------------------------------------------
+
+
+def reference_encode(channel: int, payload: bytes) -> bytes:
+    body = bytes((channel,)) + payload
+    return bytes(cobs.encode(body + struct.pack("<I", zlib.crc32(body)))) + b"\x00"
+
+
+def reference_decode(chunk: bytes) -> tuple[int, bytes] | None:
+    """One frame without its delimiter, or None when it fails its CRC."""
+    body = cobs.decode(chunk)
+    if zlib.crc32(body[:-4]) != int.from_bytes(body[-4:], "little"):
+        return None
+    return body[0], body[1:-4]
+
+
+def bench_framing_size(size: int, seconds: float, rounds: int) -> dict[str, float]:
+    payload = os.urandom(size)
+    want = (link.CHANNEL_DATA, payload)
+    stream = link.encode_frame(*want) * BATCH
+    if stream != reference_encode(*want) * BATCH:
+        raise RuntimeError("codec and reference disagree on the wire bytes")
+    decoder = link.FrameDecoder(max_payload=max(size, link.DEFAULT_MTU))
+    encode, feed = link.encode_frame, decoder.feed
+
+    def ref_frame() -> None:
+        for _ in range(BATCH):
+            if reference_decode(reference_encode(0, payload)[:-1]) != want:
+                raise RuntimeError("reference round trip failed")
+
+    def ours_frame() -> None:
+        for _ in range(BATCH):
+            if feed(encode(0, payload)) != [want]:
+                raise RuntimeError("codec round trip failed")
+
+    def ref_stream() -> None:
+        wire = b"".join([reference_encode(0, payload) for _ in range(BATCH)])
+        frames = [reference_decode(chunk) for chunk in wire.split(b"\x00")[:-1]]
+        if len(frames) != BATCH or frames[-1] != want:
+            raise RuntimeError("reference stream failed")
+
+    def ours_stream() -> None:
+        frames = feed(b"".join([encode(0, payload) for _ in range(BATCH)]))
+        if len(frames) != BATCH or frames[-1] != want:
+            raise RuntimeError("codec stream failed")
+
+    shapes = {
+        "ref_frame": ref_frame,
+        "ours_frame": ours_frame,
+        "ref_stream": ref_stream,
+        "ours_stream": ours_stream,
+    }
+    best = dict.fromkeys(shapes, 0.0)
+    for _ in range(rounds):  # interleaved, so that noise hits every shape alike
+        for name, fn in shapes.items():
+            best[name] = max(best[name], _rate(fn, BATCH, seconds))
+    if decoder.frames == 0 or any(decoder.counters()[k] for k in ("crc_errors", "cobs_errors")):
+        raise RuntimeError(f"decoder reported errors: {decoder.counters()}")
+    return best
+
+
+def print_framing(seconds: float, rounds: int) -> None:
+    print("framing: encode + decode per frame, palisade_c.link vs cobs + zlib.crc32 (same process)")
+    print(f"{'size':>6} {'shape':>8} {'ref frames/s':>13} {'ours frames/s':>14} {'ratio':>7}")
+    for size in SIZES:
+        r = bench_framing_size(size, seconds, rounds)
+        for shape in ("frame", "stream"):
+            ref, ours = r[f"ref_{shape}"], r[f"ours_{shape}"]
+            print(f"{size:>6} {shape:>8} {ref:>13,.0f} {ours:>14,.0f} {ours / ref:>7.2f}")
+
+
+# Each section of this benchmark is one print_* function; main() runs them in order.
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (best is kept)")
+    args = ap.parse_args(argv)
+    print_framing(args.seconds, args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
