@@ -53,7 +53,7 @@ from palisade_c.events import (
     Event,
     HandshakeCompleted,
 )
-from palisade_c.transport.base import Addr, Transport, parse_url
+from palisade_c.transport.base import SERIAL_SCHEMES, Addr, Transport, link_config, parse_url
 from palisade_c.transport.udp import UdpTransport
 
 __all__ = [
@@ -447,9 +447,53 @@ class _ClientEngine(_Engine):
         self.tunnel._finish(event)
         self.stop()
 
+    def link_reset(self, reason: str) -> None:
+        """The link says the peer lost its session state (a serial device rebooted): end
+        the session now, with ``ErrorSessionNotFound``, so the caller can connect again."""
+        if self._stopped or self.connection.closed:
+            return
+        self.connection.close(int(ErrorCode.ErrorSessionNotFound), reason)
+        self.update()
 
-async def connect(url: str, config: Config, *, timeout: float | None = None) -> Tunnel:
-    """Open a tunnel to the server at ``url`` (``udp://HOST:PORT``).
+
+async def _open_transport(
+    url: str, config: Config, *, server: bool
+) -> tuple[Transport, Addr, Config]:
+    """The transport ``url`` names, the peer's address (clients) and ``config`` adjusted to
+    the link: a serial link's MTU and speed (see :func:`~palisade_c.transport.base.link_config`).
+    """
+    scheme, host, port, _params = parse_url(url)
+    if scheme in SERIAL_SCHEMES:
+        # Imported here: pyserial and its threads are only for those who use a serial link.
+        from firmware_bridge.serial_link import SerialTransport
+
+        serial = await SerialTransport.open(url, role="device" if server else "host")
+        try:
+            return serial, serial.peer_address, link_config(config, serial)
+        except BaseException:
+            serial.close()
+            await serial.wait_closed()
+            raise
+    if server:
+        udp = await UdpTransport.bind(host, port, max_datagram_size=config.max_datagram_size)
+        return udp, None, config
+    if port == 0:
+        raise ConfigError(f"bad URL {url!r}: a server port cannot be 0")
+    udp, peer = await UdpTransport.for_peer(
+        host, port, max_datagram_size=config.max_datagram_size
+    )
+    return udp, peer, config
+
+
+async def connect(
+    url: str,
+    config: Config,
+    *,
+    timeout: float | None = None,
+    on_connection: Callable[[Connection], None] | None = None,
+) -> Tunnel:
+    """Open a tunnel to the server at ``url`` (``udp://HOST:PORT`` or a serial URL such as
+    ``serial:///dev/ttyUSB0?baud=115200``, whose MTU and speed then override ``config``'s).
 
     Returns once the handshake has completed. Raises
     :class:`~palisade_c.errors.HandshakeError` carrying the spec error code when the handshake
@@ -457,15 +501,16 @@ async def connect(url: str, config: Config, *, timeout: float | None = None) -> 
     :class:`HandshakeTimeoutError` (also a :class:`TimeoutError`) when no handshake completes
     within ``timeout`` seconds, or within ``config.handshake_timeout`` if ``timeout`` is None.
     Raises :class:`~palisade_c.errors.ConfigError` for a bad URL or an unresolvable host.
+    ``on_connection`` is called with the new connection before the handshake starts (to show
+    progress on a slow link). On a serial link whose device reboots, the tunnel closes with
+    ``ErrorSessionNotFound``; connect again to handshake anew.
     """
-    _scheme, host, port, _params = parse_url(url)
-    if port == 0:
-        raise ConfigError(f"bad URL {url!r}: a server port cannot be 0")
-    transport, peer = await UdpTransport.for_peer(
-        host, port, max_datagram_size=config.max_datagram_size
-    )
+    transport, peer, config = await _open_transport(url, config, server=False)
     engine = _ClientEngine(Connection(config, is_client=True), transport)
+    transport.on_reset = engine.link_reset
     conn = engine.connection
+    if on_connection is not None:
+        on_connection(conn)
     bound = timeout if timeout is not None else config.handshake_timeout + CLOSE_GRACE
     try:
         conn.connect(peer, engine._loop.time())
@@ -660,15 +705,15 @@ class Server:
 
 
 async def serve(url: str, config: Config, handler: Handler) -> Server:
-    """Listen on ``url`` (``udp://HOST:PORT``; port 0 picks a free port).
+    """Listen on ``url`` (``udp://HOST:PORT``; port 0 picks a free port), or serve the peer
+    on a serial link (``serial:///dev/ttyGS0``: this side plays the device).
 
     Every connection that completes its handshake becomes a :class:`Tunnel` and gets its own
     task running ``handler(tunnel)``. When the handler returns, the tunnel is closed softly;
     if it raises, the tunnel is closed with ``ErrorInternal``. Raises :class:`OSError` when
     the address cannot be bound and :class:`~palisade_c.errors.ConfigError` for a bad URL.
     """
-    _scheme, host, port, _params = parse_url(url)
-    transport = await UdpTransport.bind(host, port, max_datagram_size=config.max_datagram_size)
+    transport, _peer, config = await _open_transport(url, config, server=True)
     engine = _ServerEngine(ServerEndpoint(config), transport, handler)
     server = Server(engine, config)
     log.debug("serving on %s", transport.local_address)

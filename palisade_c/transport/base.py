@@ -1,4 +1,4 @@
-"""The datagram transport interface shared by UDP and (later) serial links, and URL parsing.
+"""The datagram transport interface shared by UDP and serial links, and URL parsing.
 
 A transport moves whole datagrams; it knows nothing about PALISADE. The asyncio shell
 (:mod:`palisade_c.aio`) sets :attr:`Transport.on_datagram` and calls :meth:`Transport.send`;
@@ -14,26 +14,42 @@ URLs name an endpoint: ``udp://HOST:PORT`` where HOST is an IPv4 literal, an IPv
 brackets (``udp://[::1]:4433``) or a DNS name; a query string carries transport parameters
 (``udp://0.0.0.0:4433?x=y``). :func:`parse_url` checks all of it up front so that a typo is a
 clear :class:`~palisade_c.errors.ConfigError` and not a confusing socket error later.
+
+Serial links (:mod:`firmware_bridge.serial_link`) are named ``serial:///dev/ttyUSB0?baud=115200``
+(``serial://COM3`` on Windows), or by one of pyserial's own URL forms (``loop://``,
+``socket://HOST:PORT``, ``rfc2217://HOST:PORT``, ``spy://...``, ``hwgrep://...``), which are handed
+to ``serial.serial_for_url``. For those :func:`parse_url` returns the device (the path, or the
+pyserial URL without our parameters) as ``host`` and 0 as ``port``; the link parameters
+(:data:`SERIAL_PARAMS`) are checked by the serial transport itself.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import copy
 import ipaddress
 import re
 from collections.abc import Callable
-from typing import Any, NamedTuple
-from urllib.parse import parse_qsl, urlsplit
+from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from palisade_c.errors import ConfigError
 
+if TYPE_CHECKING:
+    from palisade_c.config import Config
+
 __all__ = [
+    "MIN_DATAGRAM_SIZE",
     "SCHEMES",
+    "SERIAL_PARAMS",
+    "SERIAL_SCHEMES",
     "Addr",
     "DatagramHandler",
     "ParsedUrl",
+    "ResetHandler",
     "Transport",
+    "link_config",
     "parse_url",
 ]
 
@@ -41,9 +57,21 @@ __all__ = [
 Addr = Any
 #: Receives one datagram and the address it came from.
 DatagramHandler = Callable[[bytes, Addr], None]
+#: Told (with a reason) that the link lost the peer's session state; see Transport.on_reset.
+ResetHandler = Callable[[str], None]
 
+#: Schemes served by the serial transport: ``serial`` names a local device; the others are
+#: pyserial's URL handlers, passed through to ``serial.serial_for_url``.
+SERIAL_SCHEMES = frozenset({"serial", "loop", "socket", "rfc2217", "spy", "hwgrep"})
 #: Schemes :func:`parse_url` accepts. A new transport adds its scheme here.
-SCHEMES = frozenset({"udp"})
+SCHEMES = frozenset({"udp"}) | SERIAL_SCHEMES
+#: Query parameters of serial URLs that belong to the serial transport (the rest of a pyserial
+#: URL's query is pyserial's own and stays in the device URL).
+SERIAL_PARAMS = frozenset(
+    {"baud", "node", "dtr", "rts", "hupcl", "mtu", "ping", "queue", "role", "hello", "boot"}
+)
+#: Smallest datagram size PALISADE runs on (Config refuses less).
+MIN_DATAGRAM_SIZE = 256
 
 # One DNS label: letters, digits, hyphens inside, underscores tolerated (some internal names
 # use them); at most 63 characters.
@@ -89,12 +117,51 @@ def _check_host(host: str, url: str) -> str:
     return host
 
 
+def _parse_query(query: str, url: str) -> dict[str, str]:
+    try:
+        return dict(parse_qsl(query, keep_blank_values=True, strict_parsing=True))
+    except ValueError:
+        raise ConfigError(f"bad URL {url!r}: malformed query string") from None
+
+
+def _parse_serial_url(scheme: str, url: str) -> ParsedUrl:
+    """``(scheme, device, 0, params)`` for the serial family (see the module docstring)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ConfigError(f"bad URL {url!r}: {exc}") from None
+    if parts.fragment:
+        raise ConfigError(f"bad URL {url!r}: unexpected fragment")
+    query = _parse_query(parts.query, url) if parts.query else {}
+    ours = {k: v for k, v in query.items() if k in SERIAL_PARAMS}
+    if scheme == "serial":
+        unknown = sorted(set(query) - SERIAL_PARAMS)
+        if unknown:
+            known = ", ".join(sorted(SERIAL_PARAMS))
+            raise ConfigError(f"bad URL {url!r}: unknown parameter {unknown[0]!r} "
+                              f"(serial URLs take: {known})")
+        if parts.netloc and parts.path:
+            raise ConfigError(f"bad URL {url!r}: a serial URL names a local device, e.g. "
+                              "serial:///dev/ttyUSB0 (three slashes) or serial://COM3")
+        device = parts.netloc or parts.path
+        if not device or device == "/":
+            raise ConfigError(f"bad URL {url!r}: no device (e.g. serial:///dev/ttyUSB0)")
+        return ParsedUrl(scheme, device, 0, ours)
+    # A pyserial URL: keep its own query parameters for pyserial, take ours out.
+    rest = [(k, v) for k, v in query.items() if k not in SERIAL_PARAMS]
+    device = f"{scheme}://{parts.netloc}{parts.path}"
+    if rest:
+        device += "?" + urlencode(rest)
+    return ParsedUrl(scheme, device, 0, ours)
+
+
 def parse_url(url: str) -> ParsedUrl:
     """Split and check an endpoint URL such as ``udp://127.0.0.1:4433``.
 
     Returns ``(scheme, host, port, params)``: the host without IPv6 brackets, the port as an
     int (0 is allowed: it asks the OS for a free port when binding), and the query string as
-    a dict. Raises :class:`ConfigError` naming what is wrong.
+    a dict. Serial URLs return the device as ``host`` and 0 as ``port`` (module docstring).
+    Raises :class:`ConfigError` naming what is wrong.
     """
     if not isinstance(url, str) or "://" not in url:
         raise ConfigError(f"bad URL {url!r}: expected SCHEME://HOST:PORT, e.g. udp://[::1]:4433")
@@ -108,6 +175,8 @@ def parse_url(url: str) -> ParsedUrl:
         raise ConfigError(
             f"bad URL {url!r}: unsupported scheme {scheme!r} (supported: {supported})"
         )
+    if scheme in SERIAL_SCHEMES:
+        return _parse_serial_url(scheme, url)
     if "@" in parts.netloc:
         raise ConfigError(f"bad URL {url!r}: user information is not allowed")
     if parts.path not in ("", "/") or parts.fragment:
@@ -128,10 +197,7 @@ def parse_url(url: str) -> ParsedUrl:
     if not _DIGITS.fullmatch(port_text) or len(port_text) > 5 or int(port_text) > 65535:
         raise ConfigError(f"bad URL {url!r}: port {port_text!r} is not a number in 0..65535")
     host = _check_host(host_part, url)
-    try:
-        params = dict(parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True))
-    except ValueError:
-        raise ConfigError(f"bad URL {url!r}: malformed query string") from None
+    params = _parse_query(parts.query, url)
     return ParsedUrl(scheme, host, int(port_text), params)
 
 
@@ -147,6 +213,10 @@ class Transport(abc.ABC):
 
     def __init__(self) -> None:
         self.on_datagram: DatagramHandler | None = None
+        #: Called on the event loop when the link learns that the peer lost its session
+        #: state (a serial device rebooted): sessions over this link cannot continue and
+        #: should handshake again. UDP never calls it.
+        self.on_reset: ResetHandler | None = None
         self._closing = False
         #: Resolved once the link is released; subclasses create it on the running loop.
         self._closed: asyncio.Future[None] | None = None
@@ -189,3 +259,34 @@ class Transport(abc.ABC):
         handler = self.on_datagram
         if handler is not None:
             handler(data, addr)
+
+    def reset(self, reason: str) -> None:
+        """Report a peer reset to :attr:`on_reset` (called by subclasses)."""
+        handler = self.on_reset
+        if handler is not None:
+            handler(reason)
+
+
+def link_config(config: Config, transport: Transport) -> Config:
+    """``config`` with the link's datagram size and speed, for a session over ``transport``.
+
+    Returns ``config`` itself when nothing changes (UDP), otherwise a shallow copy: a copy,
+    not :func:`dataclasses.replace`, because replace would rebuild the trust store from
+    ``trusted_peers``, re-reading key files and finding a one-shot iterable already used up.
+    Raises :class:`ConfigError` when the link's MTU is too small for PALISADE.
+    """
+    size = transport.max_datagram_size
+    speed = transport.link_bits_per_second
+    if speed is None:
+        speed = config.link_bits_per_second
+    if size == config.max_datagram_size and speed == config.link_bits_per_second:
+        return config
+    if not MIN_DATAGRAM_SIZE <= size <= 65535:
+        raise ConfigError(
+            f"link MTU {size} is outside {MIN_DATAGRAM_SIZE}..65535, the datagram sizes "
+            "PALISADE runs on (announce a larger MTU on the device)"
+        )
+    adjusted = copy.copy(config)
+    adjusted.max_datagram_size = size
+    adjusted.link_bits_per_second = speed
+    return adjusted
