@@ -458,3 +458,30 @@ def test_logs_never_hold_keys_secrets_or_plaintext(
     assert {"transition", "established", "epoch", "closed"} <= kinds
     for needle in [marker.decode(), marker.hex()] + [f for s in secrets for f in _forms(s)]:
         assert needle not in text
+
+
+def test_json_lines_event_log(ids: tuple[Identity, Identity], tmp_path: Any) -> None:
+    from palisade_c.eventlog import JsonLinesLog
+
+    path = tmp_path / "events.jsonl"
+    cc, sc = configs(ids, 3, commit_threshold=2)
+    with JsonLinesLog(path) as log:
+        pair = make_pair(cc, sc)
+        client = Connection(cc, True, event_log=log, name="logged-client")
+        pair.link.nodes.pop("client")
+        del pair.link._by_addr[CLIENT_ADDR]
+        pair.link.add("client", CLIENT_ADDR, client)
+        client.connect(SERVER_ADDR, 0.0)
+        pair.run(lambda: client.established, duration=5)
+        client.send_data(b"secret plaintext")
+        client.request_rekey()
+        pair.run(duration=3.0)
+        client.close(0, "done")
+        pair.run(duration=3.0)
+    lines = path.read_text().splitlines()
+    assert lines and log.lines == len(lines)
+    events = [json.loads(line) for line in lines]
+    kinds = {e["kind"] for e in events}
+    assert {"transition", "established", "epoch", "closed"} <= kinds
+    assert all(e["conn"] == "logged-client" for e in events)
+    assert "secret plaintext" not in path.read_text()
