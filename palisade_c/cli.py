@@ -1,4 +1,4 @@
-"""The ``palisade`` command: generate keys, run an echo server, send lines through a tunnel.
+"""The ``palisade`` command: keys, an echo server, tunnels, the serial gateway and the demo.
 
 ::
 
@@ -6,11 +6,26 @@
     palisade serve udp://0.0.0.0:4433 --key server.key --trust client.key.pub --echo
     palisade connect udp://127.0.0.1:4433 --key client.key --trust server.key.pub < lines.txt
 
+    # serial devices: serve on the device side, connect directly or through a gateway
+    palisade serve serial:///dev/ttyGS0 --key dev.key --trust client.key.pub --echo \
+        --node-id 0011223344556677
+    palisade connect serial:///dev/ttyUSB0?baud=115200 --key client.key --trust dev.key.pub
+    palisade gateway --listen udp://0.0.0.0:4433 \
+        --serial 'serial:///dev/ttyUSB0?baud=115200&node=0011223344556677'
+    palisade connect udp://gateway:4433 --node-id 0011223344556677 --mtu 512 \
+        --link-bps 115200 --key client.key --trust dev.key.pub
+    palisade demo                                      # all of it on a virtual serial line
+
 Output contract (scripts and tests rely on it):
 
 * ``keygen`` prints the new key's fingerprint, and nothing else, on stdout.
-* ``serve`` prints one ``palisade: listening on URL ...`` line on stderr once it is bound.
-* ``connect`` prints each reply as one line on stdout, in arrival order.
+* ``serve`` prints one ``palisade: listening on URL ...`` line on stderr once it is bound
+  (for a serial URL, once the port is open).
+* ``gateway`` prints one ``palisade: gateway listening on udp://HOST:PORT ...`` line on stderr.
+* ``connect`` prints each reply as one line on stdout, in arrival order. On a slow link (or a
+  terminal, or with ``-v``) it reports handshake progress on stderr, lines starting with
+  ``palisade: handshake``.
+* ``demo`` prints its summary on stdout, lines starting with ``palisade demo:``.
 * Every failure is ONE line on stderr starting with ``palisade:``; text that came from the
   peer is escaped so that it cannot add lines or terminal control sequences.
 
@@ -36,17 +51,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from firmware_bridge.progress import HandshakeProgress, should_show
 from palisade_c.aio import HandshakeTimeoutError, Tunnel, connect, serve
 from palisade_c.config import Config
+from palisade_c.connection import Connection
 from palisade_c.errors import (
     ConfigError,
     ConnectionClosedError,
+    ErrorCode,
     HandshakeError,
     PacketTooLargeError,
     code_name,
 )
 from palisade_c.events import ConnectionClosed, DataReceived
 from palisade_c.identity import Identity
+from palisade_c.transport.base import SERIAL_SCHEMES, tune_for_link
 
 __all__ = ["EXIT_ERROR", "EXIT_HANDSHAKE", "EXIT_OK", "build_parser", "main"]
 
@@ -59,6 +78,8 @@ EXIT_INTERRUPTED = 130
 
 #: Lines read ahead from stdin before the reader thread waits for the tunnel to catch up.
 STDIN_READ_AHEAD = 256
+#: Handshakes ``connect`` attempts after a serial device rebooted under the tunnel.
+RECONNECT_ATTEMPTS = 3
 
 
 def _printable(text: str) -> str:
@@ -99,6 +120,50 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _datagram_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 256 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be 256..65535 bytes")
+    return value
+
+
+def _bits_per_second(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 50 <= value <= 1e11:
+        raise argparse.ArgumentTypeError("must be a line speed in bit/s, e.g. 115200")
+    return value
+
+
+def _baud(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 300 <= value <= 20_000_000:
+        raise argparse.ArgumentTypeError("must be 300..20000000")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= 100_000:
+        raise argparse.ArgumentTypeError("must be 0..100000")
+    return value
+
+
+def _is_serial(url: str) -> bool:
+    return url.partition("://")[0].lower() in SERIAL_SCHEMES
+
+
 def _seconds_or_zero(text: str) -> float:
     try:
         value = float(text)
@@ -135,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.set_defaults(func=_cmd_keygen)
 
     def peer_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("url", metavar="URL", help="udp://HOST:PORT (IPv6 as udp://[::1]:PORT)")
+        p.add_argument("url", metavar="URL",
+                       help="udp://HOST:PORT (IPv6 as udp://[::1]:PORT), or a serial port: "
+                       "serial:///dev/ttyUSB0?baud=115200")
         p.add_argument("--key", required=True, metavar="FILE",
                        help="this side's private key (from 'palisade keygen')")
         p.add_argument("--trust", required=True, action="append", metavar="PUBFILE",
@@ -165,7 +232,38 @@ def build_parser() -> argparse.ArgumentParser:
     connect_p.add_argument("--wait", type=_seconds_or_zero, default=5.0, metavar="S",
                            help="how long to wait for outstanding replies after stdin ends "
                            "(default 5; 0: do not wait)")
+    connect_p.add_argument("--mtu", type=_datagram_size, metavar="BYTES",
+                           help="largest datagram to send (default 1200 on UDP; a serial "
+                           "link uses its own MTU): through a gateway, the device's link MTU")
+    connect_p.add_argument("--link-bps", type=_bits_per_second, metavar="BPS",
+                           help="speed of the slowest hop, e.g. 115200 for a device behind a "
+                           "gateway: stretches the handshake timers (a serial URL knows it)")
     connect_p.set_defaults(func=_cmd_connect)
+
+    gateway_p = sub.add_parser(
+        "gateway", parents=[verbose], help="relay UDP peers to serial devices",
+        description="Relay PALISADE datagrams between UDP clients and serial-attached devices, "
+        "routing by the RID steering prefix (each device's node id). Holds no keys. Runs until "
+        "SIGINT or SIGTERM.",
+    )
+    gateway_p.add_argument("--listen", required=True, metavar="URL",
+                           help="UDP address for clients: udp://HOST:PORT")
+    gateway_p.add_argument("--serial", required=True, action="append", metavar="URL",
+                           help="a device: serial:///dev/ttyUSB0?baud=115200&node=HEX16 "
+                           "(repeatable; node= is the device's --node-id)")
+    gateway_p.set_defaults(func=_cmd_gateway)
+
+    demo_p = sub.add_parser(
+        "demo", parents=[verbose], help="run a device, a gateway and a client on a virtual line",
+        description="Without hardware: a simulated device serves PALISADE on a virtual serial "
+        "line (a pty pair paced to --baud), a gateway bridges it to UDP on the loopback, and a "
+        "client handshakes through it, echoes messages, rekeys and closes. Prints a summary.",
+    )
+    demo_p.add_argument("--baud", type=_baud, default=115200, metavar="N",
+                        help="line speed of the virtual serial link (default 115200)")
+    demo_p.add_argument("--messages", type=_count, default=10, metavar="N",
+                        help="messages to echo through the tunnel (default 10)")
+    demo_p.set_defaults(func=_cmd_demo)
     return parser
 
 
@@ -189,12 +287,18 @@ def _load_identity(path: str) -> Identity:
 
 
 def _make_config(args: argparse.Namespace, **extra: Any) -> Config:
-    return Config(
+    config = Config(
         identity=_load_identity(args.key),
         trusted_peers=list(args.trust),
         node_id=args.node_id,
         **extra,
     )
+    mtu, bps = getattr(args, "mtu", None), getattr(args, "link_bps", None)
+    if mtu is not None or bps is not None:
+        # A serial URL overrides both with what the link says (aio.connect does that).
+        config = tune_for_link(config, mtu or config.max_datagram_size,
+                               bps or config.link_bits_per_second)
+    return config
 
 
 # -- keygen -------------------------------------------------------------------------------------
@@ -262,7 +366,8 @@ async def _serve_main(args: argparse.Namespace) -> int:
     try:
         server = await serve(args.url, config, handler)
     except OSError as exc:
-        _error(f"cannot listen on {args.url}: {exc.strerror or exc}")
+        what = "open" if _is_serial(args.url) else "listen on"
+        _error(f"cannot {what} {args.url}: {exc.strerror or exc}")
         return EXIT_ERROR
     # Handlers first, so that a supervisor that signals as soon as it reads the "listening"
     # line always gets a clean shutdown.
@@ -272,7 +377,8 @@ async def _serve_main(args: argparse.Namespace) -> int:
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not on every platform
             loop.add_signal_handler(sig, stop.set)
     host, port = server.address
-    print(f"palisade: listening on udp://{_host_for_url(host)}:{port} "
+    where = args.url if _is_serial(args.url) else f"udp://{_host_for_url(host)}:{port}"
+    print(f"palisade: listening on {where} "
           f"(fingerprint {config.identity.fingerprint})", file=sys.stderr, flush=True)
     try:
         await stop.wait()
@@ -344,15 +450,26 @@ def _strip_newline(line: bytes) -> bytes:
     return line
 
 
-async def _connect_main(args: argparse.Namespace) -> int:
-    extra: dict[str, Any] = {}
-    if args.timeout is not None:
-        extra["handshake_timeout"] = args.timeout
-    config = _make_config(args, **extra)
+def _is_link_reset(event: ConnectionClosed) -> bool:
+    """True for the close the client engine makes when a serial device restarted."""
+    return not event.by_peer and event.error_code == ErrorCode.ErrorSessionNotFound
+
+
+async def _open_tunnel(args: argparse.Namespace, config: Config) -> Tunnel | int:
+    """Connect, showing progress on slow links; the tunnel, or an exit status once the
+    failure has been reported."""
     loop = asyncio.get_running_loop()
+    verbose = bool(getattr(args, "verbose", False))
+    progress: HandshakeProgress | None = None
+
+    def watch(conn: Connection) -> None:
+        nonlocal progress
+        if should_show(conn.config.link_bits_per_second, sys.stderr, verbose):
+            progress = HandshakeProgress(conn).start()
+
     started = loop.time()
     try:
-        tunnel = await connect(args.url, config)
+        tunnel = await connect(args.url, config, timeout=args.timeout, on_connection=watch)
     except HandshakeTimeoutError:
         # The elapsed time, not the configured limit: the core may give up earlier, when its
         # retransmissions are exhausted.
@@ -365,7 +482,30 @@ async def _connect_main(args: argparse.Namespace) -> int:
     except OSError as exc:
         _error(f"cannot reach {args.url}: {exc.strerror or exc}")
         return EXIT_ERROR
+    finally:
+        if progress is not None:
+            progress.stop()
+    if progress is not None and progress.updates:
+        conn = tunnel.connection
+        print(f"palisade: handshake done in {loop.time() - started:.1f} s "
+              f"(sent {conn.hs_bytes_out} B, received {conn.hs_bytes_in} B)",
+              file=sys.stderr, flush=True)
     log.info("connected to %s, server %s", args.url, tunnel.peer_fingerprint)
+    return tunnel
+
+
+async def _connect_main(args: argparse.Namespace) -> int:
+    extra: dict[str, Any] = {}
+    if args.timeout is not None:
+        extra["handshake_timeout"] = args.timeout
+    config = _make_config(args, **extra)
+    loop = asyncio.get_running_loop()
+    opened = await _open_tunnel(args, config)
+    if isinstance(opened, int):
+        return opened
+    tunnel = opened
+    # Over a serial link the device may reboot under the tunnel; then we connect again.
+    can_reconnect = _is_serial(args.url)
 
     lines: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=STDIN_READ_AHEAD)
     stop = threading.Event()
@@ -373,39 +513,71 @@ async def _connect_main(args: argparse.Namespace) -> int:
     threading.Thread(target=_read_stdin, args=(loop, lines, stop), name="palisade-stdin",
                      daemon=True).start()
 
-    sent = received = 0
+    sent = received = lost = 0
     stdin_done = False
+    gave_up: int | None = None  # exit status once reconnecting failed
     replies_done = asyncio.Event()
+    switched = asyncio.Event()  # set whenever the tunnel was replaced or we gave up
     out = sys.stdout.buffer
 
     async def send_lines() -> None:
         nonlocal sent, stdin_done
         while (line := await lines.get()) is not None:
             data = _strip_newline(line)
-            try:
-                tunnel.send(data)
-            except PacketTooLargeError:
-                _error(f"line {sent + 1} does not fit in one datagram ({len(data)} bytes); "
-                       "skipped")
-                continue
-            except ConnectionClosedError:
-                return  # the printer sees the close too and ends the session
-            sent += 1
+            while True:
+                current = tunnel
+                try:
+                    current.send(data)
+                except PacketTooLargeError:
+                    _error(f"line {sent + 1} does not fit in one datagram ({len(data)} bytes); "
+                           "skipped")
+                    break
+                except ConnectionClosedError:
+                    if not can_reconnect:
+                        return  # the printer sees the close too and ends the session
+                    # The printer decides: a new tunnel (send again) or the end.
+                    while tunnel is current and gave_up is None and not printer.done():
+                        switched.clear()
+                        await switched.wait()
+                    if tunnel is current:
+                        return
+                    continue
+                sent += 1
+                break
         stdin_done = True
         if received >= sent:
             replies_done.set()
 
     async def print_replies() -> None:
-        nonlocal received
-        async for data in tunnel:
-            out.write(data + b"\n")
-            out.flush()
-            received += 1
+        nonlocal received, sent, lost, tunnel, gave_up
+        for attempt in range(RECONNECT_ATTEMPTS + 1):
+            async for data in tunnel:
+                out.write(data + b"\n")
+                out.flush()
+                received += 1
+                if stdin_done and received >= sent:
+                    replies_done.set()
+            event = tunnel.closed.result()
+            if not (can_reconnect and _is_link_reset(event)) or attempt == RECONNECT_ATTEMPTS:
+                return
+            # The device restarted: what it had not answered is gone with its session.
+            lost += sent - received
+            sent = received
+            _error(f"{event.reason}; connecting again")
+            await tunnel.close()
+            opened = await _open_tunnel(args, config)
+            if isinstance(opened, int):
+                gave_up = opened
+                switched.set()
+                return
+            tunnel = opened
+            switched.set()
             if stdin_done and received >= sent:
                 replies_done.set()
 
     sender = asyncio.create_task(send_lines())
     printer = asyncio.create_task(print_replies())
+    printer.add_done_callback(lambda _t: switched.set())
     status = EXIT_OK
     try:
         await asyncio.wait({sender, printer}, return_when=asyncio.FIRST_COMPLETED)
@@ -428,6 +600,11 @@ async def _connect_main(args: argparse.Namespace) -> int:
         if isinstance(result, Exception) and not isinstance(result, ConnectionClosedError):
             _error(f"unexpected error: {result!r}")
             status = EXIT_ERROR
+    if gave_up is not None:
+        return gave_up
+    if lost:
+        _error(f"{lost} replies lost when the device restarted")
+        status = EXIT_ERROR
     if event.by_peer or event.error_code != 0:
         if event.error_code != 0 or received < sent:
             _error(f"connection closed by {'peer' if event.by_peer else 'us'}: "
@@ -439,6 +616,52 @@ async def _connect_main(args: argparse.Namespace) -> int:
 
 def _cmd_connect(args: argparse.Namespace) -> int:
     return asyncio.run(_connect_main(args))
+
+
+# -- gateway ------------------------------------------------------------------------------------
+
+
+async def _gateway_main(args: argparse.Namespace) -> int:
+    from firmware_bridge.gateway import Gateway  # pyserial only for serial commands
+
+    try:
+        gateway = await Gateway.start(args.listen, args.serial)
+    except OSError as exc:
+        _error(f"cannot listen on {args.listen}: {exc.strerror or exc}")
+        return EXIT_ERROR
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    host, port = gateway.address
+    devices = ", ".join(
+        f"{d.name} (node {d.node.hex() if d.node else 'learned'})" for d in gateway.devices
+    )
+    print(f"palisade: gateway listening on udp://{_host_for_url(host)}:{port} for {devices}",
+          file=sys.stderr, flush=True)
+    try:
+        await stop.wait()
+    finally:
+        gateway.close()
+        await gateway.wait_closed()
+        log.info("gateway counters %s",
+                 json.dumps(gateway.counters, sort_keys=True, separators=(",", ":")))
+    return EXIT_OK
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    return asyncio.run(_gateway_main(args))
+
+
+# -- demo ---------------------------------------------------------------------------------------
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from palisade_c.demo import run
+
+    return run(baud=args.baud, messages=args.messages,
+               verbose=bool(getattr(args, "verbose", False)))
 
 
 # -- entry point --------------------------------------------------------------------------------

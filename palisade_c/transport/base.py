@@ -49,8 +49,10 @@ __all__ = [
     "ParsedUrl",
     "ResetHandler",
     "Transport",
+    "estimate_handshake_bytes",
     "link_config",
     "parse_url",
+    "tune_for_link",
 ]
 
 #: A transport address; opaque above the transport (see the module docstring).
@@ -72,6 +74,15 @@ SERIAL_PARAMS = frozenset(
 )
 #: Smallest datagram size PALISADE runs on (Config refuses less).
 MIN_DATAGRAM_SIZE = 256
+
+# Handshake message sizes (bytes before fragmentation) with the profile's algorithms,
+# ML-KEM-768 and ML-DSA-65, as measured on this implementation: CH, SH, CF, and the record
+# header every fragment carries. Used only for estimates (progress, link timers).
+_HS_MESSAGES = (3191, 7584, 4403)
+_HS_RECORD_OVERHEAD = 39
+_HS_ACK = 50
+# Bits on the wire per byte on a serial line (8N1: start, 8 data, stop).
+_BITS_PER_BYTE = 10
 
 # One DNS label: letters, digits, hyphens inside, underscores tolerated (some internal names
 # use them); at most 63 characters.
@@ -267,26 +278,63 @@ class Transport(abc.ABC):
             handler(reason)
 
 
-def link_config(config: Config, transport: Transport) -> Config:
-    """``config`` with the link's datagram size and speed, for a session over ``transport``.
+def estimate_handshake_bytes(max_datagram_size: int) -> int:
+    """Roughly how many bytes a full handshake puts on the wire, both directions together,
+    when its messages are fragmented to ``max_datagram_size`` (no loss, no resends)."""
+    room = max(max_datagram_size - _HS_RECORD_OVERHEAD, 1)
+    total = _HS_ACK
+    for size in _HS_MESSAGES:
+        total += size + _HS_RECORD_OVERHEAD * -(-size // room)
+    return total
 
-    Returns ``config`` itself when nothing changes (UDP), otherwise a shallow copy: a copy,
-    not :func:`dataclasses.replace`, because replace would rebuild the trust store from
+
+def tune_for_link(
+    config: Config, max_datagram_size: int, bits_per_second: float | None
+) -> Config:
+    """``config`` for a path whose narrowest hop carries ``max_datagram_size`` bytes at
+    ``bits_per_second`` (None: a fast link, and only the size changes).
+
+    On a slow link the handshake timers are stretched as well, because the core scales a
+    flight's retransmission floor with that flight's own airtime only: a ClientHello's timer
+    would otherwise fire while the (larger) ServerHello is still crossing the wire, and each
+    needless resend costs airtime on a link that has none to spare. So ``initial_rto`` covers
+    one whole handshake's airtime, ``max_rto`` leaves room to back off from it, and
+    ``handshake_timeout`` allows several rounds (at 9600 baud a handshake takes 17 s of
+    airtime, beyond the 15 s default). Values already larger are kept.
+
+    Returns ``config`` itself when nothing changes, otherwise a shallow copy: a copy, not
+    :func:`dataclasses.replace`, because replace would rebuild the trust store from
     ``trusted_peers``, re-reading key files and finding a one-shot iterable already used up.
-    Raises :class:`ConfigError` when the link's MTU is too small for PALISADE.
+    Raises :class:`ConfigError` when the size is not one PALISADE runs on.
     """
-    size = transport.max_datagram_size
+    if not MIN_DATAGRAM_SIZE <= max_datagram_size <= 65535:
+        raise ConfigError(
+            f"link MTU {max_datagram_size} is outside {MIN_DATAGRAM_SIZE}..65535, the "
+            "datagram sizes PALISADE runs on (announce a larger MTU on the device)"
+        )
+    changes: dict[str, float | int | None] = {
+        "max_datagram_size": max_datagram_size,
+        "link_bits_per_second": bits_per_second,
+    }
+    if bits_per_second:
+        airtime = (estimate_handshake_bytes(max_datagram_size) * _BITS_PER_BYTE
+                   / bits_per_second)
+        rto = max(config.initial_rto, 1.2 * airtime)
+        changes["initial_rto"] = rto
+        changes["max_rto"] = max(config.max_rto, 4 * rto)
+        changes["handshake_timeout"] = max(config.handshake_timeout, 4 * airtime)
+    if all(getattr(config, k) == v for k, v in changes.items()):
+        return config
+    adjusted = copy.copy(config)
+    for name, value in changes.items():
+        setattr(adjusted, name, value)
+    return adjusted
+
+
+def link_config(config: Config, transport: Transport) -> Config:
+    """``config`` tuned (:func:`tune_for_link`) for a session over ``transport``: its
+    datagram size and, when it has one, its speed."""
     speed = transport.link_bits_per_second
     if speed is None:
         speed = config.link_bits_per_second
-    if size == config.max_datagram_size and speed == config.link_bits_per_second:
-        return config
-    if not MIN_DATAGRAM_SIZE <= size <= 65535:
-        raise ConfigError(
-            f"link MTU {size} is outside {MIN_DATAGRAM_SIZE}..65535, the datagram sizes "
-            "PALISADE runs on (announce a larger MTU on the device)"
-        )
-    adjusted = copy.copy(config)
-    adjusted.max_datagram_size = size
-    adjusted.link_bits_per_second = speed
-    return adjusted
+    return tune_for_link(config, transport.max_datagram_size, speed)

@@ -1,0 +1,364 @@
+"""UDP-to-serial gateway: relays PALISADE datagrams by RID steering prefix, holding no keys.
+
+Theory of operation
+-------------------
+Every PALISADE datagram, handshake record or encrypted packet, carries its 24-byte RID in
+cleartext at offset 6, and the first 8 bytes of a session RID are the server's node id, the
+*steering prefix* (PROFILE §4). A client that targets a node id puts that prefix in its first
+flight already. So the gateway routes on bytes 6..14 alone and never needs a session key:
+security stays end to end between the UDP client and the device.
+
+* **UDP to serial**, by prefix. Each device has a node id: configured on its URL
+  (``serial:///dev/ttyUSB0?node=0011223344556677``) and/or *learned* from the prefix of the
+  datagrams the device itself sends. A datagram whose prefix matches no device is dropped and
+  counted (``unknown-prefix``).
+* **Serial to UDP**, by full RID. The gateway remembers which UDP address last sent each RID
+  (a bounded LRU map whose entries expire after ``rid_ttl`` seconds of silence), and sends the
+  device's datagrams for that RID there.
+* **The ServerHello problem.** A device answers a ClientHello under a *new* RID (the session RID
+  it just chose), which no client has sent yet. So the gateway lets one handshake at a time open
+  per device: the first ClientHello (or its resumption form) takes the device's *handshake slot*
+  for its UDP address, and the first handshake record from the device under an unknown RID is
+  bound to that address. A ServerHello releases the slot. Other clients' ClientHellos are dropped
+  (``handshake-busy``) while the slot is held, and they simply retransmit: on a serial line,
+  handshakes queue behind each other anyway. A slot whose device never answers expires.
+* **Resets.** When a device reboots (its link HELLO carries a new boot counter) its sessions are
+  gone: the gateway forgets their RIDs and the slot. The clients notice on their own (idle
+  timeout); the gateway cannot tell them, since it holds no keys to speak for the device.
+
+Memory is bounded: at most ``max_rids`` remembered RIDs, one slot and at most
+:data:`MAX_LEARNED_PREFIXES` learned prefixes per device. Datagrams larger than a device's link
+MTU are dropped (``too-large``) with a one-time hint that the client should use ``--mtu``.
+
+Like every relay, the gateway trusts the source address of the last datagram for a RID: a host
+that can send to the gateway can divert a session's replies (not read or forge them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from firmware_bridge.serial_link import SerialSpec, SerialTransport, airtime
+from palisade_c import hsrecord as hs
+from palisade_c.errors import ConfigError
+from palisade_c.transport.base import Addr, parse_url
+from palisade_c.transport.udp import UdpTransport
+
+__all__ = [
+    "DEFAULT_MAX_RIDS",
+    "DEFAULT_RID_TTL",
+    "MAX_LEARNED_PREFIXES",
+    "Device",
+    "Gateway",
+]
+
+log = logging.getLogger("palisade_c.gateway")
+
+#: RIDs remembered (serial-to-UDP routes) before the least recently used is forgotten.
+DEFAULT_MAX_RIDS = 4096
+#: Seconds a RID route lives without traffic (longer than the tunnel's idle timeout).
+DEFAULT_RID_TTL = 300.0
+#: Prefixes learned per device beyond its configured node id.
+MAX_LEARNED_PREFIXES = 8
+#: Floor of the handshake slot's lifetime; slow links get the handshake's airtime on top.
+SLOT_TIMEOUT = 3.0
+
+_RID = slice(6, 30)
+_PREFIX = slice(6, 14)
+_MIN_LEN = 30  # both headers are 30 bytes with the RID at 6..30
+_MAGIC_QH = 0x48
+_MAGIC_QP = 0x50
+_HELLO_TYPES = (hs.MSG_CLIENT_HELLO, hs.MSG_CLIENT_HELLO_RESUME)
+_SERVER_HELLO_TYPES = (hs.MSG_SERVER_HELLO, hs.MSG_SERVER_HELLO_RESUME)
+
+
+@dataclass
+class Device:
+    """One serial-attached device and its routing state."""
+
+    transport: SerialTransport
+    #: The configured node id (``?node=``), or None.
+    node: bytes | None
+    learned: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    #: (UDP address, expiry) of the client whose handshake is in progress.
+    slot: tuple[Addr, float] | None = None
+    datagrams_in: int = 0
+    datagrams_out: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.transport.name
+
+    def prefixes(self) -> list[bytes]:
+        return ([self.node] if self.node is not None else []) + list(self.learned)
+
+
+def _packet_kind(data: bytes) -> int | None:
+    """0x48 for a handshake record, 0x50 for an encrypted packet, None for anything else."""
+    if len(data) < _MIN_LEN or data[0] != 0x51 or data[1] not in (_MAGIC_QH, _MAGIC_QP):
+        return None
+    return data[1]
+
+
+class Gateway:
+    """Relays between one UDP socket and any number of serial devices (module docstring)."""
+
+    def __init__(
+        self,
+        udp: UdpTransport,
+        devices: Sequence[SerialTransport],
+        *,
+        max_rids: int = DEFAULT_MAX_RIDS,
+        rid_ttl: float = DEFAULT_RID_TTL,
+    ) -> None:
+        if max_rids < 1 or rid_ttl <= 0:
+            raise ConfigError("max_rids must be at least 1 and rid_ttl positive")
+        self._loop = asyncio.get_running_loop()
+        self.udp = udp
+        self.max_rids = max_rids
+        self.rid_ttl = rid_ttl
+        self.devices: list[Device] = []
+        self._by_prefix: dict[bytes, Device] = {}
+        #: Full RID -> (UDP address, device, last use), least recently used first.
+        self._rids: OrderedDict[bytes, tuple[Addr, Device, float]] = OrderedDict()
+        self._drops: dict[str, int] = {}
+        self._warned_large: set[Addr] = set()
+        self.udp_in = 0
+        self.udp_out = 0
+        self._closing = False
+        self._closed: asyncio.Future[None] = self._loop.create_future()
+        for transport in devices:
+            self.add_device(transport)
+        udp.on_datagram = self._on_udp
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    @classmethod
+    async def start(
+        cls,
+        listen: str,
+        serial_urls: Sequence[str],
+        *,
+        max_rids: int = DEFAULT_MAX_RIDS,
+        rid_ttl: float = DEFAULT_RID_TTL,
+    ) -> Gateway:
+        """Bind ``listen`` (``udp://HOST:PORT``) and open every serial URL.
+
+        Devices that are not there yet are opened in the background (they may be plugged in
+        later); a bad URL raises :class:`ConfigError`, a port that cannot be bound OSError.
+        """
+        scheme, host, port, _params = parse_url(listen)
+        if scheme != "udp":
+            raise ConfigError(f"bad URL {listen!r}: the gateway listens on udp://HOST:PORT")
+        if not serial_urls:
+            raise ConfigError("the gateway needs at least one --serial device")
+        specs = [SerialSpec.parse(u, role="host") for u in serial_urls]
+        nodes = [s.node for s in specs if s.node is not None]
+        if len(set(nodes)) != len(nodes):
+            raise ConfigError("two serial devices have the same node id")
+        largest = max(s.mtu for s in specs)
+        udp = await UdpTransport.bind(host, port, max_datagram_size=max(largest, 1200))
+        opened: list[SerialTransport] = []
+        try:
+            for spec in specs:
+                transport = await SerialTransport.open(spec, require=False, hello_timeout=0)
+                opened.append(transport)
+                if not transport.connected:
+                    log.warning("%s: not there yet; will keep trying", transport.name)
+        except BaseException:
+            for t in opened:
+                t.close()
+            udp.close()
+            raise
+        return cls(udp, opened, max_rids=max_rids, rid_ttl=rid_ttl)
+
+    def add_device(self, transport: SerialTransport) -> Device:
+        device = Device(transport, transport.node_id)
+        if device.node is not None:
+            if device.node in self._by_prefix:
+                raise ConfigError(f"node id {device.node.hex()} is used by two devices")
+            self._by_prefix[device.node] = device
+        else:
+            log.warning("%s: no node id (?node=HEX16); reachable only once it has sent "
+                        "a datagram under its prefix", transport.name)
+        self.devices.append(device)
+        transport.on_datagram = lambda data, _addr, d=device: self._on_serial(d, data)
+        transport.on_reset = lambda reason, d=device: self._on_device_reset(d, reason)
+        return device
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.udp.local_address[:2]
+        return str(host), int(port)
+
+    @property
+    def counters(self) -> dict[str, Any]:
+        return {
+            "udp_in": self.udp_in,
+            "udp_out": self.udp_out,
+            "rids": len(self._rids),
+            "drops": dict(self._drops),
+            "devices": {
+                d.name: {
+                    "node": d.node.hex() if d.node else None,
+                    "learned": [p.hex() for p in d.learned],
+                    "datagrams_in": d.datagrams_in,
+                    "datagrams_out": d.datagrams_out,
+                    "link": d.transport.counters,
+                }
+                for d in self.devices
+            },
+        }
+
+    def route_for(self, rid: bytes) -> Addr | None:
+        """The UDP address remembered for ``rid`` (None if unknown or expired)."""
+        entry = self._rids.get(rid)
+        if entry is None or self._loop.time() - entry[2] > self.rid_ttl:
+            return None
+        return entry[0]
+
+    def _drop(self, reason: str) -> None:
+        self._drops[reason] = self._drops.get(reason, 0) + 1
+
+    def _remember(self, rid: bytes, addr: Addr, device: Device, now: float) -> None:
+        self._rids[rid] = (addr, device, now)
+        self._rids.move_to_end(rid)
+        while len(self._rids) > self.max_rids:
+            self._rids.popitem(last=False)
+        # Expired routes sit at the old end: forget them as we go, so memory follows traffic.
+        while self._rids:
+            oldest = next(iter(self._rids.values()))
+            if now - oldest[2] <= self.rid_ttl:
+                break
+            self._rids.popitem(last=False)
+
+    def _slot_timeout(self, device: Device) -> float:
+        # A handshake's airtime, twice over, on top of a floor: the device must receive the
+        # ClientHello and answer before the slot may pass to someone else.
+        return SLOT_TIMEOUT + 2 * airtime(16 * 1024, device.transport.spec.baud)
+
+    # -- UDP -> serial --------------------------------------------------------------------------
+
+    def _on_udp(self, data: bytes, addr: Addr) -> None:
+        self.udp_in += 1
+        kind = _packet_kind(data)
+        if kind is None:
+            self._drop("not-palisade")
+            return
+        device = self._by_prefix.get(bytes(data[_PREFIX]))
+        if device is None:
+            self._drop("unknown-prefix")
+            return
+        if len(data) > device.transport.mtu:
+            self._drop("too-large")
+            if addr not in self._warned_large and len(self._warned_large) < 64:
+                self._warned_large.add(addr)
+                log.warning("datagram of %d bytes from %s exceeds the link MTU %d of %s; "
+                            "start the client with --mtu %d", len(data), addr,
+                            device.transport.mtu, device.name, device.transport.mtu)
+            return
+        now = self._loop.time()
+        if kind == _MAGIC_QH and data[3] in _HELLO_TYPES:
+            slot = device.slot
+            if slot is not None and slot[0] != addr and now < slot[1]:
+                self._drop("handshake-busy")
+                return
+            device.slot = (addr, now + self._slot_timeout(device))
+        self._remember(bytes(data[_RID]), addr, device, now)
+        device.datagrams_out += 1
+        device.transport.send(data, device.transport.peer_address)
+
+    # -- serial -> UDP --------------------------------------------------------------------------
+
+    def _on_serial(self, device: Device, data: bytes) -> None:
+        device.datagrams_in += 1
+        kind = _packet_kind(data)
+        if kind is None:
+            self._drop("not-palisade")
+            return
+        now = self._loop.time()
+        rid = bytes(data[_RID])
+        self._learn(device, rid[:8])
+        entry = self._rids.get(rid)
+        addr: Addr | None = None
+        if entry is not None and entry[1] is device and now - entry[2] <= self.rid_ttl:
+            addr = entry[0]
+            self._rids.move_to_end(rid)
+            self._rids[rid] = (addr, device, now)
+        elif kind == _MAGIC_QH and device.slot is not None and now < device.slot[1]:
+            # A handshake record under a RID nobody sent: the session RID the device chose
+            # for the client holding the slot.
+            addr = device.slot[0]
+            self._remember(rid, addr, device, now)
+            if data[3] in _SERVER_HELLO_TYPES:
+                device.slot = None
+        if addr is None:
+            self._drop("no-route")
+            return
+        self.udp_out += 1
+        self.udp.send(data, addr)
+
+    def _learn(self, device: Device, prefix: bytes) -> None:
+        owner = self._by_prefix.get(prefix)
+        if owner is device:
+            return
+        if owner is not None:
+            self._drop("prefix-conflict")  # another device owns it; routes by RID still work
+            return
+        if len(device.learned) >= MAX_LEARNED_PREFIXES:
+            old, _ = device.learned.popitem(last=False)
+            self._by_prefix.pop(old, None)
+        device.learned[prefix] = None
+        self._by_prefix[prefix] = device
+        log.info("%s: learned node id %s", device.name, prefix.hex())
+
+    def _on_device_reset(self, device: Device, reason: str) -> None:
+        stale = [rid for rid, (_a, d, _t) in self._rids.items() if d is device]
+        for rid in stale:
+            del self._rids[rid]
+        device.slot = None
+        log.warning("%s; forgot %d session route(s)", reason, len(stale))
+
+    # -- closing --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the socket and every port (idempotent); await :meth:`wait_closed`."""
+        if self._closing:
+            return
+        self._closing = True
+        self.udp.on_datagram = None
+        self.udp.close()
+        for d in self.devices:
+            d.transport.on_datagram = None
+            d.transport.close()
+        self._loop.create_task(self._finish())
+
+    async def _finish(self) -> None:
+        try:
+            await self.udp.wait_closed()
+            for d in self.devices:
+                await d.transport.wait_closed()
+        finally:
+            if not self._closed.done():
+                self._closed.set_result(None)
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+    async def __aenter__(self) -> Gateway:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+    def __repr__(self) -> str:
+        host, port = self.address
+        return f"Gateway(udp://{host}:{port}, devices={len(self.devices)})"

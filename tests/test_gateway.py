@@ -1,0 +1,339 @@
+"""The UDP-to-serial gateway (firmware_bridge.gateway).
+
+Two kinds of test: the routing table alone, with stand-in transports that record what they
+are given (every rule of the module docstring, deterministic, no I/O), and real tunnels from
+UDP clients on the loopback through the gateway to devices on virtual serial lines
+(firmware_bridge.pty_link), in process and through the ``palisade`` command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import pytest
+
+import palisade_c
+from firmware_bridge.gateway import Gateway
+from firmware_bridge.pty_link import PtyLink
+from palisade_c import hsrecord as hs
+from palisade_c.aio import HandshakeTimeoutError, Tunnel, connect, serve
+from palisade_c.config import Config
+from palisade_c.errors import ConfigError
+from palisade_c.identity import Identity
+from palisade_c.transport.base import tune_for_link
+
+T = TypeVar("T")
+
+TEST_BOUND = 30.0
+FAST = 1_000_000
+NODE_A = bytes.fromhex("00000000000000a1")
+NODE_B = bytes.fromhex("00000000000000b2")
+PACKAGE_PARENT = str(Path(palisade_c.__file__).resolve().parent.parent)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    async def bounded() -> T:
+        async with asyncio.timeout(TEST_BOUND):
+            return await coro
+
+    return asyncio.run(bounded())
+
+
+# -- stand-ins for the routing tests ----------------------------------------------------------
+
+
+@dataclass
+class _Spec:
+    baud: int | None = FAST
+
+
+@dataclass
+class FakeSerial:
+    name: str
+    node_id: bytes | None
+    mtu: int = 512
+    spec: _Spec = field(default_factory=_Spec)
+    sent: list[bytes] = field(default_factory=list)
+    on_datagram: Any = None
+    on_reset: Any = None
+    peer_address: str = "dev"
+    counters: dict[str, Any] = field(default_factory=dict)
+
+    def send(self, data: bytes, addr: Any) -> None:
+        self.sent.append(data)
+
+    def close(self) -> None:
+        pass
+
+    async def wait_closed(self) -> None:
+        pass
+
+    def from_device(self, data: bytes) -> None:
+        self.on_datagram(data, self.peer_address)
+
+
+@dataclass
+class FakeUdp:
+    sent: list[tuple[bytes, Any]] = field(default_factory=list)
+    on_datagram: Any = None
+    local_address: tuple[str, int] = ("127.0.0.1", 9)
+
+    def send(self, data: bytes, addr: Any) -> None:
+        self.sent.append((data, addr))
+
+    def close(self) -> None:
+        pass
+
+    async def wait_closed(self) -> None:
+        pass
+
+
+def record(kind: bytes, msg_type: int, rid: bytes, size: int = 60) -> bytes:
+    """A datagram with the shape the gateway reads: magic, version, type/flags, length, rid."""
+    assert len(rid) == 24
+    return kind + bytes([0x12, msg_type]) + (size - 6).to_bytes(2, "big") + rid + bytes(size - 30)
+
+
+def rid(prefix: bytes, tag: int) -> bytes:
+    return prefix + b"\x00\x00" + tag.to_bytes(14, "big")
+
+
+def make_gateway(*devices: FakeSerial, **kw: Any) -> tuple[Gateway, FakeUdp]:
+    udp = FakeUdp()
+    return Gateway(cast(Any, udp), cast(Any, list(devices)), **kw), udp
+
+
+def test_routes_by_prefix_and_binds_the_session_rid() -> None:
+    async def main() -> None:
+        a, b = FakeSerial("a", NODE_A), FakeSerial("b", NODE_B)
+        gw, udp = make_gateway(a, b)
+        client1, client2 = ("10.0.0.1", 1000), ("10.0.0.2", 2000)
+        hello_rid = rid(NODE_A, 1)
+        # ClientHello fragments go to the device whose node id is the prefix.
+        ch = record(b"QH", hs.MSG_CLIENT_HELLO, hello_rid)
+        udp.on_datagram(ch, client1)
+        assert a.sent == [ch] and b.sent == []
+        # The device acks under the client's rid (known), then answers under a new RID.
+        ack = record(b"QH", hs.MSG_HANDSHAKE_ACK, hello_rid)
+        a.from_device(ack)
+        session = rid(NODE_A, 99)
+        sh = record(b"QH", hs.MSG_SERVER_HELLO, session)
+        a.from_device(sh)
+        assert udp.sent == [(ack, client1), (sh, client1)]
+        assert gw.route_for(session) == client1
+        # Encrypted packets both ways under the session RID.
+        udp.on_datagram(record(b"QP", 0, session), client1)
+        a.from_device(record(b"QP", 0, session))
+        assert udp.sent[-1][1] == client1
+        # The slot was released by the ServerHello: a second client may start now.
+        udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, rid(NODE_A, 2)), client2)
+        assert len(a.sent) == 3
+        # The other device is reached by its own prefix.
+        udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, rid(NODE_B, 3)), client1)
+        assert len(b.sent) == 1
+        assert gw.counters["drops"] == {}
+
+    run(main())
+
+
+def test_one_handshake_at_a_time_per_device() -> None:
+    async def main() -> None:
+        a = FakeSerial("a", NODE_A)
+        gw, udp = make_gateway(a)
+        first, second = ("10.0.0.1", 1), ("10.0.0.2", 2)
+        udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, rid(NODE_A, 1)), first)
+        # The second client's ClientHello waits (dropped; it will retransmit) ...
+        udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, rid(NODE_A, 2)), second)
+        assert len(a.sent) == 1 and gw.counters["drops"] == {"handshake-busy": 1}
+        # ... but the first client's retransmissions pass.
+        udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, rid(NODE_A, 1)), first)
+        assert len(a.sent) == 2
+
+    run(main())
+
+
+def test_drops_are_counted() -> None:
+    async def main() -> None:
+        a = FakeSerial("a", NODE_A, mtu=300)
+        gw, udp = make_gateway(a)
+        addr = ("10.0.0.1", 1)
+        udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, rid(NODE_B, 1)), addr)
+        udp.on_datagram(b"not palisade at all, but long enough to have a rid", addr)
+        udp.on_datagram(record(b"QP", 0, rid(NODE_A, 1), size=400), addr)
+        a.from_device(record(b"QP", 0, rid(NODE_A, 77)))  # a RID nobody sent
+        assert a.sent == [] and udp.sent == []
+        assert gw.counters["drops"] == {"unknown-prefix": 1, "not-palisade": 1,
+                                        "too-large": 1, "no-route": 1}
+
+    run(main())
+
+
+def test_rid_routes_are_bounded_and_expire() -> None:
+    async def main() -> None:
+        a = FakeSerial("a", NODE_A)
+        gw, udp = make_gateway(a, max_rids=4, rid_ttl=0.2)
+        for i in range(10):
+            udp.on_datagram(record(b"QP", 0, rid(NODE_A, i)), ("10.0.0.1", i))
+        assert gw.counters["rids"] == 4  # the least recently used were forgotten
+        assert gw.route_for(rid(NODE_A, 0)) is None
+        assert gw.route_for(rid(NODE_A, 9)) == ("10.0.0.1", 9)
+        await asyncio.sleep(0.25)
+        assert gw.route_for(rid(NODE_A, 9)) is None  # expired
+        a.from_device(record(b"QP", 0, rid(NODE_A, 9)))
+        assert udp.sent == [] and gw.counters["drops"] == {"no-route": 1}
+
+    run(main())
+
+
+def test_node_id_learned_from_the_device_and_reset_forgets_routes() -> None:
+    async def main() -> None:
+        a = FakeSerial("a", None)  # no ?node=: learned from what the device sends
+        gw, udp = make_gateway(a)
+        addr = ("10.0.0.1", 1)
+        udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, rid(NODE_A, 1)), addr)
+        assert gw.counters["drops"] == {"unknown-prefix": 1}
+        a.from_device(record(b"QP", 0, rid(NODE_A, 5)))  # no route yet, but a prefix
+        assert gw.counters["devices"]["a"]["learned"] == [NODE_A.hex()]
+        udp.on_datagram(record(b"QP", 0, rid(NODE_A, 5)), addr)
+        assert len(a.sent) == 1
+        assert gw.route_for(rid(NODE_A, 5)) == addr
+        a.on_reset("serial link reset: the device on a restarted")
+        assert gw.route_for(rid(NODE_A, 5)) is None
+
+    run(main())
+
+
+def test_bad_gateway_configuration() -> None:
+    async def main() -> None:
+        with pytest.raises(ConfigError):
+            await Gateway.start("serial:///dev/x", ["serial:///dev/y"])
+        with pytest.raises(ConfigError):
+            await Gateway.start("udp://127.0.0.1:0", [])
+        with pytest.raises(ConfigError):
+            await Gateway.start("udp://127.0.0.1:0", ["serial:///dev/x?node=00000000000000a1",
+                                                      "serial:///dev/y?node=00000000000000a1"])
+
+    run(main())
+
+
+# -- real tunnels through the gateway ---------------------------------------------------------
+
+
+def _tagging_echo(tag: bytes) -> Any:
+    async def handler(tunnel: Tunnel) -> None:
+        async for data in tunnel:
+            tunnel.send(tag + data)
+
+    return handler
+
+
+def test_two_devices_through_the_gateway() -> None:
+    """Two devices, each on its own line with its own identity and node id; two clients reach
+    each its own device through one UDP gateway; a third with an unknown node id cannot."""
+    dev_a, dev_b, client_id = Identity.generate(), Identity.generate(), Identity.generate()
+
+    def device_cfg(ident: Identity, node: bytes) -> Config:
+        return Config(identity=ident, trusted_peers=[client_id.public_key], node_id=node,
+                      close_drain_time=0.2)
+
+    def client_cfg(node: bytes, **kw: Any) -> Config:
+        cfg = Config(identity=client_id, trusted_peers=[dev_a.public_key, dev_b.public_key],
+                     node_id=node, close_drain_time=0.2, **kw)
+        return tune_for_link(cfg, 512, FAST)
+
+    async def main() -> None:
+        with PtyLink(FAST) as line_a, PtyLink(FAST) as line_b:
+            server_a = await serve(line_a.url("a"), device_cfg(dev_a, NODE_A),
+                                   _tagging_echo(b"A:"))
+            server_b = await serve(line_b.url("a"), device_cfg(dev_b, NODE_B),
+                                   _tagging_echo(b"B:"))
+            gw = await Gateway.start("udp://127.0.0.1:0", [
+                line_a.url("b", node=NODE_A.hex()), line_b.url("b", node=NODE_B.hex())])
+            try:
+                for d in gw.devices:
+                    assert await d.transport.wait_ready(5)
+                host, port = gw.address
+                url = f"udp://{host}:{port}"
+                ta, tb = await asyncio.gather(connect(url, client_cfg(NODE_A)),
+                                              connect(url, client_cfg(NODE_B)))
+                assert ta.peer_fingerprint == dev_a.fingerprint
+                assert tb.peer_fingerprint == dev_b.fingerprint
+                for i in range(5):
+                    ta.send(b"%d" % i)
+                    tb.send(b"%d" % i)
+                    assert await ta.recv() == b"A:%d" % i
+                    assert await tb.recv() == b"B:%d" % i
+                with pytest.raises(HandshakeTimeoutError):
+                    await connect(url, client_cfg(bytes(8)), timeout=0.5)
+                assert gw.counters["drops"].get("unknown-prefix", 0) >= 1
+                await asyncio.gather(ta.close(), tb.close())
+            finally:
+                gw.close()
+                await gw.wait_closed()
+                for server in (server_a, server_b):
+                    server.close()
+                    await server.wait_closed()
+
+    run(main())
+
+
+def test_cli_gateway_serve_and_connect(tmp_path: Path) -> None:
+    """``palisade serve serial://`` as the device, ``palisade gateway`` in between and
+    ``palisade connect udp://... --node-id`` as the client, each its own process."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    for name in ("device", "client"):
+        ident = Identity.generate()
+        ident.save(tmp_path / f"{name}.key")
+        ident.save_public(tmp_path / f"{name}.key.pub")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    node = NODE_A.hex()
+
+    def start(name: str, *args: str, ready: str) -> subprocess.Popen[bytes]:
+        err = tmp_path / f"{name}.err"
+        with err.open("wb") as err_file:
+            proc = subprocess.Popen([sys.executable, "-m", "palisade_c", *args], cwd=tmp_path,
+                                    env=env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=err_file)
+        deadline = time.monotonic() + 15
+        while ready not in err.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(err.read_text(errors="replace"))
+            time.sleep(0.05)
+        return proc
+
+    with PtyLink(FAST) as line:
+        procs = []
+        try:
+            procs.append(start("device", "serve", line.url("a"), "--echo", "--node-id", node,
+                               "--key", "device.key", "--trust", "client.key.pub",
+                               ready="palisade: listening on serial://"))
+            procs.append(start("gateway", "gateway", "--listen", f"udp://127.0.0.1:{port}",
+                               "--serial", line.url("b", node=node),
+                               ready="palisade: gateway listening on udp://127.0.0.1"))
+            result = subprocess.run(
+                [sys.executable, "-m", "palisade_c", "connect", f"udp://127.0.0.1:{port}",
+                 "--node-id", node, "--mtu", "512", "--link-bps", str(FAST),
+                 "--key", "client.key", "--trust", "device.key.pub"],
+                cwd=tmp_path, env=env, input="alpha\nbeta\n", capture_output=True, text=True,
+                timeout=30, check=False,
+            )
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.splitlines() == ["alpha", "beta"]
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                assert proc.wait(timeout=10) == 0
