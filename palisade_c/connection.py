@@ -90,6 +90,19 @@ MAX_EARLY_PACKETS = 16
 #: Migrate nonces remembered per session to refuse replays (each is 32 random bytes).
 MAX_MIGRATE_NONCES = 1024
 _FINISHED_TYPES = (hs.MSG_CLIENT_FINISHED, hs.MSG_CLIENT_FINISHED_RESUME)
+#: Bytes a full handshake puts on the wire (both directions, ML-KEM-768 + ML-DSA-65): what a
+#: slow link needs time for on top of the configured handshake timeout.
+HANDSHAKE_WIRE_BYTES = 16_500
+#: Bytes of the reply each flight waits for. A flight's first retransmission timeout must
+#: cover the reply's airtime too, or on a slow link it fires while the reply is still arriving.
+_REPLY_BYTES = {
+    hs.MSG_CLIENT_HELLO: 8_000,
+    hs.MSG_SERVER_HELLO: 4_600,
+    hs.MSG_CLIENT_FINISHED: 64,
+    hs.MSG_CLIENT_HELLO_RESUME: 2_400,
+    hs.MSG_SERVER_HELLO_RESUME: 1_200,
+    hs.MSG_CLIENT_FINISHED_RESUME: 64,
+}
 #: Largest application stream id; 0xFE and 0xFF are keepalive and dummy.
 MAX_APP_STREAM = 0xFD
 MAX_ERROR_DETAIL = 200
@@ -165,6 +178,7 @@ class Connection:
         self._flight_addr: Addr | None = None
         self._flight_timer = self._new_timer()
         self._hs_deadline: float | None = None
+        self._flight_sent_at = 0.0
         self._retried = False
         self._pending_ack: tuple[bytes, int, int] | None = None  # reassembly key
         self._ack_deadline: float | None = None
@@ -266,7 +280,7 @@ class Connection:
         self._now = now
         self.peer_addr = addr
         self._flight_addr = addr
-        self._hs_deadline = now + self.config.handshake_timeout
+        self._hs_deadline = now + self._handshake_budget()
         self._new_hello_rid()
         if ticket is not None and ticket.usable(self.config.ticket_clock()):
             self._start_resumption(ticket, early_data, early_stream)
@@ -453,6 +467,10 @@ class Connection:
 
     # ------------------------------------------------------------------ internals: plumbing
 
+    def _handshake_budget(self) -> float:
+        """The configured handshake timeout plus twice the handshake's airtime on this link."""
+        return self.config.handshake_timeout + 2 * self.config.link_time(HANDSHAKE_WIRE_BYTES)
+
     def _new_timer(self) -> RetransmitTimer:
         return RetransmitTimer(
             self._rand, initial=self.config.initial_rto,
@@ -486,17 +504,20 @@ class Connection:
                   ) -> None:
         target = self.peer_addr if addr is None else addr
         if handshake:
+            # Handshake traffic has its own counters; packets/bytes in and out are the
+            # encrypted data plane in both directions alike.
             self.hs_bytes_out += len(data)
             if not self.is_client and not self._amp.validated:
                 if self._amp_queue or not self._amp.can_send(len(data)):
                     self._amp_queue.append(data)
                     return
                 self._amp.on_sent(len(data))
+        else:
+            self.packets_out += 1
+            self.bytes_out += len(data)
         self._out.append((data, target))
         if self.on_wakeup is not None:
             self.on_wakeup(self)
-        self.packets_out += 1
-        self.bytes_out += len(data)
         self._last_send = self._now
 
     def _flush_amplification(self) -> None:
@@ -508,21 +529,28 @@ class Connection:
             self._out.append((data, self.peer_addr))
             if self.on_wakeup is not None:
                 self.on_wakeup(self)
-            self.packets_out += 1
-            self.bytes_out += len(data)
 
     def _send_flight(self, flight: Flight, addr: Addr | None = None) -> None:
         self._flight = flight
         self._flight_addr = addr
         self._flight_timer = self._new_timer()
-        self._flight_timer.scale_for_link(flight.total_bytes, self.config.link_bits_per_second)
+        airtime_bytes = flight.total_bytes + _REPLY_BYTES.get(flight.msg_type, 0)
+        self._flight_timer.scale_for_link(airtime_bytes, self.config.link_bits_per_second)
         for rec in flight.records:
             self._send_raw(rec, addr, handshake=True)
+        self._flight_sent_at = self._now
         self._flight_timer.start(self._now)
 
-    def _resend_flight(self) -> None:
+    def _resend_flight(self, *, prompted: bool = False) -> None:
+        """Resend what the peer has not acknowledged. ``prompted``: because the peer repeated
+        an earlier message; such resends happen at most once per retransmission timeout, so
+        a burst of duplicates cannot multiply the traffic on a slow link."""
         if self._flight is None:
             return
+        if prompted and self._now - self._flight_sent_at < self._flight_timer.rto:
+            self._drop("resend-suppressed")
+            return
+        self._flight_sent_at = self._now
         for rec in self._flight.records_to_resend():
             self._send_raw(rec, self._flight_addr, handshake=True)
 
@@ -649,7 +677,7 @@ class Connection:
         if self.state != "C_WAIT_SH":
             if self._flight is not None and self._flight.msg_type in _FINISHED_TYPES:
                 # The server is still resending SH: our CF is lost. Resend what is missing.
-                self._resend_flight()
+                self._resend_flight(prompted=True)
             else:
                 self._drop("unexpected-handshake")
             return
@@ -659,6 +687,9 @@ class Connection:
         if self.config.node_id is not None and rec.rid[:8] != self._hello_rid[:8]:
             self._drop("unknown-rid")
             return
+        # Any SH fragment proves the server has our CH: stop resending it. Missing SH
+        # fragments are the server's to resend (its timer, prompted by our delayed ack).
+        self._flight_timer.stop()
         message = self._reassemble(rec, now)
         if message is None:
             return
@@ -685,13 +716,14 @@ class Connection:
     def _client_on_server_hello_resume(self, rec: hs.HandshakeRecord, now: float) -> None:
         if self.state != "C_RESUME_PENDING":
             if self._flight is not None and self._flight.msg_type in _FINISHED_TYPES:
-                self._resend_flight()  # SHR again: our CFR was lost
+                self._resend_flight(prompted=True)  # SHR again: our CFR was lost
             else:
                 self._drop("unexpected-handshake")
             return
         if self.config.node_id is not None and rec.rid[:8] != self._hello_rid[:8]:
             self._drop("unknown-rid")
             return
+        self._flight_timer.stop()  # as for SH: the server has our CHR
         message = self._reassemble(rec, now)
         if message is None:
             return
@@ -754,7 +786,7 @@ class Connection:
         if self.state == "S_LISTEN":
             self.peer_addr = addr
             self._hello_rid = rec.rid
-            self._hs_deadline = now + self.config.handshake_timeout
+            self._hs_deadline = now + self._handshake_budget()
             self._fire("ch_received")
         elif rec.rid != self._hello_rid:
             self._drop("unknown-rid")
@@ -763,7 +795,7 @@ class Connection:
             # A retransmitted CH: our SH (or part of it) was lost. Resend what is missing.
             if self.state == "S_WAIT_FIN" and self._reasm.add(rec, now).status is not \
                     FragmentStatus.MALFORMED:
-                self._resend_flight()
+                self._resend_flight(prompted=True)
             else:
                 self._drop("unexpected-handshake")
             return
@@ -792,7 +824,7 @@ class Connection:
         if self.state == "S_LISTEN":
             self.peer_addr = addr
             self._hello_rid = rec.rid
-            self._hs_deadline = now + self.config.handshake_timeout
+            self._hs_deadline = now + self._handshake_budget()
             self._fire("chr_received")
         elif rec.rid != self._hello_rid:
             self._drop("unknown-rid")
@@ -800,7 +832,7 @@ class Connection:
         if self.state != "S_RESUME_WAIT_CHR":
             if self.state == "S_WAIT_FIN" and self._server_resume_hs is not None and \
                     self._reasm.add(rec, now).status is not FragmentStatus.MALFORMED:
-                self._resend_flight()  # CHR again: our SHR was lost
+                self._resend_flight(prompted=True)  # CHR again: our SHR was lost
             else:
                 self._drop("unexpected-handshake")
             return

@@ -391,9 +391,10 @@ def test_garbage_never_raises_and_never_establishes(ids: Ids) -> None:
 
 def test_amplification_blocked_server_resumes_when_the_client_speaks_again(ids: Ids) -> None:
     """Everything the server sends is lost for two seconds, so its ServerHello retransmissions
-    run into the bound and wait. The client's next retransmitted hello raises the budget, the
-    waiting datagrams go out, and the handshake completes, all within the bound."""
-    pair = make_pair(client_config(ids, 14), server_config(ids, 14),
+    run into the bound and wait. The client's next retransmitted hello (its first timeout is
+    set past the outage) raises the budget, the waiting datagrams go out, and the handshake
+    completes, all within the bound."""
+    pair = make_pair(client_config(ids, 14, initial_rto=3.0), server_config(ids, 14),
                      mitm=lambda d, src, dst, now: [] if src == SERVER_ADDR and now < 2.0
                      else None)
     session = pair.handshake(duration=20)

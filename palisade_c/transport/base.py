@@ -294,13 +294,9 @@ def tune_for_link(
     """``config`` for a path whose narrowest hop carries ``max_datagram_size`` bytes at
     ``bits_per_second`` (None: a fast link, and only the size changes).
 
-    On a slow link the handshake timers are stretched as well, because the core scales a
-    flight's retransmission floor with that flight's own airtime only: a ClientHello's timer
-    would otherwise fire while the (larger) ServerHello is still crossing the wire, and each
-    needless resend costs airtime on a link that has none to spare. So ``initial_rto`` covers
-    one whole handshake's airtime, ``max_rto`` leaves room to back off from it, and
-    ``handshake_timeout`` allows several rounds (at 9600 baud a handshake takes 17 s of
-    airtime, beyond the 15 s default). Values already larger are kept.
+    The core does the rest: handshake messages are fragmented to the datagram size, each
+    flight's first retransmission waits at least twice the airtime of the flight and of the
+    reply it expects, and the handshake timeout grows by twice a handshake's airtime.
 
     Returns ``config`` itself when nothing changes, otherwise a shallow copy: a copy, not
     :func:`dataclasses.replace`, because replace would rebuild the trust store from
@@ -316,13 +312,6 @@ def tune_for_link(
         "max_datagram_size": max_datagram_size,
         "link_bits_per_second": bits_per_second,
     }
-    if bits_per_second:
-        airtime = (estimate_handshake_bytes(max_datagram_size) * _BITS_PER_BYTE
-                   / bits_per_second)
-        rto = max(config.initial_rto, 1.2 * airtime)
-        changes["initial_rto"] = rto
-        changes["max_rto"] = max(config.max_rto, 4 * rto)
-        changes["handshake_timeout"] = max(config.handshake_timeout, 4 * airtime)
     if all(getattr(config, k) == v for k, v in changes.items()):
         return config
     adjusted = copy.copy(config)
