@@ -36,7 +36,7 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 from palisade_c.config import Config
-from palisade_c.connection import Connection
+from palisade_c.connection import Connection, EventLog
 from palisade_c.endpoint import ServerEndpoint
 from palisade_c.errors import (
     ConfigError,
@@ -52,7 +52,9 @@ from palisade_c.events import (
     DataReceived,
     Event,
     HandshakeCompleted,
+    NewTicket,
 )
+from palisade_c.tickets import ClientTicket, ClientTicketCache
 from palisade_c.transport.base import SERIAL_SCHEMES, Addr, Transport, link_config, parse_url
 from palisade_c.transport.udp import UdpTransport
 
@@ -187,6 +189,14 @@ class _Engine:
         if deadline is not None and timer is None:
             self._timer = self._loop.call_at(deadline, self._on_timer)
 
+    def swap_transport(self, transport: Transport) -> None:
+        """Carry on over ``transport``; the old one is closed (client migration)."""
+        old = self.transport
+        old.on_datagram = None
+        transport.on_datagram = self._on_datagram
+        self.transport = transport
+        old.close()
+
     def stop(self) -> None:
         """Stop driving the core and release the transport (idempotent)."""
         if self._stopped:
@@ -232,6 +242,8 @@ class Tunnel:
         self._closing = False
         self._queue_drops = 0
         self._handshake: HandshakeCompleted | None = None
+        #: Resumption tickets the server issued on this tunnel (PLUS), oldest first.
+        self.tickets: list[ClientTicket] = []
 
     # -- called by the engine ---------------------------------------------------------------------
 
@@ -319,6 +331,30 @@ class Tunnel:
             if not self._conn.established:
                 raise self._closed_error() from None
             raise
+        self._engine.update()
+
+    def request_rekey(self) -> None:
+        """Start an epoch change now (a client asks; the server announces)."""
+        if self._closing or self._closed.done():
+            raise self._closed_error()
+        self._conn.request_rekey()
+        self._engine.update()
+
+    async def migrate(self) -> None:
+        """Client over UDP: move to a new local port and tell the server (soft migration,
+        PLUS feature 0x02). The server validates the new path before it uses it; keys and
+        epochs stay as they are."""
+        if not self._owns_engine or not isinstance(self._engine.transport, UdpTransport):
+            raise ConfigError("migrate() is for a client tunnel over UDP")
+        if self._closing or self._closed.done():
+            raise self._closed_error()
+        peer = self._conn.peer_addr
+        assert peer is not None  # established clients always have one
+        old = self._engine.transport
+        new, _ = await UdpTransport.for_peer(peer[0], peer[1],
+                                             max_datagram_size=old.max_datagram_size)
+        self._engine.swap_transport(new)
+        self._conn.migrate()
         self._engine.update()
 
     # -- receiving --------------------------------------------------------------------------------
@@ -413,9 +449,11 @@ class Tunnel:
 
 
 class _ClientEngine(_Engine):
-    def __init__(self, connection: Connection, transport: Transport) -> None:
+    def __init__(self, connection: Connection, transport: Transport,
+                 ticket_cache: ClientTicketCache | None = None) -> None:
         super().__init__(connection, transport)
         self.connection = connection
+        self.ticket_cache = ticket_cache
         self.tunnel = Tunnel(connection, self, owns_engine=True)
         #: Resolved with HandshakeCompleted, or ConnectionClosed if the handshake failed.
         self.handshake: asyncio.Future[HandshakeCompleted | ConnectionClosed] = (
@@ -430,6 +468,11 @@ class _ClientEngine(_Engine):
                 self.tunnel._on_handshake(event)
                 if not self.handshake.done():
                     self.handshake.set_result(event)
+                continue
+            if isinstance(event, NewTicket):
+                self.tunnel.tickets.append(event.ticket)
+                if self.ticket_cache is not None:
+                    self.ticket_cache.add(event.ticket)
                 continue
             if isinstance(event, ConnectionClosed):
                 if not self.handshake.done():
@@ -491,6 +534,10 @@ async def connect(
     *,
     timeout: float | None = None,
     on_connection: Callable[[Connection], None] | None = None,
+    ticket: ClientTicket | None = None,
+    tickets: ClientTicketCache | None = None,
+    early_data: bytes | None = None,
+    event_log: EventLog | None = None,
 ) -> Tunnel:
     """Open a tunnel to the server at ``url`` (``udp://HOST:PORT`` or a serial URL such as
     ``serial:///dev/ttyUSB0?baud=115200``, whose MTU and speed then override ``config``'s).
@@ -504,16 +551,25 @@ async def connect(
     ``on_connection`` is called with the new connection before the handshake starts (to show
     progress on a slow link). On a serial link whose device reboots, the tunnel closes with
     ``ErrorSessionNotFound``; connect again to handshake anew.
+
+    PALISADE-PLUS (``config.plus_features``): with a ``ticket``, or a ``tickets`` cache holding
+    one, the client resumes (no signatures, a fresh KEM exchange) and may send ``early_data``
+    as 0-RTT; a refused ticket falls back to a full handshake by itself. Tickets the server
+    issues land in ``tickets`` (when given) and in :attr:`Tunnel.tickets`. Early data is
+    replayable: use it only for requests that are safe to receive twice.
     """
     transport, peer, config = await _open_transport(url, config, server=False)
-    engine = _ClientEngine(Connection(config, is_client=True), transport)
+    if ticket is None and tickets is not None:
+        ticket = tickets.take()
+    engine = _ClientEngine(Connection(config, is_client=True, event_log=event_log), transport,
+                           tickets)
     transport.on_reset = engine.link_reset
     conn = engine.connection
     if on_connection is not None:
         on_connection(conn)
     bound = timeout if timeout is not None else config.handshake_timeout + CLOSE_GRACE
     try:
-        conn.connect(peer, engine._loop.time())
+        conn.connect(peer, engine._loop.time(), ticket=ticket, early_data=early_data)
         engine.update()
         async with asyncio.timeout(bound):
             outcome = await asyncio.shield(engine.handshake)
@@ -547,6 +603,7 @@ class _ServerEngine(_Engine):
         self.endpoint = endpoint
         self.handler = handler
         self.tunnels: dict[Connection, Tunnel] = {}
+        self._early: dict[Connection, list[Event]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.closing = False
         #: Called after an internal error stopped the engine (the Server shuts itself down).
@@ -562,10 +619,15 @@ class _ServerEngine(_Engine):
                 continue
             tunnel = self.tunnels.get(conn)
             if tunnel is None:
-                # A session that never completed its handshake: nobody to tell.
                 if isinstance(event, ConnectionClosed):
+                    # A session that never completed its handshake: nobody to tell.
+                    self._early.pop(conn, None)
                     log.debug("%s: handshake failed: %s %s", conn.name,
                               code_name(event.error_code), event.reason)
+                elif isinstance(event, DataReceived):
+                    # 0-RTT data arrives before the handshake completes: keep it for the
+                    # tunnel (bounded by the ticket's early-data allowance in the core).
+                    self._early.setdefault(conn, []).append(event)
                 continue
             if isinstance(event, ConnectionClosed):
                 del self.tunnels[conn]
@@ -576,6 +638,8 @@ class _ServerEngine(_Engine):
         tunnel = Tunnel(conn, self, owns_engine=False)
         tunnel._on_handshake(event)
         self.tunnels[conn] = tunnel
+        for early in self._early.pop(conn, []):
+            tunnel._on_event(early)
         if self.closing:
             # Finished its handshake while we shut down: close it rather than serve it.
             conn.close(0, "server shutting down")
@@ -704,7 +768,8 @@ class Server:
         return f"Server(udp://{host}:{port}, tunnels={len(self._engine.tunnels)})"
 
 
-async def serve(url: str, config: Config, handler: Handler) -> Server:
+async def serve(url: str, config: Config, handler: Handler, *,
+                event_log: EventLog | None = None) -> Server:
     """Listen on ``url`` (``udp://HOST:PORT``; port 0 picks a free port), or serve the peer
     on a serial link (``serial:///dev/ttyGS0``: this side plays the device).
 
@@ -714,7 +779,7 @@ async def serve(url: str, config: Config, handler: Handler) -> Server:
     the address cannot be bound and :class:`~palisade_c.errors.ConfigError` for a bad URL.
     """
     transport, _peer, config = await _open_transport(url, config, server=True)
-    engine = _ServerEngine(ServerEndpoint(config), transport, handler)
+    engine = _ServerEngine(ServerEndpoint(config, event_log=event_log), transport, handler)
     server = Server(engine, config)
     log.debug("serving on %s", transport.local_address)
     return server

@@ -53,7 +53,7 @@ from typing import Any
 
 from firmware_bridge.progress import HandshakeProgress, should_show
 from palisade_c.aio import HandshakeTimeoutError, Tunnel, connect, serve
-from palisade_c.config import Config
+from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION, Config
 from palisade_c.connection import Connection
 from palisade_c.errors import (
     ConfigError,
@@ -63,8 +63,10 @@ from palisade_c.errors import (
     PacketTooLargeError,
     code_name,
 )
+from palisade_c.eventlog import JsonLinesLog
 from palisade_c.events import ConnectionClosed, DataReceived
 from palisade_c.identity import Identity
+from palisade_c.tickets import ClientTicketCache, SqliteTicketStore, TicketService
 from palisade_c.transport.base import SERIAL_SCHEMES, tune_for_link
 
 __all__ = ["EXIT_ERROR", "EXIT_HANDSHAKE", "EXIT_OK", "build_parser", "main"]
@@ -209,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a peer public key file or hex fingerprint to accept (repeatable)")
         p.add_argument("--node-id", type=_node_id, metavar="HEX",
                        help="8-byte node id (16 hex digits): the RID steering prefix")
+        p.add_argument("--plus", action="store_true",
+                       help="offer/allow PALISADE-PLUS resumption and migration")
+        p.add_argument("--log-json", metavar="FILE",
+                       help="append one JSON object per state change, epoch change, close "
+                       "and drop class to FILE (never keys or data)")
 
     serve_p = sub.add_parser(
         "serve", parents=[verbose], help="run a server",
@@ -218,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     peer_options(serve_p)
     serve_p.add_argument("--echo", action="store_true", help="echo every datagram back")
+    serve_p.add_argument("--ticket-db", metavar="FILE",
+                         help="SQLite file remembering used resumption tickets, so that a "
+                         "replayed ticket stays refused across restarts (implies --plus)")
     serve_p.set_defaults(func=_cmd_serve)
 
     connect_p = sub.add_parser(
@@ -227,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(at most --wait seconds), then close.",
     )
     peer_options(connect_p)
+    connect_p.add_argument("--ticket-file", metavar="FILE",
+                           help="keep resumption tickets in FILE (0600) and resume from it "
+                           "when it holds one (implies --plus)")
+    connect_p.add_argument("--early-data", metavar="TEXT",
+                           help="when resuming, send TEXT as 0-RTT early data (replayable: "
+                           "only for requests safe to repeat); its reply is printed too")
     connect_p.add_argument("--timeout", type=_seconds, metavar="S",
                            help="handshake timeout in seconds (default 15)")
     connect_p.add_argument("--wait", type=_seconds_or_zero, default=5.0, metavar="S",
@@ -286,9 +302,29 @@ def _load_identity(path: str) -> Identity:
     return identity
 
 
+def _event_log(args: argparse.Namespace) -> JsonLinesLog | None:
+    """The --log-json sink (one per process; closed at exit by the interpreter)."""
+    path = getattr(args, "log_json", None)
+    if not path:
+        return None
+    sink: JsonLinesLog | None = getattr(args, "_event_log_sink", None)
+    if sink is None:
+        sink = JsonLinesLog(path)
+        args._event_log_sink = sink
+    return sink
+
+
 def _make_config(args: argparse.Namespace, **extra: Any) -> Config:
+    identity = _load_identity(args.key)
+    plus = bool(getattr(args, "plus", False) or getattr(args, "ticket_db", None)
+                or getattr(args, "ticket_file", None))
+    if plus:
+        extra.setdefault("plus_features", PLUS_RESUMPTION | PLUS_MIGRATION)
+    if getattr(args, "ticket_db", None):
+        extra["tickets"] = TicketService(bytes.fromhex(identity.fingerprint),
+                                         SqliteTicketStore(args.ticket_db))
     config = Config(
-        identity=_load_identity(args.key),
+        identity=identity,
         trusted_peers=list(args.trust),
         node_id=args.node_id,
         **extra,
@@ -364,7 +400,7 @@ async def _serve_main(args: argparse.Namespace) -> int:
         await body(tunnel)
 
     try:
-        server = await serve(args.url, config, handler)
+        server = await serve(args.url, config, handler, event_log=_event_log(args))
     except OSError as exc:
         what = "open" if _is_serial(args.url) else "listen on"
         _error(f"cannot {what} {args.url}: {exc.strerror or exc}")
@@ -469,7 +505,11 @@ async def _open_tunnel(args: argparse.Namespace, config: Config) -> Tunnel | int
 
     started = loop.time()
     try:
-        tunnel = await connect(args.url, config, timeout=args.timeout, on_connection=watch)
+        cache: ClientTicketCache | None = getattr(args, "_tickets", None)
+        early = args.early_data.encode() if args.early_data is not None else None
+        tunnel = await connect(args.url, config, timeout=args.timeout, on_connection=watch,
+                               tickets=cache, early_data=early if cache else None,
+                               event_log=_event_log(args))
     except HandshakeTimeoutError:
         # The elapsed time, not the configured limit: the core may give up earlier, when its
         # retransmissions are exhausted.
@@ -499,6 +539,11 @@ async def _connect_main(args: argparse.Namespace) -> int:
     if args.timeout is not None:
         extra["handshake_timeout"] = args.timeout
     config = _make_config(args, **extra)
+    if config.plus_features & PLUS_RESUMPTION:
+        # One cache for the whole run: a reconnect after a device reboot resumes with the
+        # ticket the previous session earned (no signatures over a slow line), and
+        # --ticket-file carries tickets from one run to the next.
+        args._tickets = ClientTicketCache(args.ticket_file)
     loop = asyncio.get_running_loop()
     opened = await _open_tunnel(args, config)
     if isinstance(opened, int):
@@ -514,6 +559,8 @@ async def _connect_main(args: argparse.Namespace) -> int:
                      daemon=True).start()
 
     sent = received = lost = 0
+    if tunnel.handshake is not None and tunnel.handshake.early_data_accepted:
+        sent = 1  # the --early-data request is answered like a line
     stdin_done = False
     gave_up: int | None = None  # exit status once reconnecting failed
     replies_done = asyncio.Event()

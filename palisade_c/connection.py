@@ -515,6 +515,13 @@ class Connection:
         else:
             self.packets_out += 1
             self.bytes_out += len(data)
+            amp = self._candidate_amp
+            if addr is None and amp is not None and amp.can_send(len(data)):
+                # The peer is talking from a candidate path it has not proven yet: answer
+                # there, within its 3x budget (PROFILE §8), as QUIC does; otherwise the old
+                # path, which may be gone, would swallow every reply until validation.
+                amp.on_sent(len(data))
+                target = self._candidate
         self._out.append((data, target))
         if self.on_wakeup is not None:
             self.on_wakeup(self)

@@ -14,12 +14,13 @@ import socket
 import time
 import warnings
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
 from palisade_c.aio import HandshakeTimeoutError, Server, Tunnel, connect, serve
-from palisade_c.config import Config
+from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION, Config
 from palisade_c.errors import (
     ConfigError,
     ConnectionClosedError,
@@ -28,6 +29,7 @@ from palisade_c.errors import (
 )
 from palisade_c.events import ConnectionClosed, DataReceived
 from palisade_c.identity import Identity
+from palisade_c.tickets import ClientTicketCache
 from palisade_c.transport import UdpTransport, parse_url
 
 T = TypeVar("T")
@@ -506,3 +508,47 @@ def test_ipv6_loopback(server_id: Identity, client_id: Identity) -> None:
                 assert await tunnel.recv() == b"echo:six"
 
     run(main())
+
+
+# -- PALISADE-PLUS over real UDP ------------------------------------------------------------
+
+
+def test_resumption_with_early_data_and_migration_over_udp(
+        server_id: Identity, client_id: Identity, tmp_path: Path) -> None:
+    """Full handshake with the ticket saved to a file; a second connection resumes from it
+    with 0-RTT data, then moves to a new UDP source port mid-session and keeps talking."""
+    plus = PLUS_RESUMPTION | PLUS_MIGRATION
+    sconf, cconf = make_configs(server_id, client_id, plus_features=plus)
+    seen: list[tuple[bytes, bool]] = []
+
+    async def handler(tunnel: Tunnel) -> None:
+        while True:
+            event = await tunnel.recv_event()
+            if isinstance(event, DataReceived):
+                seen.append((event.data, event.early))
+                tunnel.send(b"echo:" + event.data)
+
+    async def main() -> None:
+        path = tmp_path / "tickets.json"
+        cache = ClientTicketCache(path)
+        async with await serve("udp://127.0.0.1:0", sconf, handler) as server:
+            url = url_of(server)
+            first = await connect(url, cconf, tickets=cache)
+            first.send(b"one")
+            assert await first.recv() == b"echo:one"
+            await first.close()
+            assert len(ClientTicketCache(path)) == 1  # persisted for the next process
+
+            second = await connect(url, cconf, tickets=cache, early_data=b"zero-rtt")
+            assert second.handshake is not None and second.handshake.resumed
+            assert second.handshake.early_data_accepted
+            assert await second.recv() == b"echo:zero-rtt"
+            before = second.connection.counters["packets_out"]
+            await second.migrate()
+            second.send(b"after the move")
+            assert await second.recv() == b"echo:after the move"
+            assert second.connection.counters["packets_out"] > before
+            await second.close()
+
+    run(main())
+    assert (b"zero-rtt", True) in seen and (b"after the move", False) in seen

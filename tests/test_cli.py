@@ -13,6 +13,7 @@ would eventually block a verbose server.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -90,7 +91,7 @@ class EchoServer:
         return self.log.read_text(errors="replace")
 
 
-def _start_server(keys: Keys, workdir: Path) -> EchoServer:
+def _start_server(keys: Keys, workdir: Path, *extra: str) -> EchoServer:
     """Start ``serve --echo`` on a free port; retry with another port if that one is taken."""
     for attempt in range(5):
         port = free_udp_port()
@@ -98,7 +99,8 @@ def _start_server(keys: Keys, workdir: Path) -> EchoServer:
         with log.open("wb") as err:
             process = subprocess.Popen(
                 [sys.executable, "-m", "palisade_c", "serve", f"udp://127.0.0.1:{port}",
-                 "--key", keys.key("server"), "--trust", keys.pub("client"), "--echo", "-v"],
+                 "--key", keys.key("server"), "--trust", keys.pub("client"), "--echo", "-v",
+                 *extra],
                 cwd=workdir, env=cli_env(), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=err,
             )
@@ -265,3 +267,30 @@ def test_node_id_reaches_the_config(keys: Keys, echo_server: EchoServer, workdir
                       cwd=workdir, stdin="routed\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "routed\n"
+
+
+def test_separate_runs_resume_with_a_ticket_file_and_early_data(
+        keys: Keys, tmp_path: Path) -> None:
+    """Run 1 does a full handshake and saves its ticket; run 2, a new process, resumes from
+    the file and sends --early-data as 0-RTT. The server keeps used tickets in SQLite and
+    writes a JSON-lines event log, in which the resumption shows."""
+    events = tmp_path / "server-events.jsonl"
+    server = _start_server(keys, tmp_path, "--ticket-db", str(tmp_path / "used.sqlite"),
+                           "--log-json", str(events))
+    tickets = str(tmp_path / "tickets.json")
+    common = ("connect", server.url, "--key", keys.key("client"), "--trust", keys.pub("server"),
+              "--timeout", "5", "--ticket-file", tickets)
+    try:
+        first = palisade(*common, cwd=tmp_path, stdin="full\n")
+        assert first.returncode == 0, first.stderr
+        assert first.stdout == "full\n"
+        assert stat.S_IMODE(os.stat(tickets).st_mode) == 0o600
+        second = palisade(*common, "--early-data", "zero", cwd=tmp_path, stdin="one\n")
+        assert second.returncode == 0, second.stderr
+        assert sorted(second.stdout.splitlines()) == ["one", "zero"]
+    finally:
+        server.process.terminate()
+        server.process.wait(timeout=10)
+    logged = [json.loads(line) for line in events.read_text().splitlines()]
+    established = [e for e in logged if e["kind"] == "established"]
+    assert [e["resumed"] for e in established] == [False, True]
