@@ -140,8 +140,12 @@ def _unshadow_pyserial() -> None:
         del sys.modules["serial"]
 
 
-async def _pty_handshakes(baud: int, count: int) -> list[tuple[float, int, int]]:
-    """``count`` handshakes over one paced line: (seconds, handshake bytes, line bytes)."""
+async def _pty_handshakes(baud: int, count: int, *, resume: bool = False
+                          ) -> list[tuple[float, int, int]]:
+    """``count`` handshakes over one paced line: (seconds, handshake bytes, line bytes).
+
+    ``resume``: PLUS resumption, each connect spending the ticket the previous session
+    earned (the first, full handshake that earns the first ticket is not measured)."""
     _unshadow_pyserial()
     from firmware_bridge.pty_link import PtyLink
     from palisade_c.aio import Tunnel, connect, serve
@@ -151,8 +155,15 @@ async def _pty_handshakes(baud: int, count: int) -> list[tuple[float, int, int]]
 
     loop = asyncio.get_running_loop()
     server_id, client_id = Identity.generate(), Identity.generate()
-    server_cfg = Config(identity=server_id, trusted_peers=[client_id.public_key])
-    client_cfg = Config(identity=client_id, trusted_peers=[server_id.public_key])
+    from palisade_c.config import PLUS_RESUMPTION
+    from palisade_c.tickets import ClientTicketCache
+
+    plus = PLUS_RESUMPTION if resume else 0
+    server_cfg = Config(identity=server_id, trusted_peers=[client_id.public_key],
+                        plus_features=plus)
+    client_cfg = Config(identity=client_id, trusted_peers=[server_id.public_key],
+                        plus_features=plus)
+    tickets = ClientTicketCache() if resume else None
     done: asyncio.Queue[float] = asyncio.Queue()
 
     async def handler(tunnel: Tunnel) -> None:
@@ -163,15 +174,22 @@ async def _pty_handshakes(baud: int, count: int) -> list[tuple[float, int, int]]
     with PtyLink(baud) as line:
         server = await serve(line.url("a"), server_cfg, handler)
         try:
-            for _ in range(count):
+            for i in range(count + (1 if resume else 0)):
                 started: list[float] = []
 
                 def stamp(_conn: Connection, started: list[float] = started) -> None:
                     started.append(loop.time())  # the port is open, the HELLOs exchanged
 
                 before = line.counters
-                tunnel = await connect(line.url("b"), client_cfg, on_connection=stamp)
+                tunnel = await connect(line.url("b"), client_cfg, on_connection=stamp,
+                                       tickets=tickets)
                 finished = await asyncio.wait_for(done.get(), timeout=30)
+                if resume and tunnel.handshake is not None and not tunnel.handshake.resumed:
+                    # The ticket-earning full handshake; wait for its ticket, measure no more.
+                    while not tunnel.tickets:
+                        await asyncio.sleep(0.05)
+                    await tunnel.close()
+                    continue
                 after = line.counters
                 conn = tunnel.connection
                 hs_bytes = conn.hs_bytes_in + conn.hs_bytes_out
@@ -201,6 +219,21 @@ def print_pty_handshake(baud: int, count: int) -> None:
           f"{statistics.median(ratios):.3f}  (target <= 1.3)")
 
 
+def print_pty_reconnect(baud: int, count: int) -> None:
+    """Reconnect over the paced line: resumption (PLUS) against a full handshake."""
+    print()
+    print(f"reconnect over a pty paced to {baud} baud: resumption vs full handshake")
+    full = asyncio.run(_pty_handshakes(baud, count))
+    resumed = asyncio.run(_pty_handshakes(baud, count, resume=True))
+    f = statistics.median(r[0] for r in full)
+    r = statistics.median(r[0] for r in resumed)
+    fb = int(statistics.median(x[1] for x in full))
+    rb = int(statistics.median(x[1] for x in resumed))
+    print(f"  full handshake: {f:6.3f} s ({fb} handshake bytes)")
+    print(f"  resumption:     {r:6.3f} s ({rb} handshake bytes)")
+    print(f"  ratio resumption / full: {r / f:.3f}  (target <= 0.5)")
+
+
 # Each section of this benchmark is one print_* function; main() runs them in order.
 
 
@@ -214,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     print_framing(args.seconds, args.rounds)
     if args.handshakes > 0:
         print_pty_handshake(args.baud, args.handshakes)
+        print_pty_reconnect(args.baud, args.handshakes)
     return 0
 
 

@@ -29,10 +29,11 @@ from firmware_bridge.pty_link import Noise, PtyLink
 from firmware_bridge.serial_link import HOST_BOOT_COUNTER, SerialSpec, SerialTransport
 from palisade_c import link
 from palisade_c.aio import Tunnel, connect, serve
-from palisade_c.config import Config
+from palisade_c.config import PLUS_RESUMPTION, Config
 from palisade_c.errors import ConfigError, ErrorCode
 from palisade_c.events import ConnectionClosed
 from palisade_c.identity import Identity
+from palisade_c.tickets import ClientTicketCache, TicketService
 from palisade_c.transport.base import parse_url
 
 T = TypeVar("T")
@@ -427,6 +428,49 @@ def test_unplug_and_replug_keeps_the_session(
             assert tunnel.connection.established
             assert tunnel.connection.hs_bytes_out == hs_bytes  # no new handshake
             await tunnel.close()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(main())
+
+
+def test_after_a_device_reboot_the_session_comes_back_by_resumption(
+    line: PtyLink, ids: tuple[Identity, Identity]
+) -> None:
+    """PLUS: the device reboots (new boot counter) but keeps its ticket keys and used-ticket
+    store (in flash on real hardware; here the same TicketService), so the client's
+    reconnect resumes with the ticket of its first session: no certificates, no signatures,
+    about a third of the bytes on the slow line."""
+    server_id, _ = ids
+    tickets = TicketService(bytes.fromhex(server_id.fingerprint))
+    server_cfg, client_cfg = configs(ids, plus_features=PLUS_RESUMPTION)
+    server_cfg.tickets = tickets
+    cache = ClientTicketCache()
+
+    async def main() -> None:
+        server = await serve(line.url("a", boot=1), server_cfg, echo)
+        tunnel = await connect(line.url("b"), client_cfg, tickets=cache)
+        await echo_round(tunnel, b"first life")
+        await until(lambda: len(cache) == 1, what="the first session's ticket")
+        full_bytes = tunnel.connection.hs_bytes_out + tunnel.connection.hs_bytes_in
+        line.unplug("b")
+        line.unplug("a")
+        server.close()
+        await server.wait_closed()
+        line.replug("a")
+        server = await serve(line.url("a", boot=2), server_cfg, echo)
+        try:
+            line.replug("b")
+            closed = await asyncio.wait_for(tunnel.wait_closed(), timeout=10)
+            assert closed.error_code == ErrorCode.ErrorSessionNotFound
+            await tunnel.close()
+            again = await connect(line.url("b"), client_cfg, tickets=cache)
+            assert again.handshake is not None and again.handshake.resumed
+            await echo_round(again, b"second life")
+            resumed_bytes = again.connection.hs_bytes_out + again.connection.hs_bytes_in
+            assert resumed_bytes < full_bytes / 2
+            await again.close()
         finally:
             server.close()
             await server.wait_closed()
