@@ -174,7 +174,7 @@ async def _pty_handshakes(baud: int, count: int, *, resume: bool = False
     with PtyLink(baud) as line:
         server = await serve(line.url("a"), server_cfg, handler)
         try:
-            for i in range(count + (1 if resume else 0)):
+            for _ in range(count + (1 if resume else 0)):
                 started: list[float] = []
 
                 def stamp(_conn: Connection, started: list[float] = started) -> None:
