@@ -17,31 +17,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
-from collections.abc import Callable
 
+from _timing import mean_per_op as _mean_per_op
+from _timing import pump as _pump
 from cryptography.hazmat.primitives.asymmetric import mldsa, mlkem
 
 from palisade_c.config import Config
 from palisade_c.connection import Connection
 from palisade_c.endpoint import ServerEndpoint
 from palisade_c.identity import Identity
-
-
-def _mean_per_op(fn: Callable[[], None], seconds: float) -> float:
-    """Seconds per call, averaged over a window of ``seconds``.
-
-    A mean over hundreds of calls, not a minimum of small batches: ML-DSA signing time varies
-    a lot from call to call (rejection sampling), and a minimum would reward lucky draws.
-    """
-    calls = 0
-    start = time.perf_counter()
-    while True:
-        fn()
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return elapsed / calls
 
 
 def primitives_once(sig_key: mldsa.MLDSA65PrivateKey, sig_pub_raw: bytes) -> None:
@@ -62,15 +46,7 @@ def handshake_once(client_cfg: Config, server_cfg: Config) -> None:
     server = ServerEndpoint(server_cfg)
     client = Connection(client_cfg, True)
     client.connect(("server", 1), 0.0)
-    moved = True
-    while moved:
-        moved = False
-        for data, _ in client.datagrams_to_send(0.0):
-            server.receive_datagram(data, ("client", 2), 0.0)
-            moved = True
-        for data, _ in server.datagrams_to_send(0.0):
-            client.receive_datagram(data, ("server", 1), 0.0)
-            moved = True
+    _pump(client, server)
     if client.state != "C_ESTABLISHED" or server.connections[0].state != "S_ESTABLISHED":
         raise RuntimeError("benchmark handshake did not complete")
 

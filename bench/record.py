@@ -10,28 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
-from collections.abc import Callable
 
+from _timing import rate as _rate
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from palisade_c import RecordLayer
 
 SIZES = (64, 1200)
 BATCH = 256
-
-
-def _rate(fn: Callable[[], None], per_call: int, seconds: float) -> float:
-    """Calls ``fn`` repeatedly for about ``seconds``; returns operations per second."""
-    calls = 0
-    start = time.perf_counter()
-    deadline = start + seconds
-    while True:
-        fn()
-        calls += 1
-        now = time.perf_counter()
-        if now >= deadline:
-            return calls * per_call / (now - start)
 
 
 def bench_size(size: int, seconds: float, rounds: int) -> dict[str, float]:

@@ -12,8 +12,9 @@ are single use), exactly as a reconnecting client would.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
+
+from _timing import mean_per_op as _mean_per_op
+from _timing import pump as _pump
 
 from palisade_c.config import PLUS_RESUMPTION, Config
 from palisade_c.connection import Connection
@@ -21,18 +22,6 @@ from palisade_c.endpoint import ServerEndpoint
 from palisade_c.events import NewTicket
 from palisade_c.identity import Identity
 from palisade_c.tickets import ClientTicket
-
-
-def _pump(client: Connection, server: ServerEndpoint) -> None:
-    moved = True
-    while moved:
-        moved = False
-        for data, _ in client.datagrams_to_send(0.0):
-            server.receive_datagram(data, ("client", 2), 0.0)
-            moved = True
-        for data, _ in server.datagrams_to_send(0.0):
-            client.receive_datagram(data, ("server", 1), 0.0)
-            moved = True
 
 
 def _handshake(client_cfg: Config, server: ServerEndpoint,
@@ -51,17 +40,6 @@ def _handshake(client_cfg: Config, server: ServerEndpoint,
     if fresh is None:
         raise RuntimeError("no ticket issued")
     return fresh
-
-
-def _mean_per_op(fn: Callable[[], None], seconds: float) -> float:
-    calls = 0
-    start = time.perf_counter()
-    while True:
-        fn()
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return elapsed / calls
 
 
 def main(argv: list[str] | None = None) -> int:

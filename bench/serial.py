@@ -27,9 +27,9 @@ import os
 import statistics
 import struct
 import sys
-import time
 import zlib
-from collections.abc import Callable
+
+from _timing import rate as _rate
 
 from palisade_c import link
 
@@ -40,19 +40,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 SIZES = (64, 512)
 BATCH = 256  # frames per timed call; also the length of the stream in the stream shape
-
-
-def _rate(fn: Callable[[], None], per_call: int, seconds: float) -> float:
-    """Calls ``fn`` repeatedly for about ``seconds``; returns operations per second."""
-    calls = 0
-    start = time.perf_counter()
-    deadline = start + seconds
-    while True:
-        fn()
-        calls += 1
-        now = time.perf_counter()
-        if now >= deadline:
-            return calls * per_call / (now - start)
 
 
 # --- framing ------------------------------------------------------------------------------------

@@ -680,24 +680,30 @@ class Connection:
             self._flight_addr,
         )
 
-    def _client_on_server_hello(self, rec: hs.HandshakeRecord, now: float) -> None:
-        if self.state != "C_WAIT_SH":
+    def _server_reply(self, rec: hs.HandshakeRecord, now: float, waiting: str) -> bytes | None:
+        """A fragment of SH or SHR: the whole reply once complete, else None."""
+        if self.state != waiting:
             if self._flight is not None and self._flight.msg_type in _FINISHED_TYPES:
-                # The server is still resending SH: our CF is lost. Resend what is missing.
+                # The server is still resending its hello: our Finished is lost. Resend what
+                # the server has not acknowledged.
                 self._resend_flight(prompted=True)
             else:
                 self._drop("unexpected-handshake")
-            return
+            return None
         # A client that targeted a node id expects the session RID to keep that steering
         # prefix (PROFILE §4). One that did not used a random prefix, and the server puts its
         # own node id there, so there is nothing to compare.
         if self.config.node_id is not None and rec.rid[:8] != self._hello_rid[:8]:
             self._drop("unknown-rid")
-            return
-        # Any SH fragment proves the server has our CH: stop resending it. Missing SH
-        # fragments are the server's to resend (its timer, prompted by our delayed ack).
+            return None
+        # Any fragment of the reply proves the server has our hello: stop resending it.
+        # Missing reply fragments are the server's to resend (its timer, prompted by our
+        # delayed ack).
         self._flight_timer.stop()
-        message = self._reassemble(rec, now)
+        return self._reassemble(rec, now)
+
+    def _client_on_server_hello(self, rec: hs.HandshakeRecord, now: float) -> None:
+        message = self._server_reply(rec, now, "C_WAIT_SH")
         if message is None:
             return
         if not self._fire("sh_received"):
@@ -721,17 +727,7 @@ class Connection:
         self._install_keys(result, now)
 
     def _client_on_server_hello_resume(self, rec: hs.HandshakeRecord, now: float) -> None:
-        if self.state != "C_RESUME_PENDING":
-            if self._flight is not None and self._flight.msg_type in _FINISHED_TYPES:
-                self._resend_flight(prompted=True)  # SHR again: our CFR was lost
-            else:
-                self._drop("unexpected-handshake")
-            return
-        if self.config.node_id is not None and rec.rid[:8] != self._hello_rid[:8]:
-            self._drop("unknown-rid")
-            return
-        self._flight_timer.stop()  # as for SH: the server has our CHR
-        message = self._reassemble(rec, now)
+        message = self._server_reply(rec, now, "C_RESUME_PENDING")
         if message is None:
             return
         resume = self._resume_hs

@@ -1,0 +1,43 @@
+"""Helpers shared by the benchmark scripts (each script runs as a plain file, with bench/ as
+the first entry of sys.path, so this imports as ``_timing``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def rate(fn: Callable[[], None], per_call: int, seconds: float) -> float:
+    """Calls ``fn`` repeatedly for about ``seconds``; returns operations per second."""
+    calls = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while True:
+        fn()
+        calls += 1
+        now = time.perf_counter()
+        if now >= deadline:
+            return calls * per_call / (now - start)
+
+
+def mean_per_op(fn: Callable[[], None], seconds: float) -> float:
+    """Seconds per call, averaged over a window of ``seconds``.
+
+    A mean over hundreds of calls, not a minimum of small batches: ML-DSA signing time varies
+    a lot from call to call (rejection sampling), and a minimum would reward lucky draws.
+    """
+    return 1.0 / rate(fn, 1, seconds)
+
+
+def pump(client: Any, server: Any) -> None:
+    """Move datagrams between two in-memory sans-IO peers until both are quiet."""
+    moved = True
+    while moved:
+        moved = False
+        for data, _ in client.datagrams_to_send(0.0):
+            server.receive_datagram(data, ("client", 2), 0.0)
+            moved = True
+        for data, _ in server.datagrams_to_send(0.0):
+            client.receive_datagram(data, ("server", 1), 0.0)
+            moved = True
