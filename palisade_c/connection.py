@@ -785,24 +785,35 @@ class Connection:
         else:
             self._drop("unexpected-handshake")
 
-    def _server_on_client_hello(self, rec: hs.HandshakeRecord, addr: Addr, now: float) -> None:
+    def _client_hello(self, rec: hs.HandshakeRecord, addr: Addr, now: float, first: str,
+                      waiting: str, resumed: bool) -> bytes | None:
+        """A fragment of CH (or CHR): the whole hello once complete, else None."""
         if self.state == "S_LISTEN":
             self.peer_addr = addr
             self._hello_rid = rec.rid
             self._hs_deadline = now + self._handshake_budget()
-            self._fire("ch_received")
+            self._fire(first)
         elif rec.rid != self._hello_rid:
             self._drop("unknown-rid")
-            return
-        if self.state != "S_WAIT_CH":
-            # A retransmitted CH: our SH (or part of it) was lost. Resend what is missing.
-            if self.state == "S_WAIT_FIN" and self._reasm.add(rec, now).status is not \
-                    FragmentStatus.MALFORMED:
+            return None
+        if self.state != waiting:
+            # The hello again: our reply (or part of it) was lost. Resend what is missing.
+            if self.state == "S_WAIT_FIN" and resumed == (self._server_resume_hs is not None) \
+                    and self._reasm.add(rec, now).status is not FragmentStatus.MALFORMED:
                 self._resend_flight(prompted=True)
             else:
                 self._drop("unexpected-handshake")
-            return
-        message = self._reassemble(rec, now)
+            return None
+        return self._reassemble(rec, now)
+
+    def _new_session_rid(self, hello_rid: bytes) -> bytes:
+        """The server's session RID: its node id (or the client's prefix), rotation epoch 0,
+        14 random bytes (PROFILE §4)."""
+        prefix = self.config.node_id if self.config.node_id is not None else hello_rid[:8]
+        return prefix + b"\x00\x00" + self.config.rng(14)
+
+    def _server_on_client_hello(self, rec: hs.HandshakeRecord, addr: Addr, now: float) -> None:
+        message = self._client_hello(rec, addr, now, "ch_received", "S_WAIT_CH", False)
         if message is None:
             return
         self._server_hs = ServerHandshake(self.config)
@@ -814,8 +825,7 @@ class Connection:
             return
         self._fire("ch_parsed")
         self._fire("ch_verified")
-        prefix = self.config.node_id if self.config.node_id is not None else rec.rid[:8]
-        self.rid = prefix + b"\x00\x00" + self.config.rng(14)
+        self.rid = self._new_session_rid(rec.rid)
         self._send_flight(
             Flight.from_message(hs.MSG_SERVER_HELLO, self.rid, 0, sh,
                                 self.config.max_datagram_size),
@@ -824,22 +834,7 @@ class Connection:
 
     def _server_on_client_hello_resume(self, rec: hs.HandshakeRecord, addr: Addr,
                                        now: float) -> None:
-        if self.state == "S_LISTEN":
-            self.peer_addr = addr
-            self._hello_rid = rec.rid
-            self._hs_deadline = now + self._handshake_budget()
-            self._fire("chr_received")
-        elif rec.rid != self._hello_rid:
-            self._drop("unknown-rid")
-            return
-        if self.state != "S_RESUME_WAIT_CHR":
-            if self.state == "S_WAIT_FIN" and self._server_resume_hs is not None and \
-                    self._reasm.add(rec, now).status is not FragmentStatus.MALFORMED:
-                self._resend_flight(prompted=True)  # CHR again: our SHR was lost
-            else:
-                self._drop("unexpected-handshake")
-            return
-        message = self._reassemble(rec, now)
+        message = self._client_hello(rec, addr, now, "chr_received", "S_RESUME_WAIT_CHR", True)
         if message is None:
             return
         self.rid = self._hello_rid
@@ -858,8 +853,7 @@ class Connection:
             return
         self._server_resume_hs = resume
         self._fire("resume_accepted")
-        prefix = self.config.node_id if self.config.node_id is not None else rec.rid[:8]
-        self.rid = prefix + b"\x00\x00" + self.config.rng(14)
+        self.rid = self._new_session_rid(rec.rid)
         self._send_flight(
             Flight.from_message(hs.MSG_SERVER_HELLO_RESUME, self.rid, 0, shr,
                                 self.config.max_datagram_size),
