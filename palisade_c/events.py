@@ -66,11 +66,3 @@ class PathMigrated(Event):
     """Server: the session's primary path moved to ``address`` after validation."""
 
     address: Any
-
-
-@dataclass(frozen=True, slots=True)
-class HandshakeProgress(Event):
-    """Bytes moved so far during a handshake (for progress output on slow links)."""
-
-    bytes_sent: int
-    bytes_received: int

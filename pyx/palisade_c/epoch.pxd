@@ -56,7 +56,6 @@ cdef class EpochMachine:
     cdef readonly uint64_t tx_seq
     cdef readonly uint32_t packets_on_next
     cdef double _first_next_at
-    cdef double _armed_at
     cdef uint32_t _tx_phase_packets
     cdef double _tx_installed_at
     cdef readonly bint next_epoch_seen

@@ -179,7 +179,6 @@ cdef class EpochMachine:
         self.tx_seq = 1 if early else 0
         self.packets_on_next = 0
         self._first_next_at = _NO_TIME
-        self._armed_at = _NO_TIME
         self._tx_phase_packets = 0
         self._tx_installed_at = _NO_TIME
         self.next_epoch_seen = False
@@ -205,6 +204,8 @@ cdef class EpochMachine:
         """ArmNextEpoch: derive epoch N+1 for both directions; receiver STEADY -> TRANSITION.
 
         Call only for an *authenticated* CTRL_REKEY (or when announcing one). Returns N+1.
+        ``now`` is accepted like every other timed call, but arming starts no clock: the
+        transition clock starts at the first packet on the new epoch (module docstring).
         """
         cdef uint32_t nxt_epoch
         if _RX_TABLE[self.rx_state][RX_EV_ARM] < 0:
@@ -227,7 +228,6 @@ cdef class EpochMachine:
         self._secret = new_secret
         self.packets_on_next = 0
         self._first_next_at = _NO_TIME
-        self._armed_at = _NO_TIME if now is None else now
         self.next_epoch_seen = False
         self._rx_step(RX_EV_ARM)
         return nxt_epoch
@@ -267,7 +267,6 @@ cdef class EpochMachine:
         self.rx_next = None
         self.packets_on_next = 0
         self._first_next_at = _NO_TIME
-        self._armed_at = _NO_TIME
         self._rx_step(RX_EV_COMMIT)
 
     # -- per-packet hooks used by the record layer ---------------------------------------------
