@@ -355,7 +355,8 @@ class Connection:
             if not self.is_client and not self._amp.validated:
                 self._amp.on_received(len(data))
             self._on_handshake_datagram(data, addr, now)
-            self._flush_amplification()
+            if self._amp_queue:
+                self._flush_amplification()
         elif data[0] == 0x51 and data[1] == 0x50:  # "QP"
             self._on_packet(data, addr, now)
         else:
@@ -370,17 +371,26 @@ class Connection:
         """The earliest time at which handle_timer() has work, or None."""
         if self._fsm.closed:
             return None
-        candidates = [self._flight_timer.deadline, self._hs_deadline, self._drain_deadline,
-                      self._rekey_deadline, self._ack_deadline, self._close_resend_at]
-        if self.record is not None and not self.record.erased:
-            candidates.append(self.record.get_timer())
+        best: float | None = None
+        # A plain loop over the candidates: this runs after every datagram on a server.
+        for t in (self._flight_timer.deadline, self._hs_deadline, self._drain_deadline,
+                  self._rekey_deadline, self._ack_deadline, self._close_resend_at):
+            if t is not None and (best is None or t < best):
+                best = t
+        record = self.record
+        if record is not None and not record.erased:
+            cfg = self.config
+            t = record.get_timer()
+            if t is not None and (best is None or t < best):
+                best = t
             if self._fsm.established:
-                candidates.append(self._last_recv + self.config.idle_timeout)
-                candidates.append(self._last_send + self.config.keepalive_interval)
+                t = min(self._last_recv + cfg.idle_timeout,
+                        self._last_send + cfg.keepalive_interval)
                 if self._rekey_next is None:  # the age trigger waits while a rekey runs
-                    candidates.append(self._epoch_started + self.config.rekey_after_seconds)
-        live = [t for t in candidates if t is not None]
-        return min(live) if live else None
+                    t = min(t, self._epoch_started + cfg.rekey_after_seconds)
+                if best is None or t < best:
+                    best = t
+        return best
 
     def handle_timer(self, now: float) -> None:
         """Run whatever is due at ``now``: retransmissions, timeouts, keepalives, commits."""

@@ -327,11 +327,12 @@ class ReassemblyTable:
 
         With ``ack=False`` the result carries no ack for a partial message (the caller builds
         one later from :meth:`get`, when it actually sends it)."""
-        if not _is_reassembled_type(record.msg_type):
+        msg_type = record.msg_type
+        if not MSG_CLIENT_HELLO <= msg_type <= MSG_CLIENT_FINISHED_RESUME:
             # Acks and ErrorResponses always arrive whole (the decoder enforces it) and are
             # neither reassembled nor acknowledged.
             return FragmentResult(FragmentStatus.COMPLETE, record.fragment)
-        key: ReassemblyKey = (record.rid, record.msg_type, record.msg_seq)
+        key: ReassemblyKey = (record.rid, msg_type, record.msg_seq)
         done = self._completed.get(key)
         if done is not None:
             if record.msg_length != done[1]:
