@@ -652,6 +652,13 @@ class Connection:
         else:
             self._drop("unexpected-handshake")
 
+    def _error_response(self, rec: hs.HandshakeRecord) -> wire.ErrorResponse | None:
+        try:
+            return wire.ErrorResponse.decode(rec.fragment)
+        except DecodeError:
+            self._drop("handshake-malformed")
+            return None
+
     def _client_on_error_response(self, rec: hs.HandshakeRecord) -> None:
         # Only an error that answers our own handshake, while it can still fail, counts.
         cf_unconfirmed = (self._flight is not None
@@ -660,10 +667,8 @@ class Connection:
         if rec.rid not in (self._hello_rid, self.rid) or not awaiting:
             self._drop("stale-error-response")
             return
-        try:
-            err = wire.ErrorResponse.decode(rec.fragment)
-        except DecodeError:
-            self._drop("handshake-malformed")
+        err = self._error_response(rec)
+        if err is None:
             return
         if self.state == "C_RESUME_PENDING":
             self._fallback_to_full_handshake(err.error_code)
@@ -785,10 +790,8 @@ class Connection:
             if rec.rid != self.rid or self.state != "S_WAIT_FIN":
                 self._drop("stale-error-response")
                 return
-            try:
-                err = wire.ErrorResponse.decode(rec.fragment)
-            except DecodeError:
-                self._drop("handshake-malformed")
+            err = self._error_response(rec)
+            if err is None:
                 return
             self._abort(err.error_code, f"client refused the handshake: {err.text}",
                         by_peer=True, send=False)

@@ -77,15 +77,18 @@ PLUS_RESUMPTION = 0x01
 PLUS_MIGRATION = 0x02
 PLUS_SHAPING = 0x04
 
-# Handshake record msg_type values (PROFILE §4); the record layer frames messages with them.
-MSG_CLIENT_HELLO = 1
-MSG_SERVER_HELLO = 2
-MSG_CLIENT_FINISHED = 3
-MSG_CLIENT_HELLO_RESUME = 4
-MSG_SERVER_HELLO_RESUME = 5
-MSG_CLIENT_FINISHED_RESUME = 6
-MSG_HANDSHAKE_ACK = 0x7E
-MSG_ERROR_RESPONSE = 0x7F
+# Handshake record msg_type values (PROFILE §4): defined once, by the record framing, and
+# re-exported here so each message class can name its type.
+from palisade_c.hsrecord import (  # noqa: E402
+    MSG_CLIENT_FINISHED,
+    MSG_CLIENT_FINISHED_RESUME,
+    MSG_CLIENT_HELLO,
+    MSG_CLIENT_HELLO_RESUME,
+    MSG_ERROR_RESPONSE,
+    MSG_HANDSHAKE_ACK,
+    MSG_SERVER_HELLO,
+    MSG_SERVER_HELLO_RESUME,
+)
 
 
 # --- bounded reader ---------------------------------------------------------------------------
