@@ -20,7 +20,6 @@ th = SHA3-256(CH* ‖ SH* ‖ CF*) under "PALISADE client". th also feeds the ke
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac as _hmac
 from collections.abc import Callable
@@ -32,9 +31,9 @@ from cryptography.hazmat.primitives.asymmetric import mlkem
 
 from palisade_c import keyschedule as ks
 from palisade_c import wire
-from palisade_c.config import Config
+from palisade_c.config import PLUS_RESUMPTION, Config
 from palisade_c.errors import DecodeError, ErrorCode, HandshakeError
-from palisade_c.identity import fingerprint, verify_signature
+from palisade_c.identity import verify_signature
 from palisade_c.tickets import ClientTicket, TicketInner, TicketService
 
 SERVER_SIG_CONTEXT = b"PALISADE server"
@@ -60,8 +59,12 @@ class HandshakeResult:
     """What a finished handshake hands to the session. The caller wipes the secrets."""
 
     master_secret: bytearray
-    resumption_secret: bytearray
+    #: Derived only when the session may carry tickets (PLUS resumption negotiated).
+    resumption_secret: bytearray | None
+    #: The peer's certificate; empty after a resumption, which exchanges none.
     peer_public_key: bytes
+    #: Hex SHA3-256 of the peer's key (from the trust store, or from the ticket).
+    peer_fingerprint: str
     plus_features: int
     transcript_hash: bytes
     kem: int = wire.KEM_MLKEM768
@@ -69,16 +72,8 @@ class HandshakeResult:
     aead: int = wire.AEAD_CHACHA20POLY1305
 
     resumed: bool = False
-    #: Resumption: the peer is known by fingerprint only (no certificate is exchanged).
-    resumed_peer_fingerprint: str = ""
     #: Resumption, server side: the redeemed ticket's early-data allowance.
     max_early_data: int = 0
-
-    @functools.cached_property
-    def peer_fingerprint(self) -> str:
-        if self.resumed_peer_fingerprint:
-            return self.resumed_peer_fingerprint
-        return fingerprint(self.peer_public_key)
 
     def erase(self) -> None:
         ks.wipe(self.master_secret)
@@ -105,15 +100,17 @@ def _decapsulate(
 
 def _derive(
     ss_c: bytes, ss_s: bytes, client_nonce: bytes, server_nonce: bytes, th: bytes,
-    psk: bytes | bytearray | None = None,
-) -> tuple[bytearray, bytearray]:
+    plus: int, psk: bytes | bytearray | None = None,
+) -> tuple[bytearray, bytearray | None]:
     """master and resumption secrets from the KEM secrets, nonces and transcript (§3); a
-    resumption uses the ticket's PSK as the Extract salt (PROFILE §7)."""
+    resumption uses the ticket's PSK as the Extract salt (PROFILE §7). The resumption secret
+    exists only for sessions that negotiated PLUS resumption: no other session issues or
+    redeems tickets, so it would be a secret kept for nothing."""
     ikm = ks.early_ikm(ss_c, ss_s, client_nonce, server_nonce)
     hs = ks.handshake_secret(ikm, th, psk)
     try:
         master = ks.master_secret(hs)
-        return master, ks.resumption_secret(master)
+        return master, ks.resumption_secret(master) if plus & PLUS_RESUMPTION else None
     finally:
         ks.wipe(ikm)
         ks.wipe(hs)
@@ -183,7 +180,8 @@ class ClientHandshake:
         plus = _plus_from(sh.extensions, ErrorCode.ErrorInvalidServerHello)
         if plus & ~self._config.plus_features:
             raise HandshakeError(ErrorCode.ErrorInvalidServerHello, "PLUS features not offered")
-        if not self._config.trust.is_trusted(sh.server_certificate):
+        peer_fp = self._config.trust.pinned_fingerprint(sh.server_certificate)
+        if peer_fp is None:
             raise HandshakeError(ErrorCode.ErrorCertificateInvalid, "server key is not pinned")
         # Hash CH* ‖ SH* once; the copy continues into th with CF*.
         running = hashlib.sha3_256(self._ch_star)
@@ -199,12 +197,13 @@ class ClientHandshake:
         running.update(cf.transcript_bytes())
         th = running.digest()
         cf = cf.replace(client_signature=self._config.identity.sign(th, CLIENT_SIG_CONTEXT))
-        master, resumption = _derive(ss_c, ss_s, ch.client_nonce, sh.server_nonce, th)
+        master, resumption = _derive(ss_c, ss_s, ch.client_nonce, sh.server_nonce, th, plus)
         self.erase()
         self.result = HandshakeResult(
             master_secret=master,
             resumption_secret=resumption,
             peer_public_key=sh.server_certificate,
+            peer_fingerprint=peer_fp,
             plus_features=plus,
             transcript_hash=th,
             kem=sh.kem_choice,
@@ -228,6 +227,7 @@ class ServerHandshake:
     _ch: wire.ClientHello | None = None
     _sh: wire.ServerHello | None = None
     _plus: int = 0
+    _peer_fp: str = ""
     _running: Any = None  # SHA3-256 state over CH* ‖ SH*
 
     def erase(self) -> None:
@@ -263,7 +263,8 @@ class ServerHandshake:
             raise HandshakeError(ErrorCode.ErrorUnsupportedAEAD, "no common AEAD")
         offered = _plus_from(ch.extensions, ErrorCode.ErrorInvalidClientHello)
         self._plus = offered & self.config.plus_features
-        if not self.config.trust.is_trusted(ch.client_certificate):
+        peer_fp = self.config.trust.pinned_fingerprint(ch.client_certificate)
+        if peer_fp is None:
             raise HandshakeError(ErrorCode.ErrorCertificateInvalid, "client key is not pinned")
         ss_c, ct_c = _encapsulate(kem, ch.k_c, ErrorCode.ErrorInvalidClientHello)
         self._kem_key = _KEM_CLASSES[kem].generate()
@@ -283,6 +284,7 @@ class ServerHandshake:
         signed = running.digest()
         sh = sh.replace(server_signature=self.config.identity.sign(signed, SERVER_SIG_CONTEXT))
         self._ch, self._sh, self._ss_c, self._running = ch, sh, ss_c, running
+        self._peer_fp = peer_fp
         return sh.encode()
 
     def on_client_finished(self, data: bytes) -> HandshakeResult:
@@ -308,12 +310,14 @@ class ServerHandshake:
         ):
             raise HandshakeError(ErrorCode.ErrorSignatureVerifyFailed, "client signature")
         ss_s = _decapsulate(self._kem_key, cf.ct_s)
-        master, resumption = _derive(self._ss_c, ss_s, ch.client_nonce, sh.server_nonce, th)
+        master, resumption = _derive(self._ss_c, ss_s, ch.client_nonce, sh.server_nonce, th,
+                                     self._plus)
         self.erase()
         self.result = HandshakeResult(
             master_secret=master,
             resumption_secret=resumption,
             peer_public_key=ch.client_certificate,
+            peer_fingerprint=self._peer_fp,
             plus_features=self._plus,
             transcript_hash=th,
             kem=sh.kem_choice,
@@ -408,12 +412,12 @@ class ClientResumeHandshake:
         finally:
             ks.wipe(client_key)
         master, resumption = _derive(ss_c, ss_s, self.hello.resume_nonce, shr.server_nonce, th,
-                                     self._psk)
+                                     plus, self._psk)
         self.accepted_0rtt = shr.accept_0rtt
         self.result = HandshakeResult(
             master_secret=master, resumption_secret=resumption, peer_public_key=b"",
+            peer_fingerprint=self._ticket.server_fingerprint,
             plus_features=plus, transcript_hash=th, resumed=True,
-            resumed_peer_fingerprint=self._ticket.server_fingerprint,
         )
         self._kem_key = None
         ks.wipe(self._psk)
@@ -520,14 +524,14 @@ class ServerResumeHandshake:
             raise HandshakeError(ErrorCode.ErrorSignatureVerifyFailed, "resumption MAC")
         ss_s = _decapsulate(self._kem_key, cfr.ct_s)
         master, resumption = _derive(self._ss_c, ss_s, self._hello.resume_nonce,
-                                     self._shr.server_nonce, th, self._psk)
+                                     self._shr.server_nonce, th, self._plus, self._psk)
         inner = self.inner
         self.erase()
         self.result = HandshakeResult(
             master_secret=master, resumption_secret=resumption, peer_public_key=b"",
+            peer_fingerprint=inner.client_fingerprint.hex(),
             plus_features=self._plus, transcript_hash=th, kem=inner.kem, sig=inner.sig,
             aead=inner.aead, resumed=True,
-            resumed_peer_fingerprint=inner.client_fingerprint.hex(),
             max_early_data=inner.max_early_data,
         )
         return self.result

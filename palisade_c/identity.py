@@ -237,8 +237,9 @@ class TrustStore:
 
     def __init__(self, entries: Iterable[TrustEntry] = ()) -> None:
         self._fingerprints: set[str] = set()
-        # Raw keys already seen to be pinned: a set lookup instead of a SHA3 per handshake.
-        self._known_raw: set[bytes] = set()
+        # Raw keys already seen to be pinned, with their fingerprints: a dict lookup instead of
+        # a SHA3 per handshake.
+        self._known_raw: dict[bytes, str] = {}
         for entry in entries:
             self.add(entry)
 
@@ -260,16 +261,22 @@ class TrustStore:
 
     def is_trusted(self, public_key: bytes) -> bool:
         """True if ``public_key`` (raw bytes, as received) is pinned. Never raises."""
+        return self.pinned_fingerprint(public_key) is not None
+
+    def pinned_fingerprint(self, public_key: bytes) -> str | None:
+        """The fingerprint of ``public_key`` if it is pinned, else None. Never raises."""
         raw = _as_bytes(public_key)
         if raw is None:
-            return False
-        if raw in self._known_raw:
-            return True
-        if fingerprint(raw) not in self._fingerprints:
-            return False
+            return None
+        known = self._known_raw.get(raw)
+        if known is not None:
+            return known
+        fp = fingerprint(raw)
+        if fp not in self._fingerprints:
+            return None
         if len(self._known_raw) < 4 * len(self._fingerprints):  # bounded: pinned keys only
-            self._known_raw.add(raw)
-        return True
+            self._known_raw[raw] = fp
+        return fp
 
     @property
     def fingerprints(self) -> frozenset[str]:

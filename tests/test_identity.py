@@ -203,6 +203,15 @@ def test_trust_by_bytes_fingerprint_and_path(
     assert len(TrustStore([str(pub)])) == 1
 
 
+def test_pinned_fingerprint_names_the_pinned_key(ident: Identity, other: Identity) -> None:
+    store = TrustStore([ident.fingerprint])
+    for _ in range(2):  # the second lookup comes from the raw-key cache
+        assert store.pinned_fingerprint(ident.public_key) == ident.fingerprint
+        assert store.pinned_fingerprint(bytearray(ident.public_key)) == ident.fingerprint
+        assert store.pinned_fingerprint(other.public_key) is None
+    assert store.pinned_fingerprint(None) is None  # type: ignore[arg-type]
+
+
 def test_untrusted_key_rejected(ident: Identity, other: Identity) -> None:
     store = TrustStore([ident.fingerprint])
     assert not store.is_trusted(other.public_key)
