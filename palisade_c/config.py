@@ -9,6 +9,7 @@ primitives inside ``cryptography`` draw their own randomness from the OS.
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -102,6 +103,10 @@ class Config:
         if self.amplification_factor < 1:
             raise ConfigError("amplification_factor must be at least 1")
         self.trust = TrustStore(self.trusted_peers)
+        # Retransmission jitter needs spread, not secrecy: one PRNG per Config, seeded from
+        # ``rng`` so a seeded rng still makes every timer reproducible, and no system call
+        # each time a timer is armed.
+        self.jitter = random.Random(int.from_bytes(self.rng(16), "big"))
 
     @property
     def steering_prefix(self) -> bytes:

@@ -110,19 +110,6 @@ MAX_ERROR_DETAIL = 200
 EventLog = Callable[[dict[str, Any]], None]
 
 
-class _Jitter:
-    """``random()`` for the retransmission timers, drawn from the configured source so that
-    a seeded ``Config.rng`` makes every timer deterministic; no per-session RNG to seed."""
-
-    __slots__ = ("_rng",)
-
-    def __init__(self, rng: Callable[[int], bytes]) -> None:
-        self._rng = rng
-
-    def random(self) -> float:
-        return int.from_bytes(self._rng(7), "big") / (1 << 56)
-
-
 class Connection:
     """A client or server session. See the module docstring for the calling convention."""
 
@@ -143,7 +130,7 @@ class Connection:
         self.on_wakeup: Callable[[Connection], None] | None = None
         self._fsm = StateMachine(not is_client)
         self._event_log = event_log
-        self._rand = _Jitter(config.rng)
+        self._rand = config.jitter
         self._now = 0.0
         self._out: list[tuple[bytes, Addr]] = []
         self._events: deque[Event] = deque()
@@ -289,8 +276,12 @@ class Connection:
         self._start_full_handshake()
 
     def _new_hello_rid(self) -> None:
-        prefix = self.config.node_id if self.config.node_id is not None else self.config.rng(8)
-        self._hello_rid = self.rid = prefix + b"\x00\x00" + self.config.rng(14)
+        node_id = self.config.node_id
+        if node_id is None:
+            rand = self.config.rng(22)  # a random steering prefix and the RID's random tail
+            self._hello_rid = self.rid = rand[:8] + b"\x00\x00" + rand[8:]
+        else:
+            self._hello_rid = self.rid = node_id + b"\x00\x00" + self.config.rng(14)
 
     def _start_full_handshake(self) -> None:
         self._client_hs = ClientHandshake(self.config)

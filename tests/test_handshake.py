@@ -165,6 +165,31 @@ def test_honest_handshake_installs_matching_keys(ids: Ids) -> None:
     assert error_responses(pair, CLIENT_ADDR) == error_responses(pair, SERVER_ADDR) == []
 
 
+def test_resumption_secret_exists_only_when_tickets_can_use_it(ids: Ids) -> None:
+    client_cfg, server_cfg = configs(ids)
+    pair = make_pair(client_cfg, server_cfg)
+    session = pair.handshake()
+    assert pair.client.resumption_secret is None and session.resumption_secret is None
+
+    client_cfg, server_cfg = configs(ids)
+    client_cfg.plus_features = server_cfg.plus_features = PLUS_RESUMPTION
+    pair = make_pair(client_cfg, server_cfg)
+    session = pair.handshake()
+    assert pair.client.resumption_secret is not None
+    assert session.resumption_secret is not None
+    assert len(pair.client.resumption_secret) == 32
+
+
+def test_seeded_rng_makes_retransmission_timers_reproducible(ids: Ids) -> None:
+    deadlines = []
+    for _ in range(2):
+        client_cfg, _server_cfg = configs(ids, seed=7)
+        client = Connection(client_cfg, True)
+        client.connect(SERVER_ADDR, 0.0)
+        deadlines.append(client.get_timer())
+    assert deadlines[0] is not None and deadlines[0] == deadlines[1]
+
+
 # --- every failure code from a crafted peer -------------------------------------------------------
 
 
