@@ -181,8 +181,15 @@ cdef class StateMachine:
 
     def __init__(self, bint server):
         self.role = 1 if server else 0
-        self.state = 0
         self._names = SERVER_STATES if server else CLIENT_STATES
+        self._enter(0)
+
+    cdef inline void _enter(self, int state):
+        cdef str name = self._names[state]
+        self.state = state
+        self.name = name
+        self.closed = name.endswith("_CLOSED")
+        self.established = name.endswith("_ESTABLISHED") or name.endswith("_REKEY_PENDING")
 
     cpdef bint can(self, str event):
         return _TABLE[self.role][self.state][<int>_EVENT_INDEX[event]] >= 0
@@ -192,25 +199,12 @@ cdef class StateMachine:
         cdef int nxt = _TABLE[self.role][self.state][<int>_EVENT_INDEX[event]]
         if nxt < 0:
             return False
-        self.state = nxt
+        self._enter(nxt)
         return True
-
-    @property
-    def name(self) -> str:
-        return self._names[self.state]
 
     @property
     def is_server(self) -> bool:
         return self.role == 1
-
-    @property
-    def closed(self) -> bool:
-        return self._names[self.state].endswith("_CLOSED")
-
-    @property
-    def established(self) -> bool:
-        n = self._names[self.state]
-        return n.endswith("_ESTABLISHED") or n.endswith("_REKEY_PENDING")
 
     def __repr__(self) -> str:
         return f"StateMachine({self.name})"
