@@ -41,3 +41,30 @@ def pump(client: Any, server: Any) -> None:
         for data, _ in server.datagrams_to_send(0.0):
             client.receive_datagram(data, ("server", 1), 0.0)
             moved = True
+
+
+def paired_ratio(numerator: Callable[[], None], denominator: Callable[[], None],
+                 seconds: float, batch: int = 4) -> tuple[float, float, float]:
+    """``(ratio, numerator s/op, denominator s/op)`` from finely interleaved batches.
+
+    The two workloads alternate every ``batch`` calls for about ``seconds`` in total, so a
+    burst of load from a neighbour on this shared machine slows both sides alike instead of
+    landing on one block of measurements; the ratio is the ratio of the summed times.
+    """
+    num_t = den_t = 0.0
+    calls = 0
+    clock = time.perf_counter
+    deadline = clock() + seconds
+    while True:
+        t0 = clock()
+        for _ in range(batch):
+            numerator()
+        t1 = clock()
+        for _ in range(batch):
+            denominator()
+        t2 = clock()
+        num_t += t1 - t0
+        den_t += t2 - t1
+        calls += batch
+        if t2 >= deadline:
+            return num_t / den_t, num_t / calls, den_t / calls
