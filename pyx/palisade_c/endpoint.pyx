@@ -1,3 +1,4 @@
+# cython: language_level=3
 """Server endpoint: many sessions behind one transport, demultiplexed by RID (sans-IO).
 
 Theory of operation
@@ -18,30 +19,45 @@ ClientHelloResume) fragment that decodes, and only within two limits:
   (HMAC-SHA3-256 over the client address, steering prefix and time). The client restarts its
   ClientHello under that RID; each fragment then carries the cookie, so it is checked per
   datagram without reassembly state, and a session created that way starts address-validated.
+
+Every datagram a server receives goes through ``receive_datagram`` and ``_collect``, so the
+endpoint is a cdef class with typed fields: the demultiplexing, the half-open bookkeeping and
+the timer heap cost no attribute lookups per datagram.
 """
 
-from __future__ import annotations
+
+cimport cython
 
 import heapq
 from collections import deque
 from typing import NamedTuple
 
 from palisade_c import hsrecord as hs
-from palisade_c.config import PLUS_RESUMPTION, Config
-from palisade_c.connection import Addr, Connection, EventLog
+from palisade_c.config import PLUS_RESUMPTION
+from palisade_c.connection import Connection
 from palisade_c.errors import DecodeError
-from palisade_c.events import Event
 from palisade_c.reassembly import CookieIssuer
 from palisade_c.tickets import TicketService
 
+from palisade_c.hsrecord cimport (
+    HS_HEADER_LEN,
+    MSG_CLIENT_HELLO,
+    MSG_CLIENT_HELLO_RESUME,
+    RID_LEN,
+    RID_OFFSET,
+)
+
 COOKIE_LIFETIME = 30.0
 
+_heappush = heapq.heappush
+_heappop = heapq.heappop
 
-def _cookie_addr(addr: Addr) -> tuple[object, ...]:
+
+def _cookie_addr(addr):
     """The address in the (host, port) form the cookie MAC takes. Transport addresses are
     opaque here (a serial device path, a gateway name); anything that is not a (host, port)
     tuple is bound by its text instead of making CookieIssuer raise."""
-    if (isinstance(addr, tuple) and len(addr) >= 2 and isinstance(addr[0], str | bytes)
+    if (isinstance(addr, tuple) and len(addr) >= 2 and isinstance(addr[0], (str, bytes))
             and type(addr[1]) is int and 0 <= addr[1] <= 0xFFFF):
         return addr
     return (repr(addr), 0)
@@ -50,29 +66,30 @@ def _cookie_addr(addr: Addr) -> tuple[object, ...]:
 class EndpointEvent(NamedTuple):
     """An event from one of the endpoint's sessions."""
 
-    connection: Connection
-    event: Event
+    connection: object
+    event: object
 
 
-class ServerEndpoint:
+@cython.final
+cdef class ServerEndpoint:
     """Accepts handshakes from any address and routes every datagram to its session."""
 
-    def __init__(self, config: Config, *, event_log: EventLog | None = None) -> None:
+    def __init__(self, config, *, event_log=None):
         self.config = config
         self._event_log = event_log
-        self._by_rid: dict[bytes, Connection] = {}
-        self._sessions: dict[int, Connection] = {}
-        self._half_open: set[Connection] = set()
+        self._by_rid = {}
+        self._sessions = {}
+        self._half_open = set()
         # Sessions with output or events not yet collected (set by Connection.on_wakeup).
-        self._busy: set[Connection] = set()
+        self._busy = set()
         # Timer heap of (deadline, tiebreak, session); _deadlines holds each session's live one.
-        self._timers: list[tuple[float, int, Connection]] = []
-        self._deadlines: dict[Connection, float | None] = {}
+        self._timers = []
+        self._deadlines = {}
         self._tiebreak = 0
         self._cookies = CookieIssuer(config.rng(32), COOKIE_LIFETIME, compact=True)
-        self._out: list[tuple[bytes, Addr]] = []
-        self._events: deque[EndpointEvent] = deque()
-        self._drops: dict[str, int] = {}
+        self._out = []
+        self._events = deque()
+        self._drops = {}
         self._serial = 0
         self.retries_sent = 0
         #: Resumption tickets for every session (PLUS): the configured service, or an
@@ -85,36 +102,37 @@ class ServerEndpoint:
     # -- introspection ------------------------------------------------------------------------
 
     @property
-    def connections(self) -> list[Connection]:
+    def connections(self):
         return list(self._sessions.values())
 
     @property
-    def half_open(self) -> int:
+    def half_open(self):
         """Sessions still in their handshake (kept as a set, so admission costs O(1))."""
         return len(self._half_open)
 
     @property
-    def drop_counts(self) -> dict[str, int]:
+    def drop_counts(self):
         return dict(self._drops)
 
-    def _drop(self, reason: str) -> None:
+    cdef void _drop(self, str reason):
         self._drops[reason] = self._drops.get(reason, 0) + 1
 
     # -- sans-IO API ----------------------------------------------------------------------------
 
-    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
-        if len(data) < hs.HS_HEADER_LEN:
+    def receive_datagram(self, data, addr, double now):
+        cdef bytes raw = data if type(data) is bytes else bytes(data)
+        if len(raw) < HS_HEADER_LEN:
             self._drop("truncated")
             return
-        rid = bytes(data[hs.RID_OFFSET:hs.RID_OFFSET + hs.RID_LEN])
+        rid = raw[RID_OFFSET:RID_OFFSET + RID_LEN]
         conn = self._by_rid.get(rid)
         if conn is None:
-            if data[:2] != b"QH" or data[3] not in (hs.MSG_CLIENT_HELLO,
-                                                      hs.MSG_CLIENT_HELLO_RESUME):
+            if raw[0] != 0x51 or raw[1] != 0x48 or raw[3] not in (MSG_CLIENT_HELLO,
+                                                                  MSG_CLIENT_HELLO_RESUME):
                 self._drop("unknown-rid")
                 return
             try:
-                hs.decode(data)
+                hs.decode(raw)
             except DecodeError:
                 # Only a record that decodes may open a session. A session made for a mere
                 # lookalike would never leave S_IDLE, so no timer would ever free its
@@ -124,38 +142,38 @@ class ServerEndpoint:
             conn = self._accept(rid, addr, now)
             if conn is None:
                 return
-        conn.receive_datagram(data, addr, now)
+        conn.receive_datagram(raw, addr, now)
         self._collect(conn)
 
-    def datagrams_to_send(self, now: float | None = None) -> list[tuple[bytes, Addr]]:
+    def datagrams_to_send(self, now=None):
         # Only sessions that queued something since the last call (on_wakeup) are visited.
         while self._busy:
             self._collect(self._busy.pop())
         out, self._out = self._out, []
         return out
 
-    def get_timer(self) -> float | None:
-        heap = self._timers
+    def get_timer(self):
+        cdef list heap = self._timers
         # Entries are never updated in place: a stale one (the session's deadline moved) is
         # skipped here, so the heap top is always a live deadline.
         while heap and self._deadlines.get(heap[0][2]) != heap[0][0]:
-            heapq.heappop(heap)
+            _heappop(heap)
         return heap[0][0] if heap else None
 
-    def handle_timer(self, now: float) -> None:
-        heap = self._timers
+    def handle_timer(self, double now):
+        cdef list heap = self._timers
         while heap and heap[0][0] <= now:
-            t, _, conn = heapq.heappop(heap)
+            t, _, conn = _heappop(heap)
             if self._deadlines.get(conn) != t:
                 continue  # stale entry
             self._deadlines[conn] = None
             conn.handle_timer(now)
             self._collect(conn)
 
-    def next_event(self) -> EndpointEvent | None:
+    def next_event(self):
         return self._events.popleft() if self._events else None
 
-    def close(self, error_code: int = 0, reason: str = "server shutting down") -> None:
+    def close(self, int error_code=0, str reason="server shutting down"):
         """Soft-close every session."""
         for conn in list(self._sessions.values()):
             conn.close(error_code, reason)
@@ -163,12 +181,12 @@ class ServerEndpoint:
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _accept(self, rid: bytes, addr: Addr, now: float) -> Connection | None:
-        half_open = self.half_open
+    cdef object _accept(self, bytes rid, object addr, double now):
+        cdef Py_ssize_t half_open = len(self._half_open)
         if half_open >= self.config.max_half_open:
             self._drop("half-open-limit")
             return None
-        validated = False
+        cdef bint validated = False
         if half_open >= self.config.cookie_threshold:
             prefix, cookie = rid[:8], rid[10:]
             if not self._cookies.check(cookie, _cookie_addr(addr), now, prefix):
@@ -186,32 +204,34 @@ class ServerEndpoint:
         self._by_rid[rid] = conn
         return conn
 
-    def _send_retry(self, rid: bytes, addr: Addr, now: float) -> None:
+    cdef void _send_retry(self, bytes rid, object addr, double now):
         # A Retry answers one ClientHello fragment with one small record: no amplification.
         new_rid = rid[:8] + b"\x00\x00" + self._cookies.make(_cookie_addr(addr), now, rid[:8])
         rec = hs.HandshakeRecord(hs.MSG_RETRY, rid, 0, 0, len(new_rid), new_rid)
         self._out.append((rec.encode(), addr))
         self.retries_sent += 1
 
-    def _collect(self, conn: Connection) -> None:
+    cdef void _collect(self, conn):
         """Take a session's output and events and refresh its place in the timer heap."""
         self._busy.discard(conn)
-        if conn.rid and conn.rid not in self._by_rid:
-            self._by_rid[conn.rid] = conn
+        rid = conn.rid
+        if rid and rid not in self._by_rid:
+            self._by_rid[rid] = conn
         self._out.extend(conn.datagrams_to_send())
         while (ev := conn.next_event()) is not None:
             self._events.append(EndpointEvent(conn, ev))
-        if conn.established or conn.closed:
+        cdef bint closed = conn.closed
+        if closed or conn.established:
             self._half_open.discard(conn)
-        deadline = None if conn.closed else conn.get_timer()
+        deadline = None if closed else conn.get_timer()
         if deadline != self._deadlines.get(conn):
             self._deadlines[conn] = deadline
             if deadline is not None:
                 self._tiebreak += 1
-                heapq.heappush(self._timers, (deadline, self._tiebreak, conn))
-        if conn.closed:
+                _heappush(self._timers, (deadline, self._tiebreak, conn))
+        if closed:
             self._deadlines.pop(conn, None)
-            for rid in [k for k, c in self._by_rid.items() if c is conn]:
-                del self._by_rid[rid]
+            for k in [k for k, c in self._by_rid.items() if c is conn]:
+                del self._by_rid[k]
             for serial in [k for k, c in self._sessions.items() if c is conn]:
                 del self._sessions[serial]

@@ -1,0 +1,28 @@
+# Declarations of the server endpoint (endpoint.pyx).
+
+cimport cython
+
+
+@cython.final
+cdef class ServerEndpoint:
+    cdef readonly object config
+    cdef object _event_log
+    cdef dict _by_rid               # RID -> session (first-flight and session RIDs)
+    cdef dict _sessions             # serial -> session
+    cdef set _half_open
+    cdef set _busy                  # sessions with output or events not yet collected
+    cdef list _timers               # heap of (deadline, tiebreak, session)
+    cdef dict _deadlines            # session -> its live deadline (None: no timer)
+    cdef Py_ssize_t _tiebreak
+    cdef object _cookies
+    cdef list _out
+    cdef object _events
+    cdef dict _drops
+    cdef Py_ssize_t _serial
+    cdef public Py_ssize_t retries_sent
+    cdef public object tickets
+
+    cdef void _drop(self, str reason)
+    cdef object _accept(self, bytes rid, object addr, double now)
+    cdef void _send_retry(self, bytes rid, object addr, double now)
+    cdef void _collect(self, conn)
