@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from simlink import CLIENT_ADDR, SERVER_ADDR, Pair, make_pair, seeded_rng
 
 from palisade_c import frames as F
+from palisade_c import handshake
 from palisade_c.config import Config
 from palisade_c.connection import Connection
 from palisade_c.epoch import SEQ_REKEY_THRESHOLD
@@ -430,19 +431,25 @@ def test_logs_never_hold_keys_secrets_or_plaintext(
         monkeypatch: pytest.MonkeyPatch) -> None:
     marker = b"MARKER-7f3a91-plaintext-never-logged"
     secrets: list[bytes] = []
-    original: Callable[..., None] = Connection._install_keys
+    # Connection is compiled (its methods cannot be patched), so the spy sits where the
+    # session secrets are made: every handshake derives them through handshake._derive.
+    original: Callable[..., tuple[bytearray, bytearray | None]] = handshake._derive
 
-    def spy(self: Connection, result: Any, now: float) -> None:
-        secrets.append(bytes(result.master_secret))
-        if result.resumption_secret is not None:  # only with PLUS resumption
-            secrets.append(bytes(result.resumption_secret))
-        original(self, result, now)
-        assert self.record is not None
-        secrets.extend(bytes(b) for b in self.record.epochs.key_buffers().values())
+    def spy(*args: Any, **kwargs: Any) -> tuple[bytearray, bytearray | None]:
+        master, resumption = original(*args, **kwargs)
+        secrets.append(bytes(master))
+        if resumption is not None:  # only with PLUS resumption
+            secrets.append(bytes(resumption))
+        return master, resumption
 
     caplog.set_level(logging.DEBUG, logger="palisade_c")
-    monkeypatch.setattr(Connection, "_install_keys", spy)
+    monkeypatch.setattr(handshake, "_derive", spy)
     pair, server = established(ids, commit_threshold=2)
+    assert len(secrets) >= 2, "the spy saw no master secret"  # one per side
+    # The epoch-0 traffic keys each side installed from its master secret.
+    for conn in (pair.client, server):
+        assert conn.record is not None
+        secrets.extend(bytes(b) for b in conn.record.epochs.key_buffers().values())
     pair.client.send_data(marker)
     server.request_rekey()
     for _ in range(4):

@@ -68,6 +68,8 @@ cdef class ReassemblyTable:
 
     cdef int _mark_completed(self, tuple key, double now, Py_ssize_t msg_length) except -1
     cdef Py_ssize_t _expire(self, double now) except -1
+    # add() for compiled callers (the connection's per-fragment path).
+    cdef object _add_record(self, HandshakeRecord record, double now, bint ack)
 
 
 @cython.final
@@ -86,6 +88,9 @@ cdef class Flight:
 
     cdef int _alloc_spans(self, Py_ssize_t n) except -1
     cdef bint _acked(self, Py_ssize_t i) noexcept
+    # on_ack() and acknowledged for compiled callers.
+    cdef bint _on_ack(self, HandshakeAck ack) except -1
+    cdef bint _acknowledged(self) noexcept
 
 
 @cython.final
@@ -102,6 +107,10 @@ cdef class RetransmitTimer:
     cdef double _deadline
 
     cdef int _arm(self, double now) except -1
+    # start(), stop() and scale_for_link() for compiled callers.
+    cdef int _start(self, double now) except -1
+    cdef void _stop(self) noexcept
+    cdef int _scale_for_link(self, object bytes_in_flight, object bits_per_second) except -1
 
 
 @cython.final
@@ -110,3 +119,8 @@ cdef class AmplificationLimiter:
     cdef long long _received
     cdef long long _sent
     cdef bint _validated
+
+    # on_received(), on_sent() and can_send() for compiled callers.
+    cdef int _on_received(self, long long n) except -1
+    cdef int _on_sent(self, long long n) except -1
+    cdef bint _can_send(self, long long n) except -1

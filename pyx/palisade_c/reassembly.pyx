@@ -44,7 +44,9 @@ Compiled form
     instead of raising, so a flood of malformed fragments costs no exception objects. The
     results that carry nothing variable (REFUSED, MALFORMED, PARTIAL/DUPLICATE without an ack)
     are built once. CookieIssuer stays a plain class: it runs per ClientHello under load, and its
-    cost is the HMAC.
+    cost is the HMAC. The methods the connection calls per datagram (``add``, ``on_ack``,
+    ``start``/``stop``, ``can_send``/``on_sent``/``on_received`` and so on) each have a cdef twin
+    declared in reassembly.pxd that compiled callers use directly; the def method delegates to it.
 """
 
 cimport cython
@@ -511,6 +513,9 @@ cdef class ReassemblyTable:
 
         With ``ack=False`` the result carries no ack for a partial message (the caller builds
         one later from :meth:`get`, when it actually sends it)."""
+        return self._add_record(record, now, ack)
+
+    cdef object _add_record(self, HandshakeRecord record, double now, bint ack):
         cdef int msg_type = record.msg_type
         cdef int msg_seq = record.msg_seq
         cdef Py_ssize_t msg_length = record.msg_length
@@ -735,6 +740,9 @@ cdef class Flight:
         dropped its partial state (expiry, restart) reports less than before, and trusting an
         old ack would then leave bytes that nobody resends. Reordered acks only cost a resend.
         """
+        return self._on_ack(ack)
+
+    cdef bint _on_ack(self, HandshakeAck ack) except -1:
         cdef tuple ranges = ack.ranges
         cdef Py_ssize_t i, n
         if ack.acked_type != self._msg_type or ack.acked_seq != self._msg_seq:
@@ -779,6 +787,9 @@ cdef class Flight:
     @property
     def acknowledged(self) -> bool:
         """True when the latest ack covers every record (the timer can stop)."""
+        return self._acknowledged()
+
+    cdef bint _acknowledged(self) noexcept:
         cdef Py_ssize_t i
         if not self._has_ack:
             return False
@@ -886,7 +897,11 @@ cdef class RetransmitTimer:
     def scale_for_link(self, bytes_in_flight, bits_per_second) -> None:
         """Stretch the timeouts for a slow link; takes effect at the next arm. Call it with the
         flight's wire size whenever a new flight starts (None means a fast or unknown link)."""
+        self._scale_for_link(bytes_in_flight, bits_per_second)
+
+    cdef int _scale_for_link(self, object bytes_in_flight, object bits_per_second) except -1:
         self._floor = _link_rto_floor(bytes_in_flight, bits_per_second)
+        return 0
 
     @property
     def floor(self) -> float:
@@ -924,9 +939,12 @@ cdef class RetransmitTimer:
 
     def start(self, double now) -> None:
         """(Re)start for a new flight."""
+        self._start(now)
+
+    cdef int _start(self, double now) except -1:
         self._attempts = 0
         self._rto = _fmax(self._initial, self._floor)
-        self._arm(now)
+        return self._arm(now)
 
     def on_timeout(self, double now) -> bool:
         """The deadline passed. True: resend the unacked records (the timer is re-armed).
@@ -944,6 +962,9 @@ cdef class RetransmitTimer:
         return True
 
     def stop(self) -> None:
+        self._stop()
+
+    cdef void _stop(self) noexcept:
         self._running = False
 
 
@@ -977,16 +998,27 @@ cdef class AmplificationLimiter:
         self._validated = False
 
     def on_received(self, long long n) -> None:
+        self._on_received(n)
+
+    cdef int _on_received(self, long long n) except -1:
         if not _add_fits(self._received, n):
             raise OverflowError("received byte count out of range")
         self._received += n
+        return 0
 
     def on_sent(self, long long n) -> None:
+        self._on_sent(n)
+
+    cdef int _on_sent(self, long long n) except -1:
         if not _add_fits(self._sent, n):
             raise OverflowError("sent byte count out of range")
         self._sent += n
+        return 0
 
     def can_send(self, long long n) -> bool:
+        return self._can_send(n)
+
+    cdef bint _can_send(self, long long n) except -1:
         if self._validated:
             return True
         if _add_fits(self._sent, n) and _mul_fits(self._factor, self._received):

@@ -1,3 +1,4 @@
+# cython: language_level=3
 """One PALISADE session, sans-IO: datagrams and time in, datagrams and events out.
 
 Theory of operation
@@ -26,9 +27,22 @@ Rekeying is server-authoritative (PROFILE §6): the server arms its receiver and
 CTRL_REKEY(next); the client arms, installs its sender and acknowledges on the new epoch; the
 server installs its sender only on that evidence, so no packet is ever sealed under an epoch
 the peer cannot open. A client that wants new keys sends a request and waits.
+
+Compiled form
+-------------
+``Connection`` is a cdef class with C fields (declared in connection.pxd): counters are C
+integers, an optional time is a double plus a flag, and the objects it owns (state machine,
+reassembly table, flight, timer, amplification limiter, record layers) are typed, so the
+per-datagram handshake path (receive_datagram -> decode -> _client_on_record /
+_server_on_record -> _reassemble -> reply) runs as C calls between cdef methods and reads
+their fields directly. It keeps an instance ``__dict__``, as the plain class had: ``_seal`` is
+cpdef, so an override set on one instance (the rekey tests watch every seal that way) is
+honoured, while sessions without one skip the lookup. The handshake itself
+(:mod:`palisade_c.handshake`) stays Python; its cost is the KEM, signatures and SHA3.
 """
 
-from __future__ import annotations
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 import logging
 from collections import deque
@@ -36,9 +50,8 @@ from collections.abc import Callable
 from typing import Any
 
 from palisade_c import frames as F
-from palisade_c import hsrecord as hs
 from palisade_c import wire
-from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION, Config
+from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION
 from palisade_c.errors import (
     ControlFrameError,
     DecodeError,
@@ -51,35 +64,46 @@ from palisade_c.events import (
     ConnectionClosed,
     DataReceived,
     EpochChanged,
-    Event,
     HandshakeCompleted,
     NewTicket,
     PathMigrated,
 )
-from palisade_c.fsm import StateMachine
 from palisade_c.handshake import (
     ClientHandshake,
     ClientResumeHandshake,
-    HandshakeResult,
     ServerHandshake,
     ServerResumeHandshake,
 )
 from palisade_c.keyschedule import ticket_psk, wipe
-from palisade_c.reassembly import (
-    AmplificationLimiter,
-    Flight,
-    FragmentStatus,
-    ReassemblyTable,
-    RetransmitTimer,
-)
-from palisade_c.record import STREAM_DUMMY, STREAM_KEEPALIVE, Record, RecordLayer
+from palisade_c.reassembly import FragmentStatus
+from palisade_c.record import STREAM_DUMMY, STREAM_KEEPALIVE
 from palisade_c.tickets import (
     TICKET_NONCE_LEN,
     ClientTicket,
-    TicketService,
     decode_new_ticket,
     encode_new_ticket,
 )
+
+from palisade_c.frames cimport ControlFrame
+from palisade_c.fsm cimport StateMachine
+from palisade_c.hsrecord cimport (
+    MSG_CLIENT_FINISHED,
+    MSG_CLIENT_FINISHED_RESUME,
+    MSG_CLIENT_HELLO,
+    MSG_CLIENT_HELLO_RESUME,
+    MSG_ERROR_RESPONSE,
+    MSG_HANDSHAKE_ACK,
+    MSG_RETRY,
+    MSG_SERVER_HELLO,
+    MSG_SERVER_HELLO_RESUME,
+    RID_LEN,
+    HandshakeAck,
+    HandshakeRecord,
+    decode_ack_ptr,
+    decode_ptr,
+)
+from palisade_c.reassembly cimport AmplificationLimiter, Flight, ReassemblyTable, RetransmitTimer
+from palisade_c.record cimport Record, RecordLayer
 
 Addr = Any  # a transport address: (host, port) for UDP, a path for serial links
 
@@ -89,19 +113,19 @@ log = logging.getLogger("palisade_c.connection")
 MAX_EARLY_PACKETS = 16
 #: Migrate nonces remembered per session to refuse replays (each is 32 random bytes).
 MAX_MIGRATE_NONCES = 1024
-_FINISHED_TYPES = (hs.MSG_CLIENT_FINISHED, hs.MSG_CLIENT_FINISHED_RESUME)
+_FINISHED_TYPES = (MSG_CLIENT_FINISHED, MSG_CLIENT_FINISHED_RESUME)
 #: Bytes a full handshake puts on the wire (both directions, ML-KEM-768 + ML-DSA-65): what a
 #: slow link needs time for on top of the configured handshake timeout.
 HANDSHAKE_WIRE_BYTES = 16_500
 #: Bytes of the reply each flight waits for. A flight's first retransmission timeout must
 #: cover the reply's airtime too, or on a slow link it fires while the reply is still arriving.
 _REPLY_BYTES = {
-    hs.MSG_CLIENT_HELLO: 8_000,
-    hs.MSG_SERVER_HELLO: 4_600,
-    hs.MSG_CLIENT_FINISHED: 64,
-    hs.MSG_CLIENT_HELLO_RESUME: 2_400,
-    hs.MSG_SERVER_HELLO_RESUME: 1_200,
-    hs.MSG_CLIENT_FINISHED_RESUME: 64,
+    MSG_CLIENT_HELLO: 8_000,
+    MSG_SERVER_HELLO: 4_600,
+    MSG_CLIENT_FINISHED: 64,
+    MSG_CLIENT_HELLO_RESUME: 2_400,
+    MSG_SERVER_HELLO_RESUME: 1_200,
+    MSG_CLIENT_FINISHED_RESUME: 64,
 }
 #: Largest application stream id; 0xFE and 0xFF are keepalive and dummy.
 MAX_APP_STREAM = 0xFD
@@ -109,87 +133,102 @@ MAX_ERROR_DETAIL = 200
 
 EventLog = Callable[[dict[str, Any]], None]
 
+# C copies of the constants the per-packet paths compare against.
+cdef int _STREAM_KEEPALIVE = STREAM_KEEPALIVE
+cdef int _STREAM_DUMMY = STREAM_DUMMY
+cdef int _PLUS_RESUMPTION = PLUS_RESUMPTION
+cdef int _PLUS_MIGRATION = PLUS_MIGRATION
+cdef Py_ssize_t _MAX_EARLY_PACKETS = MAX_EARLY_PACKETS
+cdef Py_ssize_t _MAX_MIGRATE_NONCES = MAX_MIGRATE_NONCES
+cdef Py_ssize_t _MAX_ERROR_DETAIL = MAX_ERROR_DETAIL
+cdef object _MALFORMED = FragmentStatus.MALFORMED
+cdef object _REFUSED = FragmentStatus.REFUSED
+cdef object _COMPLETE = FragmentStatus.COMPLETE
+cdef int _DEBUG = logging.DEBUG
 
-class Connection:
+
+cdef inline bint _is_finished(int msg_type) noexcept:
+    return msg_type == MSG_CLIENT_FINISHED or msg_type == MSG_CLIENT_FINISHED_RESUME
+
+
+cdef inline bint _debug_logging() except -1:
+    # Checked before building a debug record: the logger caches its answer, so this costs one
+    # call where log.debug() would cost two even when nothing is logged.
+    return log.isEnabledFor(_DEBUG)
+
+
+cdef class Connection:
     """A client or server session. See the module docstring for the calling convention."""
 
-    def __init__(
-        self,
-        config: Config,
-        is_client: bool,
-        *,
-        event_log: EventLog | None = None,
-        name: str = "",
-        tickets: TicketService | None = None,
-    ) -> None:
+    def __init__(self, config, bint is_client, *, event_log=None, name="", tickets=None):
         self.config = config
         self.is_client = is_client
         self.name = name or ("client" if is_client else "server")
         #: Called whenever this session queues output or an event, even from an application
         #: call such as send_data(); the server endpoint uses it to visit only busy sessions.
-        self.on_wakeup: Callable[[Connection], None] | None = None
+        self.on_wakeup = None
         self._fsm = StateMachine(not is_client)
         self._event_log = event_log
         self._rand = config.jitter
         self._now = 0.0
-        self._out: list[tuple[bytes, Addr]] = []
-        self._events: deque[Event] = deque()
-        self.peer_addr: Addr | None = None
+        self._out = []
+        self._events = deque()
+        self.peer_addr = None
         #: The session RID (server's choice, carried by SH); the client's first-flight rid
         #: until then.
-        self.rid: bytes = b""
-        self._hello_rid: bytes = b""
-        self.record: RecordLayer | None = None
-        self.peer_fingerprint: str | None = None
+        self.rid = b""
+        self._hello_rid = b""
+        self.record = None
+        self.peer_fingerprint = None
         self.plus_features = 0
-        self.resumption_secret: bytearray | None = None
-        self._client_hs: ClientHandshake | None = None
-        self._server_hs: ServerHandshake | None = None
+        self.resumption_secret = None
+        self._client_hs = None
+        self._server_hs = None
         # PALISADE-PLUS: resumption, 0-RTT and migration.
         self._tickets = tickets if tickets is not None else config.tickets
-        self._resume_hs: ClientResumeHandshake | None = None
-        self._server_resume_hs: ServerResumeHandshake | None = None
-        self._early: RecordLayer | None = None  # 0-RTT keys (client seals, server opens)
+        self._resume_hs = None
+        self._server_resume_hs = None
+        self._early = None  # 0-RTT keys (client seals, server opens)
         self._early_budget = 0
         self._early_bytes = 0
         self.resumed = False
-        self._candidate: Addr | None = None
+        self._candidate = None
         self._candidate_count = 0
         self._candidate_since = 0.0
-        self._candidate_amp: AmplificationLimiter | None = None
-        self._path_challenge: bytes | None = None
-        self._migrate_nonces: set[bytes] = set()
-        self._last_addr: Addr | None = None
+        self._candidate_amp = None
+        self._path_challenge = None
+        self._migrate_nonces = set()
+        self._last_addr = None
         self._reasm = ReassemblyTable(4, max_age=config.handshake_timeout)
-        self._flight: Flight | None = None
-        self._flight_addr: Addr | None = None
+        self._flight = None
+        self._flight_addr = None
         self._flight_timer = self._new_timer()
-        self._hs_deadline: float | None = None
+        self._has_hs_deadline = False
         self._flight_sent_at = 0.0
         self._retried = False
-        self._pending_ack: tuple[bytes, int, int] | None = None  # reassembly key
-        self._ack_deadline: float | None = None
+        self._pending_ack = None  # reassembly key
+        self._has_ack_deadline = False
         # A quarter of the first retransmission timeout, stretched on slow links so the ack
         # does not race the rest of the burst still crossing the wire.
         self._ack_delay = config.initial_rto / 4 + config.link_time(2 * config.max_datagram_size)
         # Server side before the client proved its address (PROFILE §8).
         self._amp = AmplificationLimiter(config.amplification_factor)
-        self._amp_queue: deque[bytes] = deque()
-        self._early_packets: list[bytes] = []
+        self._amp_queue = deque()
+        self._early_packets = []
         # Session timers.
         self._last_recv = 0.0
         self._last_send = 0.0
-        self._drain_deadline: float | None = None
-        self._close_info: tuple[int, str, bool] | None = None
+        self._has_drain_deadline = False
+        self._close_info = None
         # The close we sent, resent while draining: a single lost frame must not leave the
         # peer waiting for its idle timeout.
-        self._close_frame: F.ControlFrame | None = None
-        self._close_resend_at: float | None = None
+        self._close_frame = None
+        self._has_close_resend_at = False
         # Rekey bookkeeping.
         self._epoch_started = 0.0
         self._epoch_bytes = 0
-        self._rekey_next: int | None = None
-        self._rekey_deadline: float | None = None
+        self._rekey_next = -1
+        self._has_rekey_deadline = False
         self._rekey_interval = config.rekey_retransmit
         self._reported_epoch = 0
         # Counters.
@@ -199,31 +238,31 @@ class Connection:
         self.bytes_out = 0
         self.hs_bytes_in = 0
         self.hs_bytes_out = 0
-        self._drops: dict[str, int] = {}
+        self._drops = {}
 
     # ------------------------------------------------------------------ public state
 
     @property
-    def state(self) -> str:
+    def state(self):
         """The seed's state name: C_IDLE ... C_CLOSED or S_IDLE ... S_CLOSED."""
         return self._fsm.name
 
     @property
-    def established(self) -> bool:
+    def established(self):
         return self._fsm.established
 
     @property
-    def closed(self) -> bool:
+    def closed(self):
         return self._fsm.closed
 
     @property
-    def epoch(self) -> int:
+    def epoch(self):
         if self.record is not None and not self.record.erased:
             return self.record.epoch
         return self._reported_epoch
 
     @property
-    def drop_counts(self) -> dict[str, int]:
+    def drop_counts(self):
         """Dropped input by reason: the record layer's counters plus the connection's own."""
         out = dict(self._drops)
         for layer in (self.record, self._early):
@@ -233,7 +272,7 @@ class Connection:
         return out
 
     @property
-    def counters(self) -> dict[str, Any]:
+    def counters(self):
         return {
             "state": self.state,
             "epoch": self.epoch,
@@ -248,8 +287,7 @@ class Connection:
 
     # ------------------------------------------------------------------ sans-IO API
 
-    def connect(self, addr: Addr, now: float, *, ticket: ClientTicket | None = None,
-                early_data: bytes | None = None, early_stream: int = 0) -> None:
+    def connect(self, addr, double now, *, ticket=None, early_data=None, early_stream=0):
         """Client: start the handshake towards ``addr``.
 
         With a ``ticket`` (PLUS) the client tries resumption, sending ``early_data`` as 0-RTT
@@ -268,6 +306,7 @@ class Connection:
         self.peer_addr = addr
         self._flight_addr = addr
         self._hs_deadline = now + self._handshake_budget()
+        self._has_hs_deadline = True
         self._new_hello_rid()
         if ticket is not None and ticket.usable(self.config.ticket_clock()):
             self._start_resumption(ticket, early_data, early_stream)
@@ -275,123 +314,144 @@ class Connection:
         self._fire("connect")
         self._start_full_handshake()
 
-    def _new_hello_rid(self) -> None:
+    cdef int _new_hello_rid(self) except -1:
         node_id = self.config.node_id
         if node_id is None:
             rand = self.config.rng(22)  # a random steering prefix and the RID's random tail
             self._hello_rid = self.rid = rand[:8] + b"\x00\x00" + rand[8:]
         else:
             self._hello_rid = self.rid = node_id + b"\x00\x00" + self.config.rng(14)
+        return 0
 
-    def _start_full_handshake(self) -> None:
+    cdef int _start_full_handshake(self) except -1:
         self._client_hs = ClientHandshake(self.config)
         self._send_flight(
             Flight.from_message(
-                hs.MSG_CLIENT_HELLO, self.rid, 0, self._client_hs.client_hello_bytes,
+                MSG_CLIENT_HELLO, self.rid, 0, self._client_hs.client_hello_bytes,
                 self.config.max_datagram_size,
             ),
             self.peer_addr,
         )
         self._fire("hello_sent")
+        return 0
 
-    def _start_resumption(self, ticket: ClientTicket, early_data: bytes | None,
-                          early_stream: int) -> None:
+    cdef int _start_resumption(self, ticket, early_data, int early_stream) except -1:
+        cdef Py_ssize_t room
         self._fire("resume")
         offer = early_data is not None and ticket.max_early_data > 0
         self._resume_hs = ClientResumeHandshake(self.config, ticket, offer)
         self._send_flight(
-            Flight.from_message(hs.MSG_CLIENT_HELLO_RESUME, self.rid, 0,
+            Flight.from_message(MSG_CLIENT_HELLO_RESUME, self.rid, 0,
                                 self._resume_hs.hello_bytes, self.config.max_datagram_size),
             self.peer_addr,
         )
         secret = self._resume_hs.early_secret
         if early_data is None or secret is None:
-            return
+            return 0
         self._early = RecordLayer(secret, True, self._hello_rid, early=True,
                                   replay_window=self.config.replay_window)
         wipe(secret)
         # Never more than the ticket allows: the server would refuse the rest anyway.
         data = early_data[:ticket.max_early_data]
         room = self.config.max_datagram_size - 61
-        for i in range(0, len(data), room) if data else range(1):
-            self._send_raw(self._early.seal(data[i:i + room], early_stream, False, 0, self._now))
+        for i in (range(0, len(data), room) if data else range(1)):
+            self._send_raw(self._early._seal(data[i:i + room], early_stream, False, 0,
+                                             self._now))
+        return 0
 
-    def _fallback_to_full_handshake(self, code: int) -> None:
+    cdef int _fallback_to_full_handshake(self, int code) except -1:
         """The server refused our ticket: forget it and run a full handshake [seed §4]."""
-        self._log_event("resumption-refused", code=code)
+        self._log_event("resumption-refused", {"code": code})
         if self._resume_hs is not None:
             self._resume_hs.erase()
         self._resume_hs = None
         if self._early is not None:
             self._early.erase()
             self._early = None
-        self._flight_timer.stop()
+        self._flight_timer._stop()
         self._fire("resume_rejected")
         self._new_hello_rid()
         self._start_full_handshake()
+        return 0
 
-    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
+    cpdef receive_datagram(self, data, addr, double now):
         """Feed one datagram from the transport. Never raises for anything in ``data``."""
+        cdef bytes raw
+        cdef Py_ssize_t n
         self._now = now
         if self._fsm.closed:
             self._drop("closed")
             return
-        if not isinstance(data, bytes):
-            data = bytes(data)
-        if len(data) < 2:
+        raw = data if type(data) is bytes else bytes(data)
+        n = PyBytes_GET_SIZE(raw)
+        if n < 2:
             self._drop("truncated")
             return
-        if data[0] == 0x51 and data[1] == 0x48:  # "QH"
-            self.hs_bytes_in += len(data)
-            if not self.is_client and not self._amp.validated:
-                self._amp.on_received(len(data))
-            self._on_handshake_datagram(data, addr, now)
+        if raw[0] == 0x51 and raw[1] == 0x48:  # "QH"
+            self.hs_bytes_in += n
+            if not self.is_client and not self._amp._validated:
+                self._amp._on_received(n)
+            self._on_handshake_datagram(raw, addr, now)
             if self._amp_queue:
                 self._flush_amplification()
-        elif data[0] == 0x51 and data[1] == 0x50:  # "QP"
-            self._on_packet(data, addr, now)
+        elif raw[0] == 0x51 and raw[1] == 0x50:  # "QP"
+            self._on_packet(raw, addr, now)
         else:
             self._drop("bad-magic")
 
-    def datagrams_to_send(self, now: float | None = None) -> list[tuple[bytes, Addr]]:
+    cpdef list datagrams_to_send(self, now=None):
         """Everything queued for the transport, in order. Clears the queue."""
         out, self._out = self._out, []
         return out
 
-    def get_timer(self) -> float | None:
+    cpdef object get_timer(self):
         """The earliest time at which handle_timer() has work, or None."""
+        cdef bint found = False
+        cdef double best = 0.0
+        cdef double t
+        cdef Py_ssize_t i
+        cdef RecordLayer record
         if self._fsm.closed:
             return None
-        best: float | None = None
         # A plain loop over the candidates: this runs after every datagram on a server.
-        for t in (self._flight_timer.deadline, self._hs_deadline, self._drain_deadline,
-                  self._rekey_deadline, self._ack_deadline, self._close_resend_at):
-            if t is not None and (best is None or t < best):
-                best = t
+        cdef bint[6] has = [
+            self._flight_timer._running, self._has_hs_deadline, self._has_drain_deadline,
+            self._has_rekey_deadline, self._has_ack_deadline, self._has_close_resend_at,
+        ]
+        cdef double[6] times = [
+            self._flight_timer._deadline, self._hs_deadline, self._drain_deadline,
+            self._rekey_deadline, self._ack_deadline, self._close_resend_at,
+        ]
+        for i in range(6):
+            if has[i] and (not found or times[i] < best):
+                best = times[i]
+                found = True
         record = self.record
         if record is not None and not record.erased:
             cfg = self.config
-            t = record.get_timer()
-            if t is not None and (best is None or t < best):
-                best = t
+            rt = record.get_timer()
+            if rt is not None and (not found or <double>rt < best):
+                best = rt
+                found = True
             if self._fsm.established:
-                t = min(self._last_recv + cfg.idle_timeout,
-                        self._last_send + cfg.keepalive_interval)
-                if self._rekey_next is None:  # the age trigger waits while a rekey runs
-                    t = min(t, self._epoch_started + cfg.rekey_after_seconds)
-                if best is None or t < best:
+                t = min(self._last_recv + <double>cfg.idle_timeout,
+                        self._last_send + <double>cfg.keepalive_interval)
+                if self._rekey_next < 0:  # the age trigger waits while a rekey runs
+                    t = min(t, self._epoch_started + <double>cfg.rekey_after_seconds)
+                if not found or t < best:
                     best = t
-        return best
+                    found = True
+        return best if found else None
 
-    def handle_timer(self, now: float) -> None:
+    cpdef handle_timer(self, double now):
         """Run whatever is due at ``now``: retransmissions, timeouts, keepalives, commits."""
         self._now = now
         if self._fsm.closed:
             return
-        if self._hs_deadline is not None and now >= self._hs_deadline:
+        if self._has_hs_deadline and now >= self._hs_deadline:
             self._fail(ErrorCode.ErrorHandshakeTimeout, "handshake timed out", send=False)
             return
-        if self._ack_deadline is not None and now >= self._ack_deadline:
+        if self._has_ack_deadline and now >= self._ack_deadline:
             self._send_pending_ack()
         if self._flight_timer.due(now):
             if self._flight_timer.on_timeout(now):
@@ -406,30 +466,30 @@ class Connection:
                 self._fail(ErrorCode.ErrorHandshakeTimeout,
                            "server never confirmed the handshake", send=False)
                 return
-        if self._drain_deadline is not None and now >= self._drain_deadline:
-            self._drain_deadline = None
+        if self._has_drain_deadline and now >= self._drain_deadline:
+            self._has_drain_deadline = False
             self._finish_close()
             return
-        if self._close_resend_at is not None and now >= self._close_resend_at:
+        if self._has_close_resend_at and now >= self._close_resend_at:
             self._resend_close()
         if self.record is None or self.record.erased:
             return
         self.record.handle_timer(now)
         self._after_epoch_activity(now)
         if self._fsm.established:
-            if now >= self._last_recv + self.config.idle_timeout:
+            if now >= self._last_recv + <double>self.config.idle_timeout:
                 self._idle_out()
                 return
-            if self._rekey_deadline is not None and now >= self._rekey_deadline:
+            if self._has_rekey_deadline and now >= self._rekey_deadline:
                 self._retransmit_rekey(now)
             self._maybe_rekey(now)
-            if now >= self._last_send + self.config.keepalive_interval:
-                self._seal(b"", STREAM_KEEPALIVE)
+            if now >= self._last_send + <double>self.config.keepalive_interval:
+                self._seal(b"", _STREAM_KEEPALIVE)
 
-    def next_event(self) -> Event | None:
+    cpdef next_event(self):
         return self._events.popleft() if self._events else None
 
-    def send_data(self, data: bytes, stream_id: int = 0) -> None:
+    def send_data(self, data, stream_id=0):
         """Encrypt ``data`` as one packet on ``stream_id`` (0..253)."""
         if not 0 <= stream_id <= MAX_APP_STREAM:
             raise ValueError(f"stream_id must be 0..{MAX_APP_STREAM}")
@@ -438,11 +498,11 @@ class Connection:
         self._seal(data, stream_id)
         self._maybe_rekey(self._now)
 
-    def close(self, error_code: int = 0, reason: str = "") -> None:
+    def close(self, error_code=0, reason=""):
         """Soft close: send CTRL_CLOSE(hard=0), drain for a bounded time, then CLOSED."""
         if not 0 <= error_code <= 0xFFFF:
             raise ValueError("error_code must fit in u16")
-        if self._fsm.closed or self.state.endswith(("_CLOSING", "_ABORT", "_IDLE")):
+        if self._fsm.closed or self._fsm.name.endswith(("_CLOSING", "_ABORT", "_IDLE")):
             return
         if self.record is None:
             # No keys: nothing to drain and no authenticated way to tell the peer.
@@ -452,12 +512,14 @@ class Connection:
             return
         self._close_info = (error_code, reason, False)
         self._close_frame = F.encode_close(error_code, False, reason)
-        self._send_control(self._close_frame)
+        self._send_frame(self._close_frame)
         self._fire("close")
-        self._drain_deadline = self._now + self.config.close_drain_time
-        self._close_resend_at = self._now + self.config.close_drain_time / 3
+        self._drain_deadline = self._now + <double>self.config.close_drain_time
+        self._has_drain_deadline = True
+        self._close_resend_at = self._now + <double>self.config.close_drain_time / 3
+        self._has_close_resend_at = True
 
-    def request_rekey(self) -> None:
+    def request_rekey(self):
         """Ask for new keys now (client: a request; server: an announcement)."""
         if not self._fsm.established or self.record is None:
             raise StateError(f"cannot rekey in state {self.state}")
@@ -468,228 +530,259 @@ class Connection:
 
     # ------------------------------------------------------------------ internals: plumbing
 
-    def _handshake_budget(self) -> float:
+    cdef double _handshake_budget(self) except? -1.0:
         """The configured handshake timeout plus twice the handshake's airtime on this link."""
         return self.config.handshake_timeout + 2 * self.config.link_time(HANDSHAKE_WIRE_BYTES)
 
-    def _new_timer(self) -> RetransmitTimer:
+    cdef RetransmitTimer _new_timer(self):
         return RetransmitTimer(
             self._rand, initial=self.config.initial_rto,
             maximum=max(self.config.max_rto, self.config.initial_rto),
         )
 
-    def _fire(self, event: str) -> bool:
-        before = self._fsm.name
+    cdef bint _fire(self, str event) except -1:
+        cdef str before = self._fsm.name
         if not self._fsm.fire(event):
             self._drop("illegal-event")
-            log.debug("%s: event %s refused in %s", self.name, event, before)
+            if _debug_logging():
+                log.debug("%s: event %s refused in %s", self.name, event, before)
             return False
-        log.debug("%s: %s --%s--> %s", self.name, before, event, self._fsm.name)
-        self._log_event("transition", old=before, event=event, new=self._fsm.name)
+        if _debug_logging():
+            log.debug("%s: %s --%s--> %s", self.name, before, event, self._fsm.name)
+        if self._event_log is not None:
+            self._log_event("transition", {"old": before, "event": event, "new": self._fsm.name})
         return True
 
-    def _drop(self, reason: str) -> None:
+    cdef int _drop(self, str reason) except -1:
         self._drops[reason] = self._drops.get(reason, 0) + 1
+        return 0
 
-    def _log_event(self, kind: str, **fields: Any) -> None:
+    cdef int _log_event(self, str kind, dict fields) except -1:
+        cdef dict entry
         if self._event_log is not None:
-            self._event_log({"t": round(self._now, 6), "conn": self.name, "kind": kind,
-                             **fields})
+            entry = {"t": round(self._now, 6), "conn": self.name, "kind": kind}
+            entry.update(fields)
+            self._event_log(entry)
+        return 0
 
-    def _emit(self, event: Event) -> None:
+    cdef int _emit(self, event) except -1:
         self._events.append(event)
         if self.on_wakeup is not None:
             self.on_wakeup(self)
+        return 0
 
-    def _send_raw(self, data: bytes, addr: Addr | None = None, *, handshake: bool = False
-                  ) -> None:
+    cdef int _send_raw(self, bytes data, object addr=None, bint handshake=False) except -1:
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        cdef AmplificationLimiter amp
         target = self.peer_addr if addr is None else addr
         if handshake:
             # Handshake traffic has its own counters; packets/bytes in and out are the
             # encrypted data plane in both directions alike.
-            self.hs_bytes_out += len(data)
-            if not self.is_client and not self._amp.validated:
-                if self._amp_queue or not self._amp.can_send(len(data)):
+            self.hs_bytes_out += n
+            if not self.is_client and not self._amp._validated:
+                if self._amp_queue or not self._amp._can_send(n):
                     self._amp_queue.append(data)
-                    return
-                self._amp.on_sent(len(data))
+                    return 0
+                self._amp._on_sent(n)
         else:
             self.packets_out += 1
-            self.bytes_out += len(data)
+            self.bytes_out += n
             amp = self._candidate_amp
-            if addr is None and amp is not None and amp.can_send(len(data)):
+            if addr is None and amp is not None and amp._can_send(n):
                 # The peer is talking from a candidate path it has not proven yet: answer
                 # there, within its 3x budget (PROFILE §8), as QUIC does; otherwise the old
                 # path, which may be gone, would swallow every reply until validation.
-                amp.on_sent(len(data))
+                amp._on_sent(n)
                 target = self._candidate
         self._out.append((data, target))
         if self.on_wakeup is not None:
             self.on_wakeup(self)
         self._last_send = self._now
+        return 0
 
-    def _flush_amplification(self) -> None:
-        while self._amp_queue and (self._amp.validated
-                                   or self._amp.can_send(len(self._amp_queue[0]))):
+    cdef int _flush_amplification(self) except -1:
+        cdef bytes data
+        while self._amp_queue and (self._amp._validated
+                                   or self._amp._can_send(len(self._amp_queue[0]))):
             data = self._amp_queue.popleft()
-            if not self._amp.validated:
-                self._amp.on_sent(len(data))
+            if not self._amp._validated:
+                self._amp._on_sent(PyBytes_GET_SIZE(data))
             self._out.append((data, self.peer_addr))
             if self.on_wakeup is not None:
                 self.on_wakeup(self)
+        return 0
 
-    def _send_flight(self, flight: Flight, addr: Addr | None = None) -> None:
+    cdef int _send_flight(self, Flight flight, object addr=None) except -1:
         self._flight = flight
         self._flight_addr = addr
         self._flight_timer = self._new_timer()
-        airtime_bytes = flight.total_bytes + _REPLY_BYTES.get(flight.msg_type, 0)
-        self._flight_timer.scale_for_link(airtime_bytes, self.config.link_bits_per_second)
-        for rec in flight.records:
+        airtime_bytes = flight._total_bytes + _REPLY_BYTES.get(flight._msg_type, 0)
+        self._flight_timer._scale_for_link(airtime_bytes, self.config.link_bits_per_second)
+        for rec in flight._records:
             self._send_raw(rec, addr, handshake=True)
         self._flight_sent_at = self._now
-        self._flight_timer.start(self._now)
+        self._flight_timer._start(self._now)
+        return 0
 
-    def _resend_flight(self, *, prompted: bool = False) -> None:
+    cdef int _resend_flight(self, bint prompted=False) except -1:
         """Resend what the peer has not acknowledged. ``prompted``: because the peer repeated
         an earlier message; such resends happen at most once per retransmission timeout, so
         a burst of duplicates cannot multiply the traffic on a slow link."""
         if self._flight is None:
-            return
-        if prompted and self._now - self._flight_sent_at < self._flight_timer.rto:
+            return 0
+        if prompted and self._now - self._flight_sent_at < self._flight_timer._rto:
             self._drop("resend-suppressed")
-            return
+            return 0
         self._flight_sent_at = self._now
         for rec in self._flight.records_to_resend():
             self._send_raw(rec, self._flight_addr, handshake=True)
+        return 0
 
-    def _send_error_response(self, code: int, detail: str, rid: bytes) -> None:
-        body = wire.ErrorResponse(error_code=int(code),
-                                  details=detail[:MAX_ERROR_DETAIL]).encode()
-        rec = hs.HandshakeRecord(hs.MSG_ERROR_RESPONSE, rid, 0, 0, len(body), body)
-        self._send_raw(rec.encode(), handshake=True)
+    cdef int _send_error_response(self, int code, str detail, bytes rid) except -1:
+        body = wire.ErrorResponse(error_code=code,
+                                  details=detail[:_MAX_ERROR_DETAIL]).encode()
+        rec = HandshakeRecord(MSG_ERROR_RESPONSE, rid, 0, 0, len(body), body)
+        self._send_raw(rec.encode(), None, handshake=True)
+        return 0
 
     # ------------------------------------------------------------------ handshake datagrams
 
-    def _on_handshake_datagram(self, data: bytes, addr: Addr, now: float) -> None:
+    cdef int _on_handshake_datagram(self, bytes data, addr, double now) except -1:
+        cdef HandshakeRecord rec
         try:
-            rec = hs.decode(data)
+            rec = decode_ptr(<const unsigned char*>PyBytes_AS_STRING(data),
+                             PyBytes_GET_SIZE(data))
         except DecodeError:
             self._drop("handshake-malformed")
-            return
+            return 0
         if self.is_client:
             self._client_on_record(rec, addr, now)
         else:
             self._server_on_record(rec, addr, now)
+        return 0
 
-    def _on_ack(self, rec: hs.HandshakeRecord) -> None:
+    cdef int _on_ack(self, HandshakeRecord rec) except -1:
+        cdef HandshakeAck ack
+        cdef Flight flight
         try:
-            ack = hs.decode_ack(rec.fragment)
+            ack = decode_ack_ptr(<const unsigned char*>PyBytes_AS_STRING(rec.fragment),
+                                 PyBytes_GET_SIZE(rec.fragment))
         except DecodeError:
             self._drop("handshake-malformed")
-            return
+            return 0
         flight = self._flight
-        if flight is None or not flight.on_ack(ack):
+        if flight is None or not flight._on_ack(ack):
             self._drop("stale-ack")
-            return
-        if flight.acknowledged:
-            self._flight_timer.stop()
+            return 0
+        if flight._acknowledged():
+            self._flight_timer._stop()
             if self._fsm.established:
                 self._flight = None
+        return 0
 
-    def _reassemble(self, rec: hs.HandshakeRecord, now: float) -> bytes | None:
+    cdef bytes _reassemble(self, HandshakeRecord rec, double now):
         """Add a fragment; acknowledge partial progress; return the message when complete."""
-        result = self._reasm.add(rec, now, ack=False)
-        if result.status in (FragmentStatus.MALFORMED, FragmentStatus.REFUSED):
-            self._drop("handshake-" + result.status.value)
+        result = self._reasm._add_record(rec, now, False)
+        status = result.status
+        if status is _MALFORMED or status is _REFUSED:
+            self._drop("handshake-" + status.value)
             return None
-        if result.status is FragmentStatus.COMPLETE:
+        if status is _COMPLETE:
             # The reply (or the explicit CF ack) tells the peer everything arrived.
             self._pending_ack = None
-            self._ack_deadline = None
+            self._has_ack_deadline = False
             return result.message
         # Delayed ack: a burst of fragments earns one ack, sent only if the message is still
         # incomplete when the delay runs out (that is when the sender needs it). The ack is
         # built then, from what is held then.
         self._pending_ack = (rec.rid, rec.msg_type, rec.msg_seq)
-        if self._ack_deadline is None:
+        if not self._has_ack_deadline:
             self._ack_deadline = now + self._ack_delay
+            self._has_ack_deadline = True
         return None
 
-    def _send_pending_ack(self) -> None:
+    cdef int _send_pending_ack(self) except -1:
         if self._pending_ack is not None:
             reasm = self._reasm.get(self._pending_ack)
             if reasm is not None and reasm.started and not reasm.is_complete:
-                self._send_raw(reasm.ack().to_record(self._pending_ack[0]), handshake=True)
+                self._send_raw(reasm.ack().to_record(self._pending_ack[0]), None,
+                               handshake=True)
         self._pending_ack = None
-        self._ack_deadline = None
+        self._has_ack_deadline = False
+        return 0
 
     # client --------------------------------------------------------------------------------
 
-    def _client_on_record(self, rec: hs.HandshakeRecord, addr: Addr, now: float) -> None:
-        t = rec.msg_type
-        if t == hs.MSG_HANDSHAKE_ACK:
-            if rec.rid in (self._hello_rid, self.rid):
+    cdef int _client_on_record(self, HandshakeRecord rec, addr, double now) except -1:
+        cdef int t = rec.msg_type
+        if t == MSG_HANDSHAKE_ACK:
+            if rec.rid == self._hello_rid or rec.rid == self.rid:
                 self._on_ack(rec)
             else:
                 self._drop("unknown-rid")
-        elif t == hs.MSG_ERROR_RESPONSE:
+        elif t == MSG_ERROR_RESPONSE:
             self._client_on_error_response(rec)
-        elif t == hs.MSG_RETRY:
+        elif t == MSG_RETRY:
             self._client_on_retry(rec)
-        elif t == hs.MSG_SERVER_HELLO:
+        elif t == MSG_SERVER_HELLO:
             self._client_on_server_hello(rec, now)
-        elif t == hs.MSG_SERVER_HELLO_RESUME:
+        elif t == MSG_SERVER_HELLO_RESUME:
             self._client_on_server_hello_resume(rec, now)
         else:
             self._drop("unexpected-handshake")
+        return 0
 
-    def _error_response(self, rec: hs.HandshakeRecord) -> wire.ErrorResponse | None:
+    cdef object _error_response(self, HandshakeRecord rec):
         try:
             return wire.ErrorResponse.decode(rec.fragment)
         except DecodeError:
             self._drop("handshake-malformed")
             return None
 
-    def _client_on_error_response(self, rec: hs.HandshakeRecord) -> None:
+    cdef int _client_on_error_response(self, HandshakeRecord rec) except -1:
         # Only an error that answers our own handshake, while it can still fail, counts.
-        cf_unconfirmed = (self._flight is not None
-                          and self._flight.msg_type in _FINISHED_TYPES)
-        awaiting = self.state in ("C_WAIT_SH", "C_RESUME_PENDING") or cf_unconfirmed
-        if rec.rid not in (self._hello_rid, self.rid) or not awaiting:
+        cdef str state = self._fsm.name
+        cdef bint cf_unconfirmed = (self._flight is not None
+                                    and _is_finished(self._flight._msg_type))
+        cdef bint awaiting = state == "C_WAIT_SH" or state == "C_RESUME_PENDING" \
+            or cf_unconfirmed
+        if not (rec.rid == self._hello_rid or rec.rid == self.rid) or not awaiting:
             self._drop("stale-error-response")
-            return
+            return 0
         err = self._error_response(rec)
         if err is None:
-            return
-        if self.state == "C_RESUME_PENDING":
+            return 0
+        if state == "C_RESUME_PENDING":
             self._fallback_to_full_handshake(err.error_code)
-            return
+            return 0
         self._abort(err.error_code, f"server refused the handshake: {err.text}", by_peer=True,
                     send=False)
+        return 0
 
-    def _client_on_retry(self, rec: hs.HandshakeRecord) -> None:
-        if self.state != "C_WAIT_SH" or rec.rid != self._hello_rid or self._retried:
+    cdef int _client_on_retry(self, HandshakeRecord rec) except -1:
+        if self._fsm.name != "C_WAIT_SH" or rec.rid != self._hello_rid or self._retried:
             self._drop("stale-retry")
-            return
-        new_rid = rec.fragment
-        if len(new_rid) != hs.RID_LEN or new_rid[:8] != self._hello_rid[:8]:
+            return 0
+        cdef bytes new_rid = rec.fragment
+        if PyBytes_GET_SIZE(new_rid) != RID_LEN or new_rid[:8] != self._hello_rid[:8]:
             self._drop("handshake-malformed")
-            return
+            return 0
         assert self._client_hs is not None
         self._retried = True
         self._hello_rid = self.rid = new_rid
-        self._log_event("retry")
+        self._log_event("retry", {})
         self._send_flight(
-            Flight.from_message(hs.MSG_CLIENT_HELLO, new_rid, 0,
+            Flight.from_message(MSG_CLIENT_HELLO, new_rid, 0,
                                 self._client_hs.client_hello_bytes,
                                 self.config.max_datagram_size),
             self._flight_addr,
         )
+        return 0
 
-    def _server_reply(self, rec: hs.HandshakeRecord, now: float, waiting: str) -> bytes | None:
+    cdef bytes _server_reply(self, HandshakeRecord rec, double now, str waiting):
         """A fragment of SH or SHR: the whole reply once complete, else None."""
-        if self.state != waiting:
-            if self._flight is not None and self._flight.msg_type in _FINISHED_TYPES:
+        if self._fsm.name != waiting:
+            if self._flight is not None and _is_finished(self._flight._msg_type):
                 # The server is still resending its hello: our Finished is lost. Resend what
                 # the server has not acknowledged.
                 self._resend_flight(prompted=True)
@@ -705,37 +798,38 @@ class Connection:
         # Any fragment of the reply proves the server has our hello: stop resending it.
         # Missing reply fragments are the server's to resend (its timer, prompted by our
         # delayed ack).
-        self._flight_timer.stop()
+        self._flight_timer._stop()
         return self._reassemble(rec, now)
 
-    def _client_on_server_hello(self, rec: hs.HandshakeRecord, now: float) -> None:
-        message = self._server_reply(rec, now, "C_WAIT_SH")
+    cdef int _client_on_server_hello(self, HandshakeRecord rec, double now) except -1:
+        cdef bytes message = self._server_reply(rec, now, "C_WAIT_SH")
         if message is None:
-            return
+            return 0
         if not self._fire("sh_received"):
-            return
+            return 0
         assert self._client_hs is not None
         try:
             cf = self._client_hs.on_server_hello(message)
         except HandshakeError as exc:
             self.rid = rec.rid
             self._fail(exc.code, exc.detail, send=True)
-            return
+            return 0
         result = self._client_hs.result
         assert result is not None
         self._fire("sh_verified")
         self.rid = rec.rid
-        self._flight_timer.stop()
+        self._flight_timer._stop()
         self._send_flight(
-            Flight.from_message(hs.MSG_CLIENT_FINISHED, self.rid, 1, cf,
+            Flight.from_message(MSG_CLIENT_FINISHED, self.rid, 1, cf,
                                 self.config.max_datagram_size),
         )
         self._install_keys(result, now)
+        return 0
 
-    def _client_on_server_hello_resume(self, rec: hs.HandshakeRecord, now: float) -> None:
-        message = self._server_reply(rec, now, "C_RESUME_PENDING")
+    cdef int _client_on_server_hello_resume(self, HandshakeRecord rec, double now) except -1:
+        cdef bytes message = self._server_reply(rec, now, "C_RESUME_PENDING")
         if message is None:
-            return
+            return 0
         resume = self._resume_hs
         assert resume is not None
         try:
@@ -743,14 +837,14 @@ class Connection:
         except HandshakeError as exc:
             self.rid = rec.rid
             self._fail(exc.code, exc.detail, send=True)
-            return
+            return 0
         result = resume.result
         assert result is not None
         self._fire("resume_accepted")
         self.rid = rec.rid
-        self._flight_timer.stop()
+        self._flight_timer._stop()
         self._send_flight(
-            Flight.from_message(hs.MSG_CLIENT_FINISHED_RESUME, self.rid, 1, cfr,
+            Flight.from_message(MSG_CLIENT_FINISHED_RESUME, self.rid, 1, cfr,
                                 self.config.max_datagram_size),
         )
         if self._early is not None:
@@ -758,94 +852,101 @@ class Connection:
             self._early = None
         self._install_keys(result, now, early_data_accepted=resume.accepted_0rtt)
         self._resume_hs = None
+        return 0
 
     # server --------------------------------------------------------------------------------
 
-    def _server_on_record(self, rec: hs.HandshakeRecord, addr: Addr, now: float) -> None:
-        t = rec.msg_type
-        if self.state == "S_IDLE":
+    cdef int _server_on_record(self, HandshakeRecord rec, addr, double now) except -1:
+        cdef int t = rec.msg_type
+        if self._fsm.name == "S_IDLE":
             self._fire("listen")
-        if t == hs.MSG_CLIENT_HELLO:
+        if t == MSG_CLIENT_HELLO:
             self._server_on_client_hello(rec, addr, now)
-        elif t in _FINISHED_TYPES:
+        elif _is_finished(t):
             self._server_on_client_finished(rec, addr, now)
-        elif t == hs.MSG_CLIENT_HELLO_RESUME:
+        elif t == MSG_CLIENT_HELLO_RESUME:
             self._server_on_client_hello_resume(rec, addr, now)
-        elif t == hs.MSG_HANDSHAKE_ACK:
+        elif t == MSG_HANDSHAKE_ACK:
             if rec.rid == self.rid:
                 self._amp.validate()  # only a peer that saw SH knows the session RID
                 self._on_ack(rec)
             else:
                 self._drop("unknown-rid")
-        elif t == hs.MSG_ERROR_RESPONSE:
-            if rec.rid != self.rid or self.state != "S_WAIT_FIN":
+        elif t == MSG_ERROR_RESPONSE:
+            if rec.rid != self.rid or self._fsm.name != "S_WAIT_FIN":
                 self._drop("stale-error-response")
-                return
+                return 0
             err = self._error_response(rec)
             if err is None:
-                return
+                return 0
             self._abort(err.error_code, f"client refused the handshake: {err.text}",
                         by_peer=True, send=False)
         else:
             self._drop("unexpected-handshake")
+        return 0
 
-    def _client_hello(self, rec: hs.HandshakeRecord, addr: Addr, now: float, first: str,
-                      waiting: str, resumed: bool) -> bytes | None:
+    cdef bytes _client_hello(self, HandshakeRecord rec, addr, double now, str first,
+                             str waiting, bint resumed):
         """A fragment of CH (or CHR): the whole hello once complete, else None."""
-        if self.state == "S_LISTEN":
+        if self._fsm.name == "S_LISTEN":
             self.peer_addr = addr
             self._hello_rid = rec.rid
             self._hs_deadline = now + self._handshake_budget()
+            self._has_hs_deadline = True
             self._fire(first)
         elif rec.rid != self._hello_rid:
             self._drop("unknown-rid")
             return None
-        if self.state != waiting:
+        if self._fsm.name != waiting:
             # The hello again: our reply (or part of it) was lost. Resend what is missing.
-            if self.state == "S_WAIT_FIN" and resumed == (self._server_resume_hs is not None) \
-                    and self._reasm.add(rec, now).status is not FragmentStatus.MALFORMED:
+            if self._fsm.name == "S_WAIT_FIN" \
+                    and resumed == (self._server_resume_hs is not None) \
+                    and self._reasm._add_record(rec, now, True).status is not _MALFORMED:
                 self._resend_flight(prompted=True)
             else:
                 self._drop("unexpected-handshake")
             return None
         return self._reassemble(rec, now)
 
-    def _new_session_rid(self, hello_rid: bytes) -> bytes:
+    cdef bytes _new_session_rid(self, bytes hello_rid):
         """The server's session RID: its node id (or the client's prefix), rotation epoch 0,
         14 random bytes (PROFILE §4)."""
         prefix = self.config.node_id if self.config.node_id is not None else hello_rid[:8]
         return prefix + b"\x00\x00" + self.config.rng(14)
 
-    def _server_on_client_hello(self, rec: hs.HandshakeRecord, addr: Addr, now: float) -> None:
-        message = self._client_hello(rec, addr, now, "ch_received", "S_WAIT_CH", False)
+    cdef int _server_on_client_hello(self, HandshakeRecord rec, addr, double now) except -1:
+        cdef bytes message = self._client_hello(rec, addr, now, "ch_received", "S_WAIT_CH",
+                                                False)
         if message is None:
-            return
+            return 0
         self._server_hs = ServerHandshake(self.config)
         try:
             sh = self._server_hs.on_client_hello(message)
         except HandshakeError as exc:
             self.rid = self._hello_rid
             self._fail(exc.code, exc.detail, send=True)
-            return
+            return 0
         self._fire("ch_parsed")
         self._fire("ch_verified")
         self.rid = self._new_session_rid(rec.rid)
         self._send_flight(
-            Flight.from_message(hs.MSG_SERVER_HELLO, self.rid, 0, sh,
+            Flight.from_message(MSG_SERVER_HELLO, self.rid, 0, sh,
                                 self.config.max_datagram_size),
         )
         self._fire("sh_sent")
+        return 0
 
-    def _server_on_client_hello_resume(self, rec: hs.HandshakeRecord, addr: Addr,
-                                       now: float) -> None:
-        message = self._client_hello(rec, addr, now, "chr_received", "S_RESUME_WAIT_CHR", True)
+    cdef int _server_on_client_hello_resume(self, HandshakeRecord rec, addr,
+                                            double now) except -1:
+        cdef bytes message = self._client_hello(rec, addr, now, "chr_received",
+                                                "S_RESUME_WAIT_CHR", True)
         if message is None:
-            return
+            return 0
         self.rid = self._hello_rid
         tickets = self._tickets
-        if tickets is None or not self.config.plus_features & PLUS_RESUMPTION:
+        if tickets is None or not self.config.plus_features & _PLUS_RESUMPTION:
             self._refuse_resumption(int(ErrorCode.ErrorTicketInvalid), "resumption disabled")
-            return
+            return 0
         resume = ServerResumeHandshake(self.config, tickets)
         try:
             shr = resume.on_client_hello_resume(message)
@@ -854,12 +955,12 @@ class Connection:
                 self._refuse_resumption(int(exc.code), exc.detail)
             else:
                 self._fail(exc.code, exc.detail, send=True)
-            return
+            return 0
         self._server_resume_hs = resume
         self._fire("resume_accepted")
         self.rid = self._new_session_rid(rec.rid)
         self._send_flight(
-            Flight.from_message(hs.MSG_SERVER_HELLO_RESUME, self.rid, 0, shr,
+            Flight.from_message(MSG_SERVER_HELLO_RESUME, self.rid, 0, shr,
                                 self.config.max_datagram_size),
         )
         self._fire("sh_sent")
@@ -871,38 +972,39 @@ class Connection:
         waiting, self._early_packets = self._early_packets, []
         for pkt in waiting:
             self._on_packet(pkt, self.peer_addr, now)
+        return 0
 
-    def _refuse_resumption(self, code: int, detail: str) -> None:
+    cdef int _refuse_resumption(self, int code, str detail) except -1:
         """Tell the client its ticket is no good so it falls back; this session ends."""
         self._send_error_response(code, detail, self._hello_rid)
-        self._log_event("resumption-refused", code=code)
+        self._log_event("resumption-refused", {"code": code})
         self._fire("resume_rejected")
         self._teardown()
         self._emit(ConnectionClosed(code, detail, False))
+        return 0
 
-    def _server_on_client_finished(self, rec: hs.HandshakeRecord, addr: Addr, now: float
-                                   ) -> None:
+    cdef int _server_on_client_finished(self, HandshakeRecord rec, addr, double now) except -1:
         if rec.rid != self.rid:
             self._drop("unknown-rid")
-            return
+            return 0
         self._amp.validate()  # the client echoes the session RID: it received our SH
-        if self.state != "S_WAIT_FIN":
+        if self._fsm.name != "S_WAIT_FIN":
             if self._fsm.established:
                 # CF retransmitted: our ack was lost. The table answers with a full ack.
-                again = self._reasm.add(rec, now)
+                again = self._reasm._add_record(rec, now, True)
                 if again.ack is not None:
-                    self._send_raw(again.ack.to_record(self.rid), handshake=True)
-                return
+                    self._send_raw(again.ack.to_record(self.rid), None, handshake=True)
+                return 0
             self._drop("unexpected-handshake")
-            return
-        resumed = rec.msg_type == hs.MSG_CLIENT_FINISHED_RESUME
+            return 0
+        cdef bint resumed = rec.msg_type == MSG_CLIENT_FINISHED_RESUME
         if resumed != (self._server_resume_hs is not None):
             self._drop("unexpected-handshake")  # CF for a resumption, or CFR for a full one
-            return
-        self._flight_timer.stop()  # a CF fragment proves SH arrived
-        message = self._reassemble(rec, now)
+            return 0
+        self._flight_timer._stop()  # a CF fragment proves SH arrived
+        cdef bytes message = self._reassemble(rec, now)
         if message is None:
-            return
+            return 0
         try:
             if self._server_resume_hs is not None:
                 result = self._server_resume_hs.on_client_finished_resume(message)
@@ -911,10 +1013,10 @@ class Connection:
                 result = self._server_hs.on_client_finished(message)
         except HandshakeError as exc:
             self._fail(exc.code, exc.detail, send=True)
-            return
+            return 0
         self._fire("fin_received")
-        ack = hs.HandshakeAck(rec.msg_type, rec.msg_seq, [(0, len(message))])
-        self._send_raw(ack.to_record(self.rid), handshake=True)
+        ack = HandshakeAck(rec.msg_type, rec.msg_seq, [(0, len(message))])
+        self._send_raw(ack.to_record(self.rid), None, handshake=True)
         self._flight = None
         self._server_resume_hs = None
         if self._early is not None:
@@ -924,9 +1026,9 @@ class Connection:
         early, self._early_packets = self._early_packets, []
         for pkt in early:
             self._on_packet(pkt, self.peer_addr, now)
+        return 0
 
-    def _install_keys(self, result: HandshakeResult, now: float, *,
-                      early_data_accepted: bool = False) -> None:
+    cdef int _install_keys(self, result, double now, bint early_data_accepted=False) except -1:
         cfg = self.config
         self.record = RecordLayer(
             result.master_secret, self.is_client, self.rid,
@@ -937,24 +1039,26 @@ class Connection:
         self.resumption_secret = result.resumption_secret
         self.peer_fingerprint = result.peer_fingerprint
         self.plus_features = result.plus_features
-        self._hs_deadline = None
+        self._has_hs_deadline = False
         self._client_hs = self._server_hs = None
         self.resumed = result.resumed
         self._last_recv = self._last_send = self._epoch_started = now
         self._fire("keys_derived")
-        self._log_event("established", peer=result.peer_fingerprint[:16], resumed=self.resumed)
+        self._log_event("established", {"peer": result.peer_fingerprint[:16],
+                                        "resumed": self.resumed})
         self._emit(HandshakeCompleted(result.peer_fingerprint, resumed=self.resumed,
                                       plus_features=self.plus_features,
                                       early_data_accepted=early_data_accepted))
         if not self.is_client:
             self._issue_ticket(result)
+        return 0
 
-    def _issue_ticket(self, result: HandshakeResult) -> None:
+    cdef int _issue_ticket(self, result) except -1:
         """Server: one NEW_TICKET after every (full or resumed) handshake, when negotiated."""
         tickets = self._tickets
-        if tickets is None or not self.plus_features & PLUS_RESUMPTION \
+        if tickets is None or not self.plus_features & _PLUS_RESUMPTION \
                 or self.resumption_secret is None:
-            return
+            return 0
         nonce = self.config.rng(TICKET_NONCE_LEN)
         psk = ticket_psk(self.resumption_secret, nonce)
         try:
@@ -962,187 +1066,210 @@ class Connection:
                                    result.kem, result.sig, result.aead)
         finally:
             wipe(psk)
-        self._send_control(encode_new_ticket(tickets.lifetime, tickets.max_early_data, nonce,
-                                             ticket))
+        self._send_frame(encode_new_ticket(tickets.lifetime, tickets.max_early_data, nonce,
+                                           ticket))
+        return 0
 
     # ------------------------------------------------------------------ encrypted packets
 
-    def _on_packet(self, data: bytes, addr: Addr, now: float) -> None:
-        if self._early is not None and not self.is_client and len(data) >= 30 \
+    cdef int _on_packet(self, bytes data, addr, double now) except -1:
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        cdef RecordLayer record
+        cdef Record rec
+        if self._early is not None and not self.is_client and n >= 30 \
                 and data[6:30] == self._hello_rid and self._hello_rid != self.rid:
             self._on_early_packet(data, now)  # 0-RTT packets carry the first-flight RID
-            return
+            return 0
         record = self.record
         if record is None or record.erased:
-            if not self.is_client and self.state in ("S_WAIT_FIN", "S_RESUME_WAIT_CHR") \
-                    and len(self._early_packets) < MAX_EARLY_PACKETS:
+            if not self.is_client \
+                    and (self._fsm.name == "S_WAIT_FIN" or self._fsm.name == "S_RESUME_WAIT_CHR") \
+                    and len(self._early_packets) < _MAX_EARLY_PACKETS:
                 # Data may overtake CF, and 0-RTT data may overtake CHR (PROFILE §3, §7).
                 self._early_packets.append(data)
             else:
                 self._drop("no-keys")
-            return
-        rec = record.open(data, now)
+            return 0
+        rec = record._open(data, now)
         if rec is None:
-            return
+            return 0
         self._last_addr = addr
         if addr != self.peer_addr and self.peer_addr is not None and not self.is_client:
-            self._on_new_path(addr, len(data), now)
+            self._on_new_path(addr, n, now)
         self.packets_in += 1
-        self.bytes_in += len(data)
-        self._epoch_bytes += len(data)
+        self.bytes_in += n
+        self._epoch_bytes += n
         self._last_recv = now
         if self._flight is not None and self.is_client:
             # Any packet under the new keys proves the server has our CF (PROFILE §3).
             self._flight = None
-            self._flight_timer.stop()
-        if self._rekey_next is not None and rec.epoch == self._rekey_next:
+            self._flight_timer._stop()
+        if self._rekey_next >= 0 and rec.epoch == self._rekey_next:
             self._on_rekey_evidence(now)
         if rec.control:
             self._on_control(rec, now)
-        elif rec.stream_id != STREAM_KEEPALIVE and rec.stream_id != STREAM_DUMMY:
-            if self.state.endswith("_CLOSED"):
-                return
+        elif rec.stream_id != _STREAM_KEEPALIVE and rec.stream_id != _STREAM_DUMMY:
+            if self._fsm.name.endswith("_CLOSED"):
+                return 0
             self._emit(DataReceived(rec.stream_id, rec.payload))
         self._after_epoch_activity(now)
+        return 0
 
-    def _on_early_packet(self, data: bytes, now: float) -> None:
+    cdef int _on_early_packet(self, bytes data, double now) except -1:
         """Server: one 0-RTT packet. Replayable, so only allowlisted streams and keepalives,
         never a control frame, and never past the ticket's allowance [spec §12.8, seed §4]."""
         assert self._early is not None
-        rec = self._early.open(data, now)
+        cdef Record rec = self._early._open(data, now)
         if rec is None:
-            return
+            return 0
         if rec.control:
             self._drop("early-control-ignored")
-            return
-        if rec.stream_id == STREAM_KEEPALIVE or rec.stream_id == STREAM_DUMMY:
-            return
+            return 0
+        if rec.stream_id == _STREAM_KEEPALIVE or rec.stream_id == _STREAM_DUMMY:
+            return 0
         if rec.stream_id not in self.config.early_data_streams:
             self._drop("early-stream-refused")
-            return
-        if self._early_bytes + len(rec.payload) > self._early_budget:
+            return 0
+        if self._early_bytes + PyBytes_GET_SIZE(rec.payload) > self._early_budget:
             self._drop("early-data-limit")
-            return
-        self._early_bytes += len(rec.payload)
+            return 0
+        self._early_bytes += PyBytes_GET_SIZE(rec.payload)
         self.packets_in += 1
-        self.bytes_in += len(data)
+        self.bytes_in += PyBytes_GET_SIZE(data)
         self._emit(DataReceived(rec.stream_id, rec.payload, early=True))
+        return 0
 
     # ------------------------------------------------------------------ migration (PLUS)
 
-    @property
-    def _migration(self) -> bool:
-        return bool(self.plus_features & PLUS_MIGRATION)
+    cdef bint _migration(self) noexcept:
+        return (self.plus_features & _PLUS_MIGRATION) != 0
 
-    def migrate(self) -> None:
+    def migrate(self):
         """Client: announce that our address changed (soft migration, spec §13.2).
 
         Call after the transport moved to its new address; the next packet carries
         CTRL_MIGRATE from there, and the server validates the new path before using it."""
         if not self.is_client or not self._fsm.established or self.record is None:
             raise StateError("migrate() is for an established client")
-        if not self._migration:
+        if not self._migration():
             raise StateError("migration was not negotiated (PALISADE-PLUS feature 0x02)")
-        self._send_control(F.encode_migrate(self.config.rng(32), self.record.epoch))
+        self._send_frame(F.encode_migrate(self.config.rng(32), self.record.epoch))
 
-    def _on_new_path(self, addr: Addr, size: int, now: float) -> None:
+    cdef int _on_new_path(self, addr, Py_ssize_t size, double now) except -1:
         """Server: an authenticated packet came from an address other than the primary path:
         NAT rebinding, or a migration whose CTRL_MIGRATE is inside this very packet. Both make
         the address a candidate; the primary path changes only once it is validated."""
-        if not self._migration:
+        if not self._migration():
             self._drop("path-change-ignored")  # CORE: the session stays on its path
-            return
+            return 0
         if addr != self._candidate:
             self._candidate = addr
             self._candidate_count = 0
             self._candidate_since = now
             self._candidate_amp = AmplificationLimiter(self.config.amplification_factor)
             self._path_challenge = self.config.rng(32)
-            self._candidate_amp.on_received(size)
-            self._log_event("path-candidate")
+            self._candidate_amp._on_received(size)
+            self._log_event("path-candidate", {})
             self._send_path_challenge()
         else:
             assert self._candidate_amp is not None
-            self._candidate_amp.on_received(size)
+            self._candidate_amp._on_received(size)
         self._candidate_count += 1
-        if now - self._candidate_since > self.config.migration_window:
+        if now - self._candidate_since > <double>self.config.migration_window:
             # Too slow to count as one burst: start counting again from this packet.
             self._candidate_since = now
             self._candidate_count = 1
         if self._candidate_count >= self.config.migration_packets:
             self._promote_candidate()
+        return 0
 
-    def _send_path_challenge(self) -> None:
+    cdef int _send_path_challenge(self) except -1:
+        cdef bytes pkt
+        cdef AmplificationLimiter amp
         assert self.record is not None and self._path_challenge is not None
         frame = F.encode_path(F.CTRL_PATH_CHALLENGE, self._path_challenge)
-        pkt = self.record.seal(F.encode_frames([frame]), 0, True, 0, self._now)
+        pkt = self.record._seal(F.encode_frames([frame]), 0, True, 0, self._now)
         amp = self._candidate_amp
         # An unvalidated path gets at most 3x what it sent us (PROFILE §8).
-        if amp is not None and amp.can_send(len(pkt)):
-            amp.on_sent(len(pkt))
+        if amp is not None and amp._can_send(PyBytes_GET_SIZE(pkt)):
+            amp._on_sent(PyBytes_GET_SIZE(pkt))
             self._out.append((pkt, self._candidate))
             self.packets_out += 1
-            self.bytes_out += len(pkt)
+            self.bytes_out += PyBytes_GET_SIZE(pkt)
             if self.on_wakeup is not None:
                 self.on_wakeup(self)
         else:
             self._drop("amplification-deferred")
+        return 0
 
-    def _promote_candidate(self) -> None:
+    cdef int _promote_candidate(self) except -1:
         self.peer_addr = self._candidate
         self._candidate = None
         self._candidate_amp = None
         self._path_challenge = None
-        self._log_event("path-migrated")
+        self._log_event("path-migrated", {})
         self._emit(PathMigrated(self.peer_addr))
+        return 0
 
-    def _on_migrate_frame(self, frame: F.ControlFrame, rec: Record, addr: Addr) -> None:
+    cdef int _on_migrate_frame(self, ControlFrame frame, Record rec, addr) except -1:
         nonce, _observed, reason = F.decode_migrate(frame)
-        if self.is_client or not self._migration:
+        if self.is_client or not self._migration():
             self._drop("ignored-control")
-            return
+            return 0
         if nonce in self._migrate_nonces:
             self._drop("migrate-replay")  # single use [spec §13]
-            return
+            return 0
         if reason != F.MIGRATE_REASON_SOFT or self.record is None \
                 or rec.epoch != self.record.epoch:
             self._drop("migrate-invalid")
-            return
-        if len(self._migrate_nonces) >= MAX_MIGRATE_NONCES:
+            return 0
+        if len(self._migrate_nonces) >= _MAX_MIGRATE_NONCES:
             self._migrate_nonces.pop()
         self._migrate_nonces.add(nonce)
         # The candidate itself was set by _on_new_path when this packet arrived.
+        return 0
 
-    def _seal(self, payload: bytes, stream_id: int, control: bool = False) -> None:
+    # ------------------------------------------------------------------ control frames
+
+    cpdef _seal(self, payload, int stream_id, bint control=False):
+        cdef bytes pkt
         assert self.record is not None
-        pkt = self.record.seal(payload, stream_id, control, 0, self._now)
-        self._epoch_bytes += len(pkt)
+        pkt = self.record._seal(payload, stream_id, control, 0, self._now)
+        self._epoch_bytes += PyBytes_GET_SIZE(pkt)
         self._send_raw(pkt)
 
-    def _send_control(self, *frames: F.ControlFrame) -> None:
+    def _send_control(self, *frames):
         self._seal(F.encode_frames(frames), 0, True)
 
-    def _on_control(self, rec: Record, now: float) -> None:
+    cdef int _send_frame(self, ControlFrame frame) except -1:
+        """_send_control for the one frame every internal caller sends."""
+        self._seal(F.encode_frames((frame,)), 0, True)
+        return 0
+
+    cdef int _on_control(self, Record rec, double now) except -1:
+        cdef ControlFrame frame
+        cdef int t
         try:
             frames = F.decode_frames(rec.payload)
         except ControlFrameError:
             self._drop("malformed-control")
-            return
+            return 0
         for frame in frames:
+            t = frame.ctrl_type
             try:
-                if frame.ctrl_type == F.CTRL_REKEY:
+                if t == F.CTRL_REKEY:
                     self._on_rekey_frame(frame, rec, now)
-                elif frame.ctrl_type == F.CTRL_CLOSE:
+                elif t == F.CTRL_CLOSE:
                     self._on_close_frame(frame)
-                elif frame.ctrl_type == F.CTRL_NEW_TICKET and self.is_client \
-                        and self.plus_features & PLUS_RESUMPTION:
+                elif t == F.CTRL_NEW_TICKET and self.is_client \
+                        and self.plus_features & _PLUS_RESUMPTION:
                     self._on_new_ticket(frame)
-                elif frame.ctrl_type == F.CTRL_MIGRATE:
+                elif t == F.CTRL_MIGRATE:
                     self._on_migrate_frame(frame, rec, self._last_addr)
-                elif frame.ctrl_type == F.CTRL_PATH_CHALLENGE and self._migration:
+                elif t == F.CTRL_PATH_CHALLENGE and self._migration():
                     data = F.decode_path(frame)
-                    self._send_control(F.encode_path(F.CTRL_PATH_RESPONSE, data))
-                elif frame.ctrl_type == F.CTRL_PATH_RESPONSE and self._migration:
+                    self._send_frame(F.encode_path(F.CTRL_PATH_RESPONSE, data))
+                elif t == F.CTRL_PATH_RESPONSE and self._migration():
                     if self._path_challenge is not None \
                             and F.decode_path(frame) == self._path_challenge \
                             and self._last_addr == self._candidate:
@@ -1156,12 +1283,13 @@ class Connection:
             except ControlFrameError:
                 self._drop("malformed-control")
             if self._fsm.closed:
-                return
+                return 0
+        return 0
 
-    def _on_new_ticket(self, frame: F.ControlFrame) -> None:
+    cdef int _on_new_ticket(self, ControlFrame frame) except -1:
         lifetime, max_early, nonce, ticket = decode_new_ticket(frame)
         if self.resumption_secret is None or self.peer_fingerprint is None:
-            return
+            return 0
         psk = ticket_psk(self.resumption_secret, nonce)
         try:
             saved = ClientTicket(ticket, bytes(psk), self.peer_fingerprint,
@@ -1169,72 +1297,80 @@ class Connection:
         finally:
             wipe(psk)
         self._emit(NewTicket(saved))
+        return 0
 
     # ------------------------------------------------------------------ rekeying
 
-    def _maybe_rekey(self, now: float) -> None:
-        record = self.record
-        if record is None or not self._fsm.established or self._rekey_next is not None:
-            return
+    cdef int _maybe_rekey(self, double now) except -1:
+        cdef RecordLayer record = self.record
+        if record is None or not self._fsm.established or self._rekey_next >= 0:
+            return 0
         cfg = self.config
         due = (record.needs_rekey or self._epoch_bytes >= cfg.rekey_after_bytes
-               or now >= self._epoch_started + cfg.rekey_after_seconds)
+               or now >= self._epoch_started + <double>cfg.rekey_after_seconds)
         if not due:
-            return
+            return 0
         if self.is_client:
             self._client_request_rekey()
         else:
             self._server_start_rekey(now)
+        return 0
 
-    def _client_request_rekey(self) -> None:
+    cdef int _client_request_rekey(self) except -1:
         assert self.record is not None
-        if self._rekey_next is not None or self.record.epochs.rx_state_name != "STEADY":
-            return  # one already in progress
+        if self._rekey_next >= 0 or self.record.epochs.rx_state_name != "STEADY":
+            return 0  # one already in progress
         if not self._fire("rekey_request"):
-            return
+            return 0
         self._rekey_next = self.record.epoch + 1
-        self._send_control(F.encode_rekey(self._rekey_next, F.REKEY_REQUEST))
+        self._send_frame(F.encode_rekey(self._rekey_next, F.REKEY_REQUEST))
         self._arm_rekey_timer(self._now)
+        return 0
 
-    def _server_start_rekey(self, now: float) -> None:
-        record = self.record
+    cdef int _server_start_rekey(self, double now) except -1:
+        cdef RecordLayer record = self.record
         assert record is not None
         epochs = record.epochs
-        if self._rekey_next is not None or epochs.rx_state_name != "STEADY" \
+        if self._rekey_next >= 0 or epochs.rx_state_name != "STEADY" \
                 or epochs.install_pending:
-            return
+            return 0
         if epochs.tx_state_name == "TRANSITION":
             # Both halves are on the current epoch; the key_phase hint has done its job.
             record.complete_transition()
-        if self.state == "S_ESTABLISHED" and not self._fire("rekey_request"):
-            return
+        if self._fsm.name == "S_ESTABLISHED" and not self._fire("rekey_request"):
+            return 0
         self._rekey_next = record.arm_next_epoch(now)
-        self._log_event("rekey-announce", next_epoch=self._rekey_next)
-        self._send_control(F.encode_rekey(self._rekey_next, F.REKEY_ANNOUNCE))
+        self._log_event("rekey-announce", {"next_epoch": self._rekey_next})
+        self._send_frame(F.encode_rekey(self._rekey_next, F.REKEY_ANNOUNCE))
         self._arm_rekey_timer(now)
+        return 0
 
-    def _arm_rekey_timer(self, now: float) -> None:
+    cdef int _arm_rekey_timer(self, double now) except -1:
         self._rekey_interval = self.config.rekey_retransmit
         self._rekey_deadline = now + self._rekey_interval
+        self._has_rekey_deadline = True
+        return 0
 
-    def _retransmit_rekey(self, now: float) -> None:
-        assert self.record is not None and self._rekey_next is not None
+    cdef int _retransmit_rekey(self, double now) except -1:
+        assert self.record is not None and self._rekey_next >= 0
         kind = F.REKEY_REQUEST if self.is_client else F.REKEY_ANNOUNCE
-        self._send_control(F.encode_rekey(self._rekey_next, kind))
-        self._rekey_interval = min(self._rekey_interval * 2, self.config.max_rto)
+        self._send_frame(F.encode_rekey(self._rekey_next, kind))
+        self._rekey_interval = min(self._rekey_interval * 2, <double>self.config.max_rto)
         self._rekey_deadline = now + self._rekey_interval
+        self._has_rekey_deadline = True
+        return 0
 
-    def _on_rekey_frame(self, frame: F.ControlFrame, rec: Record, now: float) -> None:
-        record = self.record
+    cdef int _on_rekey_frame(self, ControlFrame frame, Record rec, double now) except -1:
+        cdef RecordLayer record = self.record
         assert record is not None
         next_epoch, kind = F.decode_rekey(frame)
         epochs = record.epochs
         if self.is_client:
             if kind == F.REKEY_ACK and next_epoch == epochs.next_epoch:
-                return  # the server installed the new epoch; the packet itself is the proof
+                return 0  # the server installed the new epoch; the packet itself is the proof
             if kind != F.REKEY_ANNOUNCE:
                 self._drop("unexpected-rekey")
-                return
+                return 0
             if (epochs.rx_state_name == "TRANSITION" and epochs.next_epoch is not None
                     and next_epoch == epochs.next_epoch + 1 and rec.epoch == epochs.next_epoch):
                 # An authenticated announcement of the epoch after our pending one proves the
@@ -1245,26 +1381,26 @@ class Connection:
                 record.complete_transition()
             if next_epoch == epochs.send_epoch and epochs.epoch + 1 >= next_epoch:
                 # A duplicate announcement: we already moved. Re-acknowledge (idempotent).
-                self._send_control(F.encode_rekey(next_epoch, F.REKEY_ACK))
-                return
+                self._send_frame(F.encode_rekey(next_epoch, F.REKEY_ACK))
+                return 0
             if next_epoch != epochs.epoch + 1 or epochs.rx_state_name != "STEADY" \
                     or epochs.install_pending:
                 self._drop("unexpected-rekey")
-                return
+                return 0
             # Seed §3: arm the receiver and install the sender at once, then ack on the new
             # epoch so the server learns we can open it.
             record.arm_next_epoch(now, next_epoch)
             record.install_next_epoch(now)
             self._rekey_next = next_epoch
-            self._rekey_deadline = None
-            self._log_event("rekey-armed", next_epoch=next_epoch)
-            self._send_control(F.encode_rekey(next_epoch, F.REKEY_ACK))
-            return
+            self._has_rekey_deadline = False
+            self._log_event("rekey-armed", {"next_epoch": next_epoch})
+            self._send_frame(F.encode_rekey(next_epoch, F.REKEY_ACK))
+            return 0
         # server
         if kind == F.REKEY_REQUEST:
-            if next_epoch == epochs.epoch + 1 and self._rekey_next is None:
+            if next_epoch == epochs.epoch + 1 and self._rekey_next < 0:
                 self._server_start_rekey(now)
-            elif self._rekey_next is not None:
+            elif self._rekey_next >= 0:
                 pass  # already announced; the announcement's timer covers it
             else:
                 self._drop("unexpected-rekey")
@@ -1275,93 +1411,103 @@ class Connection:
                 self._drop("stale-rekey-ack")
         else:
             self._drop("unexpected-rekey")
+        return 0
 
-    def _on_rekey_evidence(self, now: float) -> None:
+    cdef int _on_rekey_evidence(self, double now) except -1:
         """The peer is on the new epoch. The server may now install its sender (PROFILE §6)."""
         assert self.record is not None
         if not self.is_client and self.record.epochs.install_pending:
             self.record.install_next_epoch(now)
-            self._log_event("rekey-installed", epoch=self.record.send_epoch)
+            self._log_event("rekey-installed", {"epoch": self.record.send_epoch})
             # Show the client at once that we moved, so its transition clock starts even if
             # the application has nothing to send.
-            self._send_control(F.encode_rekey(self.record.send_epoch, F.REKEY_ACK))
+            self._send_frame(F.encode_rekey(self.record.send_epoch, F.REKEY_ACK))
         if self.is_client or not self.record.epochs.install_pending:
-            self._rekey_deadline = None
+            self._has_rekey_deadline = False
+        return 0
 
-    def _after_epoch_activity(self, now: float) -> None:
+    cdef int _after_epoch_activity(self, double now) except -1:
         """Report a committed epoch change once both halves are on it."""
-        record = self.record
+        cdef RecordLayer record = self.record
         if record is None or record.erased:
-            return
+            return 0
         epoch = record.epoch
         if epoch != self._reported_epoch and record.send_epoch == epoch:
             self._reported_epoch = epoch
-            self._rekey_next = None
-            self._rekey_deadline = None
+            self._rekey_next = -1
+            self._has_rekey_deadline = False
             self._epoch_started = now
             self._epoch_bytes = 0
-            if self.state.endswith("_REKEY_PENDING"):
+            if self._fsm.name.endswith("_REKEY_PENDING"):
                 self._fire("rekey_done")
-            self._log_event("epoch", epoch=epoch)
+            self._log_event("epoch", {"epoch": epoch})
             self._emit(EpochChanged(epoch))
+        return 0
 
     # ------------------------------------------------------------------ close and abort
 
-    def _on_close_frame(self, frame: F.ControlFrame) -> None:
+    cdef int _on_close_frame(self, ControlFrame frame) except -1:
         code, hard, reason = F.decode_close(frame)
         if hard:
             self._abort(code, reason, by_peer=True, send=False)
-            return
-        if self.state.endswith("_CLOSING"):
+            return 0
+        if self._fsm.name.endswith("_CLOSING"):
             if self._close_info is not None and self._close_info[2]:
                 # The peer resent its close: our answer was lost. Answer again; no new state.
-                self._send_control(F.encode_close(0, False, ""))
-                return
+                self._send_frame(F.encode_close(0, False, ""))
+                return 0
             self._fire("peer_close")  # the peer's answer to our close
             self._finish_close()
-            return
+            return 0
         if not self._fire("peer_close"):
-            return
+            return 0
         self._close_info = (code, reason, True)
-        self._log_event("peer-close", code=code)
-        self._send_control(F.encode_close(0, False, ""))  # answer, so the peer can finish
-        self._drain_deadline = self._now + self.config.close_drain_time
+        self._log_event("peer-close", {"code": code})
+        self._send_frame(F.encode_close(0, False, ""))  # answer, so the peer can finish
+        self._drain_deadline = self._now + <double>self.config.close_drain_time
+        self._has_drain_deadline = True
+        return 0
 
-    def _resend_close(self) -> None:
+    cdef int _resend_close(self) except -1:
         """Initiator while draining: send our close again, every third of the drain time."""
-        if self._close_frame is None or not self.state.endswith("_CLOSING"):
-            self._close_resend_at = None
-            return
-        self._send_control(self._close_frame)
-        self._close_resend_at = self._now + self.config.close_drain_time / 3
+        if self._close_frame is None or not self._fsm.name.endswith("_CLOSING"):
+            self._has_close_resend_at = False
+            return 0
+        self._send_frame(self._close_frame)
+        self._close_resend_at = self._now + <double>self.config.close_drain_time / 3
+        self._has_close_resend_at = True
+        return 0
 
-    def _finish_close(self) -> None:
-        if self.state.endswith("_CLOSING"):
+    cdef int _finish_close(self) except -1:
+        if self._fsm.name.endswith("_CLOSING"):
             self._fire("drained")
         code, reason, by_peer = self._close_info or (0, "", False)
         self._teardown()
         self._emit(ConnectionClosed(code, reason, by_peer))
-        self._log_event("closed", code=code, by_peer=by_peer)
+        self._log_event("closed", {"code": code, "by_peer": by_peer})
+        return 0
 
-    def _idle_out(self) -> None:
+    cdef int _idle_out(self) except -1:
         self._fire("idle_timeout")
         self._teardown()
         code = int(ErrorCode.ErrorIdleTimeout)
         self._emit(ConnectionClosed(code, "idle timeout: peer silent", False))
-        self._log_event("closed", code=code, reason="idle")
+        self._log_event("closed", {"code": code, "reason": "idle"})
+        return 0
 
-    def _fail(self, code: int, detail: str, *, send: bool) -> None:
+    cpdef _fail(self, int code, str detail, bint send):
         """We detected a fatal problem: tell the peer where allowed, then ABORT -> CLOSED."""
         self._abort(code, detail, by_peer=False, send=send)
 
-    def _abort(self, code: int, detail: str, *, by_peer: bool, send: bool) -> None:
+    cdef int _abort(self, int code, str detail, bint by_peer, bint send) except -1:
+        cdef str before
         if self._fsm.closed:
-            return
+            return 0
         log.info("%s: abort %s: %s", self.name, code_name(code), detail)
         if send:
             if self.record is not None and not self.record.erased:
                 try:
-                    self._send_control(F.encode_close(code, True, detail[:64]))
+                    self._send_frame(F.encode_close(code, True, detail[:64]))
                 except StateError:
                     pass
             elif self.rid:
@@ -1370,17 +1516,21 @@ class Connection:
         if not self._fsm.fire("fatal"):
             # Idle or listening: there is nothing to abort; just close.
             if self._fsm.fire("close"):
-                self._log_event("transition", old=before, event="close", new=self._fsm.name)
+                self._log_event("transition", {"old": before, "event": "close",
+                                               "new": self._fsm.name})
         else:
-            self._log_event("transition", old=before, event="fatal", new=self._fsm.name)
+            self._log_event("transition", {"old": before, "event": "fatal",
+                                           "new": self._fsm.name})
         self._teardown()
         before = self._fsm.name
         if self._fsm.fire("aborted"):
-            self._log_event("transition", old=before, event="aborted", new=self._fsm.name)
-        self._emit(ConnectionClosed(int(code), detail, by_peer))
-        self._log_event("closed", code=int(code), by_peer=by_peer)
+            self._log_event("transition", {"old": before, "event": "aborted",
+                                           "new": self._fsm.name})
+        self._emit(ConnectionClosed(code, detail, by_peer))
+        self._log_event("closed", {"code": code, "by_peer": by_peer})
+        return 0
 
-    def _teardown(self) -> None:
+    cdef int _teardown(self) except -1:
         """Erase every secret; stop every timer. Called on the way into CLOSED."""
         if self.record is not None:
             self.record.erase()
@@ -1396,9 +1546,11 @@ class Connection:
         if self.resumption_secret is not None:
             wipe(self.resumption_secret)
         self._flight = None
-        self._flight_timer.stop()
-        self._hs_deadline = self._drain_deadline = self._rekey_deadline = None
-        self._close_resend_at = None
-        self._pending_ack = self._ack_deadline = None
+        self._flight_timer._stop()
+        self._has_hs_deadline = self._has_drain_deadline = self._has_rekey_deadline = False
+        self._has_close_resend_at = False
+        self._pending_ack = None
+        self._has_ack_deadline = False
         self._early_packets.clear()
         self._amp_queue.clear()
+        return 0
