@@ -2,6 +2,8 @@
 
 cimport cython
 
+from palisade_c.connection cimport Connection
+
 
 @cython.final
 cdef class ServerEndpoint:
@@ -23,6 +25,6 @@ cdef class ServerEndpoint:
     cdef public object tickets
 
     cdef void _drop(self, str reason)
-    cdef object _accept(self, bytes rid, object addr, double now)
+    cdef Connection _accept(self, bytes rid, object addr, double now)
     cdef void _send_retry(self, bytes rid, object addr, double now)
-    cdef void _collect(self, conn)
+    cdef void _collect(self, Connection conn)

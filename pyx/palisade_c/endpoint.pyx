@@ -34,11 +34,11 @@ from typing import NamedTuple
 
 from palisade_c import hsrecord as hs
 from palisade_c.config import PLUS_RESUMPTION
-from palisade_c.connection import Connection
 from palisade_c.errors import DecodeError
 from palisade_c.reassembly import CookieIssuer
 from palisade_c.tickets import TicketService
 
+from palisade_c.connection cimport Connection
 from palisade_c.hsrecord cimport (
     HS_HEADER_LEN,
     MSG_CLIENT_HELLO,
@@ -125,7 +125,7 @@ cdef class ServerEndpoint:
             self._drop("truncated")
             return
         rid = raw[RID_OFFSET:RID_OFFSET + RID_LEN]
-        conn = self._by_rid.get(rid)
+        cdef Connection conn = self._by_rid.get(rid)
         if conn is None:
             if raw[0] != 0x51 or raw[1] != 0x48 or raw[3] not in (MSG_CLIENT_HELLO,
                                                                   MSG_CLIENT_HELLO_RESUME):
@@ -162,6 +162,7 @@ cdef class ServerEndpoint:
 
     def handle_timer(self, double now):
         cdef list heap = self._timers
+        cdef Connection conn
         while heap and heap[0][0] <= now:
             t, _, conn = _heappop(heap)
             if self._deadlines.get(conn) != t:
@@ -175,13 +176,14 @@ cdef class ServerEndpoint:
 
     def close(self, int error_code=0, str reason="server shutting down"):
         """Soft-close every session."""
+        cdef Connection conn
         for conn in list(self._sessions.values()):
             conn.close(error_code, reason)
             self._collect(conn)
 
     # -- internals --------------------------------------------------------------------------------
 
-    cdef object _accept(self, bytes rid, object addr, double now):
+    cdef Connection _accept(self, bytes rid, object addr, double now):
         cdef Py_ssize_t half_open = len(self._half_open)
         if half_open >= self.config.max_half_open:
             self._drop("half-open-limit")
@@ -194,7 +196,7 @@ cdef class ServerEndpoint:
                 return None
             validated = True
         self._serial += 1
-        conn = Connection(self.config, False, event_log=self._event_log,
+        cdef Connection conn = Connection(self.config, False, event_log=self._event_log,
                           name=f"server-{self._serial}", tickets=self.tickets)
         if validated:
             conn._amp.validate()  # the cookie proves the client receives at this address
@@ -211,17 +213,18 @@ cdef class ServerEndpoint:
         self._out.append((rec.encode(), addr))
         self.retries_sent += 1
 
-    cdef void _collect(self, conn):
+    cdef void _collect(self, Connection conn):
         """Take a session's output and events and refresh its place in the timer heap."""
         self._busy.discard(conn)
         rid = conn.rid
         if rid and rid not in self._by_rid:
             self._by_rid[rid] = conn
-        self._out.extend(conn.datagrams_to_send())
-        while (ev := conn.next_event()) is not None:
-            self._events.append(EndpointEvent(conn, ev))
-        cdef bint closed = conn.closed
-        if closed or conn.established:
+        if conn._out:
+            self._out.extend(conn.datagrams_to_send())
+        while conn._events:
+            self._events.append(EndpointEvent(conn, conn._events.popleft()))
+        cdef bint closed = conn._fsm.closed
+        if closed or conn._fsm.established:
             self._half_open.discard(conn)
         deadline = None if closed else conn.get_timer()
         if deadline != self._deadlines.get(conn):
