@@ -63,18 +63,37 @@ def hkdf_extract(salt, ikm) -> bytearray:
 
 def combine_kem_secrets(ss_c, ss_s) -> bytearray:
     """ss_c XOR ss_s. Both MUST be exactly 32 bytes [spec §6.2.2]."""
-    if len(ss_c) != 32 or len(ss_s) != 32:
+    cdef const unsigned char[::1] a = ss_c
+    cdef const unsigned char[::1] b = ss_s
+    cdef unsigned char[::1] o
+    cdef Py_ssize_t i
+    if a.shape[0] != 32 or b.shape[0] != 32:
         raise ValueError("both KEM shared secrets must be exactly 32 bytes")
-    return bytearray(a ^ b for a, b in zip(ss_c, ss_s))
+    out = bytearray(32)
+    o = out
+    for i in range(32):
+        o[i] = a[i] ^ b[i]
+    return out
+
+
+_EARLY_LABEL = label(b"palisade v1.2 early")
 
 
 def early_ikm(ss_c, ss_s, client_nonce: bytes, server_nonce: bytes) -> bytearray:
     """The IKM fed to Extract: label, combined KEM secret, both nonces [spec §6.2.2]."""
-    kem = combine_kem_secrets(ss_c, ss_s)
-    try:
-        return bytearray(label(b"palisade v1.2 early")) + kem + client_nonce + server_nonce
-    finally:
-        wipe(kem)
+    cdef const unsigned char[::1] a = ss_c
+    cdef const unsigned char[::1] b = ss_s
+    cdef unsigned char[::1] o
+    cdef Py_ssize_t i, at = len(_EARLY_LABEL)
+    if a.shape[0] != 32 or b.shape[0] != 32:
+        raise ValueError("both KEM shared secrets must be exactly 32 bytes")
+    # The XOR is written straight into the returned buffer, so the combined KEM secret never
+    # exists anywhere else.
+    out = bytearray(_EARLY_LABEL) + bytes(32) + client_nonce + server_nonce
+    o = out
+    for i in range(32):
+        o[at + i] = a[i] ^ b[i]
+    return out
 
 
 def handshake_secret(ikm, th: bytes, salt=None) -> bytearray:
