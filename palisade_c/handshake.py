@@ -20,11 +20,9 @@ th = SHA3-256(CH* ‖ SH* ‖ CF*) under "PALISADE client". th also feeds the ke
 
 from __future__ import annotations
 
-import hashlib
 import hmac as _hmac
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.asymmetric import mlkem
@@ -52,6 +50,31 @@ _KEM_PUBLIC: dict[int, type[mlkem.MLKEM768PublicKey] | type[mlkem.MLKEM1024Publi
     wire.KEM_MLKEM768: mlkem.MLKEM768PublicKey,
     wire.KEM_MLKEM1024: mlkem.MLKEM1024PublicKey,
 }
+
+
+_SHA3 = hashes.SHA3_256()
+
+
+class _Transcript:
+    """The running SHA3-256 over the handshake messages (PROFILE §3), through cryptography's
+    hash; an intermediate digest finalizes a copy, so the transcript can go on."""
+
+    __slots__ = ("_hash",)
+
+    def __init__(self, first: bytes) -> None:
+        self._hash = hashes.Hash(_SHA3)
+        self._hash.update(first)
+
+    def update(self, data: bytes) -> None:
+        self._hash.update(data)
+
+    def digest(self) -> bytes:
+        return self._hash.copy().finalize()
+
+    def copy(self) -> _Transcript:
+        twin = _Transcript.__new__(_Transcript)
+        twin._hash = self._hash.copy()
+        return twin
 
 
 @dataclass
@@ -184,7 +207,7 @@ class ClientHandshake:
         if peer_fp is None:
             raise HandshakeError(ErrorCode.ErrorCertificateInvalid, "server key is not pinned")
         # Hash CH* ‖ SH* once; the copy continues into th with CF*.
-        running = hashlib.sha3_256(self._ch_star)
+        running = _Transcript(self._ch_star)
         running.update(sh.transcript_bytes())
         signed = running.digest()
         if not verify_signature(
@@ -228,7 +251,7 @@ class ServerHandshake:
     _sh: wire.ServerHello | None = None
     _plus: int = 0
     _peer_fp: str = ""
-    _running: Any = None  # SHA3-256 state over CH* ‖ SH*
+    _running: _Transcript | None = None  # SHA3-256 state over CH* ‖ SH*
 
     def erase(self) -> None:
         self._kem_key = None
@@ -279,7 +302,7 @@ class ServerHandshake:
             server_certificate=self.config.identity.public_key,
             extensions=extensions,
         )
-        running = hashlib.sha3_256(ch.transcript_bytes())
+        running = _Transcript(ch.transcript_bytes())
         running.update(sh.transcript_bytes())
         signed = running.digest()
         sh = sh.replace(server_signature=self.config.identity.sign(signed, SERVER_SIG_CONTEXT))
@@ -295,7 +318,8 @@ class ServerHandshake:
             raise
 
     def _on_client_finished(self, data: bytes) -> HandshakeResult:
-        if self._kem_key is None or self._ch is None or self._sh is None or self._ss_c is None:
+        if self._kem_key is None or self._ch is None or self._sh is None or self._ss_c is None \
+                or self._running is None:
             raise HandshakeError(ErrorCode.ErrorProtocolViolation, "ClientFinished out of order")
         try:
             cf = wire.ClientFinished.decode(data)
@@ -361,7 +385,7 @@ class ClientResumeHandshake:
             extensions=extensions,
         )
         self.hello_bytes = self.hello.encode()
-        self._running = hashlib.sha3_256(self.hello.transcript_bytes())
+        self._running = _Transcript(self.hello.transcript_bytes())
         #: 0-RTT traffic secret, when early data is offered (the caller builds its record layer).
         self.early_secret: bytearray | None = (
             ks.early_data_secret(self._psk, self._running.digest()) if early_data else None
@@ -433,7 +457,7 @@ class ServerResumeHandshake:
         self._kem_key: mlkem.MLKEM768PrivateKey | mlkem.MLKEM1024PrivateKey | None = None
         self._psk = bytearray()
         self._ss_c: bytes | None = None
-        self._running: Any = None
+        self._running: _Transcript | None = None
         self._hello: wire.ClientHelloResume | None = None
         self._shr: wire.ServerHelloResume | None = None
         self._plus = 0
@@ -479,7 +503,7 @@ class ServerResumeHandshake:
         self._kem_key = mlkem.MLKEM768PrivateKey.generate()
         self.accept_0rtt = bool(chr_.early_data_offered and inner.max_early_data > 0
                                 and self._config.early_data_streams)
-        running = hashlib.sha3_256(chr_.transcript_bytes())
+        running = _Transcript(chr_.transcript_bytes())
         if self.accept_0rtt:
             self.early_secret = ks.early_data_secret(self._psk, running.digest())
         extensions = [wire.make_plus_extension(self._plus)] if self._plus else []
@@ -506,7 +530,7 @@ class ServerResumeHandshake:
 
     def _on_cfr(self, data: bytes) -> HandshakeResult:
         if self._kem_key is None or self._hello is None or self._shr is None \
-                or self._ss_c is None or self.inner is None:
+                or self._ss_c is None or self.inner is None or self._running is None:
             raise HandshakeError(ErrorCode.ErrorProtocolViolation, "CFR out of order")
         try:
             cfr = wire.ClientFinishedResume.decode(data)

@@ -18,7 +18,6 @@ lowercase hex SHA3-256 of the raw public key bytes [profile].
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import stat
 import warnings
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import TypeAlias
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import mldsa
 
 from palisade_c.errors import ConfigError
@@ -48,7 +47,9 @@ _HEX_DIGITS = frozenset("0123456789abcdef")
 
 def fingerprint(public_key: bytes) -> str:
     """Lowercase hex SHA3-256 of a raw public key [profile]."""
-    return hashlib.sha3_256(public_key).hexdigest()
+    digest = hashes.Hash(hashes.SHA3_256())
+    digest.update(public_key)
+    return digest.finalize().hex()
 
 
 def _write_atomic(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
