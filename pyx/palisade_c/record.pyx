@@ -34,7 +34,11 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher
+# Imported by name: cryptography wraps the algorithms and modes modules to warn about deprecated
+# names, and every attribute read through the wrapper raises and catches an AttributeError.
+from cryptography.hazmat.primitives.ciphers.algorithms import AES
+from cryptography.hazmat.primitives.ciphers.modes import ECB
 
 from palisade_c.errors import (
     ConfigError,
@@ -62,7 +66,7 @@ MAX_PAD = 0xFFFF
 
 cdef uint64_t _SEQ_HARD_LIMIT = SEQ_HARD_LIMIT
 cdef char* _FORMAT_B = "B"
-cdef object _ECB = modes.ECB()   # stateless mode object, shared by every context
+cdef object _ECB = ECB()   # stateless mode object, shared by every context
 
 # Counter names; the spec's error names where one exists (PROFILE §9, negative vectors).
 DROP_REASON_NAMES = (
@@ -254,8 +258,8 @@ cdef class RecordLayer:
         hp_rx = header_protection_key(master_secret, rx_dir)
         # One ECB context per direction for the whole session (PROFILE §4): ECB has no state
         # between blocks, so reuse is safe and saves a cipher setup per packet.
-        self._hp_tx_ctx = Cipher(algorithms.AES(hp_tx), _ECB).encryptor()
-        self._hp_rx_ctx = Cipher(algorithms.AES(hp_rx), _ECB).encryptor()
+        self._hp_tx_ctx = Cipher(AES(hp_tx), _ECB).encryptor()
+        self._hp_rx_ctx = Cipher(AES(hp_rx), _ECB).encryptor()
         wipe(hp_tx)
         wipe(hp_rx)
         self._hp_tx = self._hp_tx_ctx.update_into
