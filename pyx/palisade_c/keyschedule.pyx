@@ -18,6 +18,9 @@ same moment it wipes its buffer.
     resumption      = Expand(master, label("resumption"), 32)
 """
 
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from libc.string cimport memset
+
 from cryptography.hazmat.primitives.hashes import SHA3_256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
@@ -42,6 +45,9 @@ def wipe(buf) -> None:
     cdef unsigned char[::1] view
     cdef Py_ssize_t i
     if buf is None:
+        return
+    if type(buf) is bytearray:  # the usual case: no memoryview object needed
+        memset(PyByteArray_AS_STRING(buf), 0, <size_t>PyByteArray_GET_SIZE(buf))
         return
     view = buf
     for i in range(view.shape[0]):
@@ -103,37 +109,54 @@ def handshake_secret(ikm, th: bytes, salt=None) -> bytearray:
     """
     out = bytearray(SECRET_LEN)
     salt_bytes = bytes(SECRET_LEN) if salt is None else bytes(salt)
-    HKDF(_SHA3, SECRET_LEN, salt_bytes, label(b"handshake") + th).derive_into(ikm, out)
+    HKDF(_SHA3, SECRET_LEN, salt_bytes, _L_HANDSHAKE + th).derive_into(ikm, out)
     return out
 
 
+# The fixed labels, built once (every session derives with them).
+cdef bytes _L_HANDSHAKE = label(b"handshake")
+cdef bytes _L_MASTER = label(b"master")
+cdef bytes _L_EPOCH0 = label(b"epoch 0")
+cdef bytes _L_EPOCH_STEP = label(b"epoch step")
+cdef bytes _L_RESUMPTION = label(b"resumption")
+cdef dict _L_DIRECTION = {
+    (d, what): label(d + what)
+    for d in (DIR_C2S, DIR_S2C) for what in (b" key", b" iv", b" hp")
+}
+
+
+cdef bytes _direction_label(direction, bytes what):
+    cached = _L_DIRECTION.get((direction, what))
+    return cached if cached is not None else label(bytes(direction) + what)
+
+
 def master_secret(hs_secret) -> bytearray:
-    return hkdf_expand(hs_secret, label(b"master"), SECRET_LEN)
+    return hkdf_expand(hs_secret, _L_MASTER, SECRET_LEN)
 
 
 def epoch0_secret(master) -> bytearray:
-    return hkdf_expand(master, label(b"epoch 0"), SECRET_LEN)
+    return hkdf_expand(master, _L_EPOCH0, SECRET_LEN)
 
 
 def next_epoch_secret(secret) -> bytearray:
     """``epoch[n+1] = Expand(epoch[n], label("epoch step"), 32)`` [spec §11.3]."""
-    return hkdf_expand(secret, label(b"epoch step"), SECRET_LEN)
+    return hkdf_expand(secret, _L_EPOCH_STEP, SECRET_LEN)
 
 
 def traffic_key(epoch_secret, direction: bytes) -> bytearray:
-    return hkdf_expand(epoch_secret, label(direction + b" key"), KEY_LEN)
+    return hkdf_expand(epoch_secret, _direction_label(direction, b" key"), KEY_LEN)
 
 
 def traffic_iv(epoch_secret, direction: bytes) -> bytearray:
-    return hkdf_expand(epoch_secret, label(direction + b" iv"), IV_LEN)
+    return hkdf_expand(epoch_secret, _direction_label(direction, b" iv"), IV_LEN)
 
 
 def header_protection_key(master, direction: bytes) -> bytearray:
-    return hkdf_expand(master, label(direction + b" hp"), HP_LEN)
+    return hkdf_expand(master, _direction_label(direction, b" hp"), HP_LEN)
 
 
 def resumption_secret(master) -> bytearray:
-    return hkdf_expand(master, label(b"resumption"), SECRET_LEN)
+    return hkdf_expand(master, _L_RESUMPTION, SECRET_LEN)
 
 
 # -- resumption and 0-RTT [profile §7] ---------------------------------------------------------
