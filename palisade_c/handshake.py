@@ -168,7 +168,7 @@ class ClientHandshake:
         )
         self.client_hello_bytes = self.client_hello.encode()
         # CH carries no signature, so its transcript form is its encoding.
-        self._ch_star = self.client_hello.transcript_bytes()
+        self._ch_star = self.client_hello_bytes
         self.result: HandshakeResult | None = None
 
     def erase(self) -> None:
@@ -302,7 +302,9 @@ class ServerHandshake:
             server_certificate=self.config.identity.public_key,
             extensions=extensions,
         )
-        running = _Transcript(ch.transcript_bytes())
+        # CH* is CH as received: it carries no signature (checked above), so the bytes on the
+        # wire are its transcript form and need no re-encoding.
+        running = _Transcript(data)
         running.update(sh.transcript_bytes())
         signed = running.digest()
         sh = sh.replace(server_signature=self.config.identity.sign(signed, SERVER_SIG_CONTEXT))

@@ -32,7 +32,7 @@ cdef class Reassembler:
     cdef int _msg_type
     cdef int _msg_seq
     cdef Py_ssize_t _msg_length
-    cdef bytearray _buf
+    cdef bytes _buf                 # filled in place; the message itself once complete
     cdef Span* _ranges              # sorted, merged; points at _inline or a PyMem block
     cdef Py_ssize_t _nranges
     cdef Py_ssize_t _cap

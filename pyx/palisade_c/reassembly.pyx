@@ -50,7 +50,6 @@ Compiled form
 """
 
 cimport cython
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.pyport cimport PY_SSIZE_T_MAX
@@ -252,9 +251,12 @@ cdef class Reassembler:
             return self._reject("fragment overruns msg_length")
         if not self._started:
             # Allocated before any field changes, so a MemoryError leaves the state as it was.
-            self._buf = PyByteArray_FromStringAndSize(NULL, msg_length)
+            # A bytes object filled in place: nothing else can reach it until the message is
+            # complete, and from then on no fragment writes to it (every later one is inside
+            # the held range), so the finished message is handed out without a copy.
+            self._buf = PyBytes_FromStringAndSize(NULL, msg_length)
             if msg_length:
-                memset(PyByteArray_AS_STRING(self._buf), 0, <size_t>msg_length)
+                memset(PyBytes_AS_STRING(self._buf), 0, <size_t>msg_length)
             self._started = True
             self._msg_type = record.msg_type
             self._msg_seq = record.msg_seq
@@ -269,7 +271,7 @@ cdef class Reassembler:
             return ADD_COMPLETE
 
         frag = PyBytes_AS_STRING(record.fragment)
-        buf = PyByteArray_AS_STRING(self._buf)
+        buf = PyBytes_AS_STRING(self._buf)
         r = self._ranges
         n = self._nranges
         if (n == 0 and start == 0) or (n == 1 and r[0].start == 0 and r[0].end == start):
@@ -342,7 +344,7 @@ cdef class Reassembler:
         return None
 
     cdef bytes _message(self):
-        return PyBytes_FromStringAndSize(PyByteArray_AS_STRING(self._buf), self._msg_length)
+        return self._buf
 
     @property
     def started(self) -> bool:
