@@ -114,7 +114,7 @@ def _median(results: list[tuple[float, float, float]]) -> tuple[float, float, fl
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="full handshake cost vs its primitives")
     ap.add_argument("--seconds", type=float, default=4.0, help="time per round")
-    ap.add_argument("--rounds", type=int, default=5, help="rounds (the median is reported)")
+    ap.add_argument("--rounds", type=int, default=9, help="rounds (the median is reported)")
     ap.add_argument("--floor", action="store_true",
                     help="also time the message level alone (handshake objects and record "
                          "layers, no datagram machinery) against the same primitives, and the "
