@@ -17,7 +17,7 @@ from libc.stdint cimport uint8_t, uint32_t
 
 from palisade_c.errors import ControlFrameError
 
-from palisade_c._endian cimport load_u16, load_u24, load_u32, store_u24
+from palisade_c._endian cimport load_u24, store_u24
 
 CTRL_REKEY = 0x01
 CTRL_MIGRATE = 0x02

@@ -54,5 +54,7 @@ cdef class HandshakeAck:
 
 
 cdef bint is_known_type(unsigned int msg_type) noexcept nogil
+# Types that are fragmented, reassembled and acknowledged (not acks, errors or retries).
+cdef bint is_message_type(unsigned int msg_type) noexcept nogil
 cdef HandshakeRecord decode_ptr(const unsigned char* p, Py_ssize_t n)
 cdef HandshakeAck decode_ack_ptr(const unsigned char* p, Py_ssize_t n)

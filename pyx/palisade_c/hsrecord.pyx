@@ -58,7 +58,7 @@ cdef bint is_known_type(unsigned int msg_type) noexcept nogil:
             or msg_type == MSG_HANDSHAKE_ACK or msg_type == MSG_ERROR_RESPONSE)
 
 
-cdef inline bint _is_message_type(unsigned int msg_type) noexcept nogil:
+cdef bint is_message_type(unsigned int msg_type) noexcept nogil:
     """Types that are fragmented, reassembled and acknowledged (not acks or errors)."""
     return MSG_CLIENT_HELLO <= msg_type <= MSG_CLIENT_FINISHED_RESUME
 
@@ -78,7 +78,7 @@ cdef str _field_error(unsigned int msg_type, unsigned int msg_seq, uint64_t frag
     # An empty fragment would add nothing; only an empty message may have one.
     if frag_len == 0 and msg_length != 0:
         return "empty fragment of a non-empty message"
-    if not _is_message_type(msg_type):
+    if not is_message_type(msg_type):
         # Acks, retries and ErrorResponses are never reassembled, so never split [profile].
         if frag_offset != 0 or frag_len != msg_length:
             return "acks, retries and error responses must not be fragmented"
@@ -265,7 +265,7 @@ def fragment_message(msg_type, bytes rid not None, msg_seq, message, max_datagra
         src = <const unsigned char*>view.buf
         if n > MAX_MESSAGE:
             raise ConfigError("handshake message larger than 16 KiB")
-        if not _is_message_type(t):
+        if not is_message_type(t):
             why = _field_error(t, s, 0, <uint64_t>n, <uint64_t>n)
             if why is not None:
                 raise ConfigError("handshake record: " + why)
@@ -291,7 +291,7 @@ cdef str _ranges_error(unsigned int acked_type, object ranges):
     """Why a list of (start, end) pairs is not a canonical ack, or None."""
     cdef uint64_t prev_end = 0
     cdef bint first = True
-    if not _is_message_type(acked_type):
+    if not is_message_type(acked_type):
         return "acked_type is not a reassembled message type"
     if len(ranges) > ACK_MAX_RANGES:
         return "more than 16 ranges"
@@ -314,7 +314,7 @@ cdef HandshakeAck decode_ack_ptr(const unsigned char* p, Py_ssize_t n):
     cdef uint32_t start, end, prev_end = 0
     if n < ACK_HEADER_LEN:
         raise _malformed("ack body shorter than 3 bytes")
-    if not _is_message_type(p[0]):
+    if not is_message_type(p[0]):
         raise _malformed("ack names a type that is never acknowledged")
     count = p[2]
     if count > ACK_MAX_RANGES:

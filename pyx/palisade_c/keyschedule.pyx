@@ -119,6 +119,9 @@ cdef bytes _L_MASTER = label(b"master")
 cdef bytes _L_EPOCH0 = label(b"epoch 0")
 cdef bytes _L_EPOCH_STEP = label(b"epoch step")
 cdef bytes _L_RESUMPTION = label(b"resumption")
+cdef bytes _L_TICKET_PSK = label(b"ticket psk")
+cdef bytes _L_EARLY_DATA = label(b"early data")
+cdef bytes _L_EARLY_TRAFFIC = label(b"early traffic")
 cdef dict _L_DIRECTION = {
     (d, what): label(d + what)
     for d in (DIR_C2S, DIR_S2C) for what in (b" key", b" iv", b" hp")
@@ -166,7 +169,7 @@ def ticket_psk(resumption, bytes ticket_nonce) -> bytearray:
 
     Both sides compute it (the server seals it into the ticket, the client keeps it beside the
     opaque ticket), so neither stores the resumption secret itself."""
-    return hkdf_expand(resumption, label(b"ticket psk") + ticket_nonce, SECRET_LEN)
+    return hkdf_expand(resumption, _L_TICKET_PSK + ticket_nonce, SECRET_LEN)
 
 
 def finished_key(psk, bytes role) -> bytearray:
@@ -179,8 +182,9 @@ def early_data_secret(psk, bytes chr_hash) -> bytearray:
 
     The record layer in early mode derives the c2s key, IV and header-protection key from it
     with the usual direction labels."""
-    prk = hkdf_extract(psk, label(b"early data") + chr_hash)
-    try:
-        return hkdf_expand(prk, label(b"early traffic"), SECRET_LEN)
-    finally:
-        wipe(prk)
+    # Extract and Expand in one HKDF call, so the PRK never leaves ``cryptography`` (as in
+    # handshake_secret).
+    out = bytearray(SECRET_LEN)
+    HKDF(_SHA3, SECRET_LEN, bytes(psk), _L_EARLY_TRAFFIC).derive_into(_L_EARLY_DATA + chr_hash,
+                                                                      out)
+    return out

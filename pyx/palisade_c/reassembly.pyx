@@ -10,7 +10,7 @@ object, so the same code runs over UDP, over the serial bridge and inside tests.
 
 Receiving side
     :class:`Reassembler` rebuilds ONE message. The first fragment fixes (msg_type, msg_seq,
-    msg_length) and one ``bytearray(msg_length)`` is allocated, so memory never exceeds
+    msg_length) and one ``msg_length``-byte buffer is allocated, so memory never exceeds
     ``max_message`` however the peer slices or repeats its fragments. Held bytes are a sorted C
     array of merged half-open ranges (inline for up to four, so in-order delivery never allocates
     for them), and it never holds more ranges than ``max_fragments``. An exact or contained
@@ -18,9 +18,9 @@ Receiving side
     malformed and leaves the state untouched (the first copy wins). :class:`ReassemblyTable` keys
     reassemblers by (rid, msg_type, msg_seq) under a hard cap: beyond it new messages are refused
     and counted, existing work is never evicted, and entries older than ``max_age`` are purged.
-    A finished message gives its buffer back at once and leaves only a small bounded marker, so
-    its late repeats are answered with a full ack instead of being assembled and delivered a
-    second time.
+    The buffer, filled in place, becomes the delivered message itself (no copy); the table then
+    drops the reassembler and keeps only a small bounded marker, so the message's late repeats
+    are answered with a full ack instead of being assembled and delivered a second time.
 
 Sending side
     A :class:`Flight` is the set of records carrying one message. The receiver's
@@ -69,10 +69,9 @@ from palisade_c.hsrecord import decode, fragment_message
 
 from palisade_c.hsrecord cimport (
     ACK_MAX_RANGES,
+    is_message_type,
     HS_RECORD_OVERHEAD,
     MAX_MESSAGE,
-    MSG_CLIENT_FINISHED_RESUME,
-    MSG_CLIENT_HELLO,
     HandshakeAck,
     HandshakeRecord,
 )
@@ -100,14 +99,6 @@ _MALFORMED = ErrorCode.ErrorMalformedPacket
 # fragments. 16 KiB at the 512-byte serial MTU needs 35; the bound keeps range bookkeeping small
 # against a peer that sends one-byte slices [profile].
 DEFAULT_MAX_FRAGMENTS = 64
-
-
-cdef inline bint _reassembled(long long msg_type) noexcept nogil:
-    return MSG_CLIENT_HELLO <= msg_type <= MSG_CLIENT_FINISHED_RESUME
-
-
-def _is_reassembled_type(msg_type) -> bool:
-    return MSG_CLIENT_HELLO <= msg_type <= MSG_CLIENT_FINISHED_RESUME
 
 
 def _merge_ranges(ranges) -> list:
@@ -232,7 +223,7 @@ cdef class Reassembler:
         cdef char* buf
         cdef Span* r
         if not self._started:
-            if not _reassembled(record.msg_type):
+            if not is_message_type(record.msg_type):
                 return self._reject("acks and error responses are not reassembled")
             # Bounded memory: the one allocation is sized by a length we have agreed to hold.
             if msg_length > self._max_message:
@@ -451,10 +442,6 @@ cdef HandshakeAck _full_ack_c(int msg_type, int msg_seq, Py_ssize_t msg_length):
     return ack
 
 
-def _full_ack(key, msg_length) -> HandshakeAck:
-    return HandshakeAck(key[1], key[2], [(0, msg_length)] if msg_length else [])
-
-
 @cython.final
 cdef class ReassemblyTable:
     """Reassemblers for many messages at once, keyed by (rid, msg_type, msg_seq), hard-capped.
@@ -525,7 +512,7 @@ cdef class ReassemblyTable:
         cdef bint fresh = False
         cdef int status
         cdef bytes message
-        if not _reassembled(msg_type):
+        if not is_message_type(msg_type):
             # Acks and ErrorResponses always arrive whole (the decoder enforces it) and are
             # neither reassembled nor acknowledged.
             return _result(_COMPLETE, record.fragment, None)
@@ -565,8 +552,7 @@ cdef class ReassemblyTable:
             return _R_MALFORMED
         if status == ADD_COMPLETE:
             message = reasm._message()
-            if not fresh:
-                del self._entries[key]
+            self._entries.pop(key, None)
             self._mark_completed(key, now, reasm._msg_length)
             return _result(_COMPLETE, message,
                            _full_ack_c(msg_type, msg_seq, PyBytes_GET_SIZE(message)))
@@ -664,7 +650,7 @@ cdef class Flight:
             total += PyBytes_GET_SIZE(raw_b)
         if first is None:
             raise ConfigError("a flight needs at least one record")
-        if not _reassembled(first.msg_type):
+        if not is_message_type(first.msg_type):
             raise ConfigError("acks and error responses are not sent as flights")
         PyMem_Free(self._spans)  # __init__ may run twice on one object
         self._spans = NULL
@@ -686,7 +672,7 @@ cdef class Flight:
         cdef list records = fragment_message(msg_type, rid, msg_seq, message, max_datagram)
         cdef Flight flight
         cdef Py_ssize_t i, n, size, offset = 0, total = 0
-        if not _is_reassembled_type(msg_type):
+        if not is_message_type(msg_type):
             raise ConfigError("acks and error responses are not sent as flights")
         # fragment_message fills records greedily in order, so each record's span follows
         # from its size; no need to decode what was just encoded.
