@@ -41,7 +41,6 @@ honoured, while sessions without one skip the lookup. The handshake itself
 (:mod:`palisade_c.handshake`) stays Python; its cost is the KEM, signatures and SHA3.
 """
 
-cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 import logging
@@ -76,7 +75,7 @@ from palisade_c.handshake import (
 )
 from palisade_c.keyschedule import ticket_psk, wipe
 from palisade_c.reassembly import FragmentStatus
-from palisade_c.record import STREAM_DUMMY, STREAM_KEEPALIVE
+from palisade_c.record import STREAM_DUMMY, STREAM_KEEPALIVE, make_rid
 from palisade_c.tickets import (
     TICKET_NONCE_LEN,
     ClientTicket,
@@ -103,7 +102,7 @@ from palisade_c.hsrecord cimport (
     decode_ptr,
 )
 from palisade_c.reassembly cimport AmplificationLimiter, Flight, ReassemblyTable, RetransmitTimer
-from palisade_c.record cimport Record, RecordLayer
+from palisade_c.record cimport MIN_PACKET_LEN, Record, RecordLayer
 
 Addr = Any  # a transport address: (host, port) for UDP, a path for serial links
 
@@ -113,7 +112,6 @@ log = logging.getLogger("palisade_c.connection")
 MAX_EARLY_PACKETS = 16
 #: Migrate nonces remembered per session to refuse replays (each is 32 random bytes).
 MAX_MIGRATE_NONCES = 1024
-_FINISHED_TYPES = (MSG_CLIENT_FINISHED, MSG_CLIENT_FINISHED_RESUME)
 #: Bytes a full handshake puts on the wire (both directions, ML-KEM-768 + ML-DSA-65): what a
 #: slow link needs time for on top of the configured handshake timeout.
 HANDSHAKE_WIRE_BYTES = 16_500
@@ -318,9 +316,9 @@ cdef class Connection:
         node_id = self.config.node_id
         if node_id is None:
             rand = self.config.rng(22)  # a random steering prefix and the RID's random tail
-            self._hello_rid = self.rid = rand[:8] + b"\x00\x00" + rand[8:]
+            self._hello_rid = self.rid = make_rid(rand[:8], 0, rand[8:])
         else:
-            self._hello_rid = self.rid = node_id + b"\x00\x00" + self.config.rng(14)
+            self._hello_rid = self.rid = make_rid(node_id, 0, self.config.rng(14))
         return 0
 
     cdef int _start_full_handshake(self) except -1:
@@ -353,7 +351,7 @@ cdef class Connection:
         wipe(secret)
         # Never more than the ticket allows: the server would refuse the rest anyway.
         data = early_data[:ticket.max_early_data]
-        room = self.config.max_datagram_size - 61
+        room = self.config.max_datagram_size - MIN_PACKET_LEN
         for i in (range(0, len(data), room) if data else range(1)):
             self._send_raw(self._early._seal(data[i:i + room], early_stream, False, 0,
                                              self._now))
@@ -704,7 +702,7 @@ cdef class Connection:
     cdef int _send_pending_ack(self) except -1:
         if self._pending_ack is not None:
             reasm = self._reasm.get(self._pending_ack)
-            if reasm is not None and reasm.started and not reasm.is_complete:
+            if reasm is not None:  # the table holds started, incomplete messages only
                 self._send_raw(reasm.ack().to_record(self._pending_ack[0]), None,
                                handshake=True)
         self._pending_ack = None
@@ -808,17 +806,15 @@ cdef class Connection:
         if not self._fire("sh_received"):
             return 0
         assert self._client_hs is not None
+        self.rid = rec.rid  # the session RID the server chose, for CF or for our error
         try:
             cf = self._client_hs.on_server_hello(message)
         except HandshakeError as exc:
-            self.rid = rec.rid
             self._fail(exc.code, exc.detail, send=True)
             return 0
         result = self._client_hs.result
         assert result is not None
         self._fire("sh_verified")
-        self.rid = rec.rid
-        self._flight_timer._stop()
         self._send_flight(
             Flight.from_message(MSG_CLIENT_FINISHED, self.rid, 1, cf,
                                 self.config.max_datagram_size),
@@ -832,17 +828,15 @@ cdef class Connection:
             return 0
         resume = self._resume_hs
         assert resume is not None
+        self.rid = rec.rid  # the session RID the server chose, for CFR or for our error
         try:
             cfr = resume.on_server_hello_resume(message)
         except HandshakeError as exc:
-            self.rid = rec.rid
             self._fail(exc.code, exc.detail, send=True)
             return 0
         result = resume.result
         assert result is not None
         self._fire("resume_accepted")
-        self.rid = rec.rid
-        self._flight_timer._stop()
         self._send_flight(
             Flight.from_message(MSG_CLIENT_FINISHED_RESUME, self.rid, 1, cfr,
                                 self.config.max_datagram_size),
@@ -901,7 +895,7 @@ cdef class Connection:
             # The hello again: our reply (or part of it) was lost. Resend what is missing.
             if self._fsm.name == "S_WAIT_FIN" \
                     and resumed == (self._server_resume_hs is not None) \
-                    and self._reasm._add_record(rec, now, True).status is not _MALFORMED:
+                    and self._reasm._add_record(rec, now, False).status is not _MALFORMED:
                 self._resend_flight(prompted=True)
             else:
                 self._drop("unexpected-handshake")
@@ -912,7 +906,7 @@ cdef class Connection:
         """The server's session RID: its node id (or the client's prefix), rotation epoch 0,
         14 random bytes (PROFILE §4)."""
         prefix = self.config.node_id if self.config.node_id is not None else hello_rid[:8]
-        return prefix + b"\x00\x00" + self.config.rng(14)
+        return make_rid(prefix, 0, self.config.rng(14))
 
     cdef int _server_on_client_hello(self, HandshakeRecord rec, addr, double now) except -1:
         cdef bytes message = self._client_hello(rec, addr, now, "ch_received", "S_WAIT_CH",
@@ -1094,7 +1088,7 @@ cdef class Connection:
         if rec is None:
             return 0
         self._last_addr = addr
-        if addr != self.peer_addr and self.peer_addr is not None and not self.is_client:
+        if not self.is_client and self.peer_addr is not None and addr != self.peer_addr:
             self._on_new_path(addr, n, now)
         self.packets_in += 1
         self.bytes_in += n
@@ -1109,7 +1103,7 @@ cdef class Connection:
         if rec.control:
             self._on_control(rec, now)
         elif rec.stream_id != _STREAM_KEEPALIVE and rec.stream_id != _STREAM_DUMMY:
-            if self._fsm.name.endswith("_CLOSED"):
+            if self._fsm.closed:
                 return 0
             self._emit(DataReceived(rec.stream_id, rec.payload))
         self._after_epoch_activity(now)

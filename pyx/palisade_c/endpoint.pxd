@@ -10,7 +10,7 @@ cdef class ServerEndpoint:
     cdef readonly object config
     cdef object _event_log
     cdef dict _by_rid               # RID -> session (first-flight and session RIDs)
-    cdef dict _sessions             # serial -> session
+    cdef dict _sessions             # session -> None: the live sessions, in arrival order
     cdef set _half_open
     cdef set _busy                  # sessions with output or events not yet collected
     cdef list _timers               # heap of (deadline, tiebreak, session)

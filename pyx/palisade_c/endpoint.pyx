@@ -103,7 +103,7 @@ cdef class ServerEndpoint:
 
     @property
     def connections(self):
-        return list(self._sessions.values())
+        return list(self._sessions)
 
     @property
     def half_open(self):
@@ -177,7 +177,7 @@ cdef class ServerEndpoint:
     def close(self, int error_code=0, str reason="server shutting down"):
         """Soft-close every session."""
         cdef Connection conn
-        for conn in list(self._sessions.values()):
+        for conn in list(self._sessions):
             conn.close(error_code, reason)
             self._collect(conn)
 
@@ -201,7 +201,7 @@ cdef class ServerEndpoint:
         if validated:
             conn._amp.validate()  # the cookie proves the client receives at this address
         conn.on_wakeup = self._busy.add
-        self._sessions[self._serial] = conn
+        self._sessions[conn] = None
         self._half_open.add(conn)
         self._by_rid[rid] = conn
         return conn
@@ -234,7 +234,8 @@ cdef class ServerEndpoint:
                 _heappush(self._timers, (deadline, self._tiebreak, conn))
         if closed:
             self._deadlines.pop(conn, None)
-            for k in [k for k, c in self._by_rid.items() if c is conn]:
-                del self._by_rid[k]
-            for serial in [k for k, c in self._sessions.items() if c is conn]:
-                del self._sessions[serial]
+            # A session is registered under its first-flight RID and its session RID only.
+            for k in (conn._hello_rid, conn.rid):
+                if self._by_rid.get(k) is conn:
+                    del self._by_rid[k]
+            self._sessions.pop(conn, None)
