@@ -23,6 +23,7 @@ from __future__ import annotations
 import hmac as _hmac
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.asymmetric import mlkem
@@ -31,11 +32,8 @@ from palisade_c import keyschedule as ks
 from palisade_c import wire
 from palisade_c.config import PLUS_RESUMPTION, Config
 from palisade_c.errors import DecodeError, ErrorCode, HandshakeError
-from palisade_c.identity import verify_signature
+from palisade_c.identity import CLIENT_CONTEXT, SERVER_CONTEXT, verify_signature
 from palisade_c.tickets import ClientTicket, TicketInner, TicketService
-
-SERVER_SIG_CONTEXT = b"PALISADE server"
-CLIENT_SIG_CONTEXT = b"PALISADE client"
 
 #: What this implementation can do, in preference order.
 SUPPORTED_KEMS = (wire.KEM_MLKEM768, wire.KEM_MLKEM1024)
@@ -84,23 +82,14 @@ class HandshakeResult:
     master_secret: bytearray
     #: Derived only when the session may carry tickets (PLUS resumption negotiated).
     resumption_secret: bytearray | None
-    #: The peer's certificate; empty after a resumption, which exchanges none.
-    peer_public_key: bytes
     #: Hex SHA3-256 of the peer's key (from the trust store, or from the ticket).
     peer_fingerprint: str
     plus_features: int
-    transcript_hash: bytes
     kem: int = wire.KEM_MLKEM768
     sig: int = wire.SIG_MLDSA65
     aead: int = wire.AEAD_CHACHA20POLY1305
 
     resumed: bool = False
-    #: Resumption, server side: the redeemed ticket's early-data allowance.
-    max_early_data: int = 0
-
-    def erase(self) -> None:
-        ks.wipe(self.master_secret)
-        ks.wipe(self.resumption_secret)
 
 
 def _encapsulate(kem: int, public_key: bytes, code: ErrorCode) -> tuple[bytes, bytes]:
@@ -139,6 +128,22 @@ def _derive(
         ks.wipe(hs)
 
 
+_M = TypeVar("_M")
+
+
+def _decode(decoder: Callable[[bytes], _M], data: bytes) -> _M:
+    """Decode a peer's message; a malformed one fails the handshake with its spec code."""
+    try:
+        return decoder(data)
+    except DecodeError as exc:
+        raise HandshakeError(exc.code, str(exc)) from exc
+
+
+def _plus_extensions(features: int) -> list[wire.Extension]:
+    """The PLUS extension carrying ``features``, or nothing for CORE."""
+    return [wire.make_plus_extension(features)] if features else []
+
+
 def _plus_from(extensions: tuple[wire.Extension, ...], code: ErrorCode) -> int:
     try:
         return wire.check_extensions(extensions)
@@ -150,25 +155,20 @@ def _plus_from(extensions: tuple[wire.Extension, ...], code: ErrorCode) -> int:
 class ClientHandshake:
     """Client side: builds CH, checks SH, builds CF, derives the session secrets."""
 
-    def __init__(self, config: Config, rng: Callable[[int], bytes] | None = None) -> None:
+    def __init__(self, config: Config) -> None:
         self._config = config
-        rng = rng or config.rng
         self._kem_key: mlkem.MLKEM768PrivateKey | None = mlkem.MLKEM768PrivateKey.generate()
-        extensions = []
-        if config.plus_features:
-            extensions.append(wire.make_plus_extension(config.plus_features))
+        extensions = _plus_extensions(config.plus_features)
         self.client_hello = wire.ClientHello(
             supported_kems=(wire.KEM_MLKEM768,),
             supported_sigs=SUPPORTED_SIGS,
             supported_aeads=SUPPORTED_AEADS,
-            client_nonce=rng(32),
+            client_nonce=config.rng(32),
             k_c=self._kem_key.public_key().public_bytes_raw(),
             client_certificate=config.identity.public_key,
             extensions=extensions,
         )
         self.client_hello_bytes = self.client_hello.encode()
-        # CH carries no signature, so its transcript form is its encoding.
-        self._ch_star = self.client_hello_bytes
         self.result: HandshakeResult | None = None
 
     def erase(self) -> None:
@@ -186,10 +186,7 @@ class ClientHandshake:
     def _on_server_hello(self, data: bytes) -> bytes:
         if self._kem_key is None:
             raise HandshakeError(ErrorCode.ErrorProtocolViolation, "handshake already finished")
-        try:
-            sh = wire.ServerHello.decode(data)
-        except DecodeError as exc:
-            raise HandshakeError(exc.code, str(exc)) from exc
+        sh = _decode(wire.ServerHello.decode, data)
         ch = self.client_hello
         if sh.version != wire.VERSION:
             raise HandshakeError(ErrorCode.ErrorInvalidVersion, f"server version {sh.version:#x}")
@@ -206,12 +203,13 @@ class ClientHandshake:
         peer_fp = self._config.trust.pinned_fingerprint(sh.server_certificate)
         if peer_fp is None:
             raise HandshakeError(ErrorCode.ErrorCertificateInvalid, "server key is not pinned")
-        # Hash CH* ‖ SH* once; the copy continues into th with CF*.
-        running = _Transcript(self._ch_star)
+        # Hash CH* ‖ SH* once; the copy continues into th with CF*. CH carries no signature,
+        # so its transcript form is its encoding.
+        running = _Transcript(self.client_hello_bytes)
         running.update(sh.transcript_bytes())
         signed = running.digest()
         if not verify_signature(
-            sh.server_certificate, sh.server_signature, signed, SERVER_SIG_CONTEXT
+            sh.server_certificate, sh.server_signature, signed, SERVER_CONTEXT
         ):
             raise HandshakeError(ErrorCode.ErrorSignatureVerifyFailed, "server signature")
         ss_c = _decapsulate(self._kem_key, sh.ct_c)
@@ -219,16 +217,14 @@ class ClientHandshake:
         cf = wire.ClientFinished(ct_s=ct_s)
         running.update(cf.transcript_bytes())
         th = running.digest()
-        cf = cf.replace(client_signature=self._config.identity.sign(th, CLIENT_SIG_CONTEXT))
+        cf = cf.replace(client_signature=self._config.identity.sign(th, CLIENT_CONTEXT))
         master, resumption = _derive(ss_c, ss_s, ch.client_nonce, sh.server_nonce, th, plus)
         self.erase()
         self.result = HandshakeResult(
             master_secret=master,
             resumption_secret=resumption,
-            peer_public_key=sh.server_certificate,
             peer_fingerprint=peer_fp,
             plus_features=plus,
-            transcript_hash=th,
             kem=sh.kem_choice,
             sig=sh.sig_choice,
             aead=sh.aead_choice,
@@ -241,7 +237,6 @@ class ServerHandshake:
     """Server side: checks CH, builds SH, checks CF, derives the session secrets."""
 
     config: Config
-    rng: Callable[[int], bytes] | None = None
     result: HandshakeResult | None = None
     _kem_key: mlkem.MLKEM768PrivateKey | mlkem.MLKEM1024PrivateKey | None = field(
         default=None, repr=False
@@ -266,10 +261,7 @@ class ServerHandshake:
             raise
 
     def _on_client_hello(self, data: bytes) -> bytes:
-        try:
-            ch = wire.ClientHello.decode(data)
-        except DecodeError as exc:
-            raise HandshakeError(exc.code, str(exc)) from exc
+        ch = _decode(wire.ClientHello.decode, data)
         if ch.client_signature:
             # The client signs in ClientFinished (PROFILE §2-§3); CH carries no signature, and a
             # filled-in one sits outside the transcript where anyone could have put it.
@@ -291,12 +283,12 @@ class ServerHandshake:
             raise HandshakeError(ErrorCode.ErrorCertificateInvalid, "client key is not pinned")
         ss_c, ct_c = _encapsulate(kem, ch.k_c, ErrorCode.ErrorInvalidClientHello)
         self._kem_key = _KEM_CLASSES[kem].generate()
-        extensions = [wire.make_plus_extension(self._plus)] if self._plus else []
+        extensions = _plus_extensions(self._plus)
         sh = wire.ServerHello(
             kem_choice=kem,
             sig_choice=sig,
             aead_choice=aead,
-            server_nonce=(self.rng or self.config.rng)(32),
+            server_nonce=self.config.rng(32),
             k_s=self._kem_key.public_key().public_bytes_raw(),
             ct_c=ct_c,
             server_certificate=self.config.identity.public_key,
@@ -307,7 +299,7 @@ class ServerHandshake:
         running = _Transcript(data)
         running.update(sh.transcript_bytes())
         signed = running.digest()
-        sh = sh.replace(server_signature=self.config.identity.sign(signed, SERVER_SIG_CONTEXT))
+        sh = sh.replace(server_signature=self.config.identity.sign(signed, SERVER_CONTEXT))
         self._ch, self._sh, self._ss_c, self._running = ch, sh, ss_c, running
         self._peer_fp = peer_fp
         return sh.encode()
@@ -323,16 +315,13 @@ class ServerHandshake:
         if self._kem_key is None or self._ch is None or self._sh is None or self._ss_c is None \
                 or self._running is None:
             raise HandshakeError(ErrorCode.ErrorProtocolViolation, "ClientFinished out of order")
-        try:
-            cf = wire.ClientFinished.decode(data)
-        except DecodeError as exc:
-            raise HandshakeError(exc.code, str(exc)) from exc
+        cf = _decode(wire.ClientFinished.decode, data)
         ch, sh = self._ch, self._sh
         running = self._running.copy()
         running.update(cf.transcript_bytes())
         th = running.digest()
         if not verify_signature(
-            ch.client_certificate, cf.client_signature, th, CLIENT_SIG_CONTEXT
+            ch.client_certificate, cf.client_signature, th, CLIENT_CONTEXT
         ):
             raise HandshakeError(ErrorCode.ErrorSignatureVerifyFailed, "client signature")
         ss_s = _decapsulate(self._kem_key, cf.ct_s)
@@ -342,10 +331,8 @@ class ServerHandshake:
         self.result = HandshakeResult(
             master_secret=master,
             resumption_secret=resumption,
-            peer_public_key=ch.client_certificate,
             peer_fingerprint=self._peer_fp,
             plus_features=self._plus,
-            transcript_hash=th,
             kem=sh.kem_choice,
             sig=sh.sig_choice,
             aead=sh.aead_choice,
@@ -362,10 +349,16 @@ class ServerHandshake:
 # depend on the PSK alone, and the PSK is the Extract salt of the usual key schedule.
 
 
-def _mac(key: bytearray, data: bytes) -> bytes:
-    h = hmac.HMAC(key, hashes.SHA3_256())
-    h.update(data)
-    return h.finalize()
+def _finished_mac(psk: bytearray, role: bytes, digest: bytes) -> bytes:
+    """HMAC-SHA3-256 of ``digest`` under the ``role`` finished key of ``psk`` (PROFILE §7);
+    the finished key is wiped as soon as the MAC is made."""
+    key = ks.finished_key(psk, role)
+    try:
+        h = hmac.HMAC(key, _SHA3)
+        h.update(digest)
+        return h.finalize()
+    finally:
+        ks.wipe(key)
 
 
 class ClientResumeHandshake:
@@ -376,9 +369,7 @@ class ClientResumeHandshake:
         self._ticket = ticket
         self._psk = bytearray(ticket.psk)
         self._kem_key: mlkem.MLKEM768PrivateKey | None = mlkem.MLKEM768PrivateKey.generate()
-        extensions = []
-        if config.plus_features:
-            extensions.append(wire.make_plus_extension(config.plus_features))
+        extensions = _plus_extensions(config.plus_features)
         self.hello = wire.ClientHelloResume(
             ticket=ticket.ticket,
             k_c=self._kem_key.public_key().public_bytes_raw(),
@@ -387,7 +378,7 @@ class ClientResumeHandshake:
             extensions=extensions,
         )
         self.hello_bytes = self.hello.encode()
-        self._running = _Transcript(self.hello.transcript_bytes())
+        self._running = _Transcript(self.hello_bytes)  # CHR has no MAC: CHR* is CHR
         #: 0-RTT traffic secret, when early data is offered (the caller builds its record layer).
         self.early_secret: bytearray | None = (
             ks.early_data_secret(self._psk, self._running.digest()) if early_data else None
@@ -410,21 +401,14 @@ class ClientResumeHandshake:
     def _on_shr(self, data: bytes) -> bytes:
         if self._kem_key is None:
             raise HandshakeError(ErrorCode.ErrorProtocolViolation, "handshake already finished")
-        try:
-            shr = wire.ServerHelloResume.decode(data)
-        except DecodeError as exc:
-            raise HandshakeError(exc.code, str(exc)) from exc
+        shr = _decode(wire.ServerHelloResume.decode, data)
         plus = _plus_from(shr.extensions, ErrorCode.ErrorInvalidServerHello)
         if plus & ~self._config.plus_features:
             raise HandshakeError(ErrorCode.ErrorInvalidServerHello, "PLUS features not offered")
         running = self._running.copy()
         running.update(shr.transcript_bytes())
-        server_key = ks.finished_key(self._psk, b"server")
-        try:
-            good = _hmac.compare_digest(_mac(server_key, running.digest()), shr.mac)
-        finally:
-            ks.wipe(server_key)
-        if not good:
+        if not _hmac.compare_digest(_finished_mac(self._psk, b"server", running.digest()),
+                                    shr.mac):
             # Only a holder of the PSK, sealed in the ticket by the real server, can make it.
             raise HandshakeError(ErrorCode.ErrorSignatureVerifyFailed, "resumption MAC")
         ss_c = _decapsulate(self._kem_key, shr.ct_c)
@@ -432,18 +416,14 @@ class ClientResumeHandshake:
         cfr_star = wire.ClientFinishedResume(ct_s=ct_s, mac=bytes(32)).transcript_bytes()
         running.update(cfr_star)
         th = running.digest()
-        client_key = ks.finished_key(self._psk, b"client")
-        try:
-            cfr = wire.ClientFinishedResume(ct_s=ct_s, mac=_mac(client_key, th))
-        finally:
-            ks.wipe(client_key)
+        cfr = wire.ClientFinishedResume(ct_s=ct_s, mac=_finished_mac(self._psk, b"client", th))
         master, resumption = _derive(ss_c, ss_s, self.hello.resume_nonce, shr.server_nonce, th,
                                      plus, self._psk)
         self.accepted_0rtt = shr.accept_0rtt
         self.result = HandshakeResult(
-            master_secret=master, resumption_secret=resumption, peer_public_key=b"",
+            master_secret=master, resumption_secret=resumption,
             peer_fingerprint=self._ticket.server_fingerprint,
-            plus_features=plus, transcript_hash=th, resumed=True,
+            plus_features=plus, resumed=True,
         )
         self._kem_key = None
         ks.wipe(self._psk)
@@ -482,10 +462,7 @@ class ServerResumeHandshake:
             raise
 
     def _on_chr(self, data: bytes) -> bytes:
-        try:
-            chr_ = wire.ClientHelloResume.decode(data)
-        except DecodeError as exc:
-            raise HandshakeError(exc.code, str(exc)) from exc
+        chr_ = _decode(wire.ClientHelloResume.decode, data)
         offered = _plus_from(chr_.extensions, ErrorCode.ErrorInvalidClientHello)
         self._plus = offered & self._config.plus_features
         inner, why = self._tickets.redeem(chr_.ticket)
@@ -495,7 +472,7 @@ class ServerResumeHandshake:
                                                                    ErrorCode.ErrorTicketInvalid)
             raise HandshakeError(code, f"ticket {why}")
         # The pin that admitted the original client must still be in force.
-        if inner.client_fingerprint.hex() not in self._config.trust.fingerprints:
+        if not self._config.trust.has_fingerprint(inner.client_fingerprint.hex()):
             raise HandshakeError(ErrorCode.ErrorCertificateInvalid, "ticket's client not pinned")
         if inner.kem not in SUPPORTED_KEMS:
             raise HandshakeError(ErrorCode.ErrorTicketInvalid, "ticket names an unknown KEM")
@@ -505,21 +482,17 @@ class ServerResumeHandshake:
         self._kem_key = mlkem.MLKEM768PrivateKey.generate()
         self.accept_0rtt = bool(chr_.early_data_offered and inner.max_early_data > 0
                                 and self._config.early_data_streams)
-        running = _Transcript(chr_.transcript_bytes())
+        running = _Transcript(data)  # CHR has no MAC field: CHR* is CHR as received
         if self.accept_0rtt:
             self.early_secret = ks.early_data_secret(self._psk, running.digest())
-        extensions = [wire.make_plus_extension(self._plus)] if self._plus else []
+        extensions = _plus_extensions(self._plus)
         shr = wire.ServerHelloResume(
             server_nonce=self._config.rng(32),
             k_s=self._kem_key.public_key().public_bytes_raw(),
             ct_c=ct_c, mac=bytes(32), accept_0rtt=self.accept_0rtt, extensions=extensions,
         )
         running.update(shr.transcript_bytes())
-        server_key = ks.finished_key(self._psk, b"server")
-        try:
-            shr = shr.replace(mac=_mac(server_key, running.digest()))
-        finally:
-            ks.wipe(server_key)
+        shr = shr.replace(mac=_finished_mac(self._psk, b"server", running.digest()))
         self._hello, self._shr, self._ss_c, self._running = chr_, shr, ss_c, running
         return shr.encode()
 
@@ -534,19 +507,11 @@ class ServerResumeHandshake:
         if self._kem_key is None or self._hello is None or self._shr is None \
                 or self._ss_c is None or self.inner is None or self._running is None:
             raise HandshakeError(ErrorCode.ErrorProtocolViolation, "CFR out of order")
-        try:
-            cfr = wire.ClientFinishedResume.decode(data)
-        except DecodeError as exc:
-            raise HandshakeError(exc.code, str(exc)) from exc
+        cfr = _decode(wire.ClientFinishedResume.decode, data)
         running = self._running.copy()
         running.update(cfr.transcript_bytes())
         th = running.digest()
-        client_key = ks.finished_key(self._psk, b"client")
-        try:
-            good = _hmac.compare_digest(_mac(client_key, th), cfr.mac)
-        finally:
-            ks.wipe(client_key)
-        if not good:
+        if not _hmac.compare_digest(_finished_mac(self._psk, b"client", th), cfr.mac):
             raise HandshakeError(ErrorCode.ErrorSignatureVerifyFailed, "resumption MAC")
         ss_s = _decapsulate(self._kem_key, cfr.ct_s)
         master, resumption = _derive(self._ss_c, ss_s, self._hello.resume_nonce,
@@ -554,10 +519,9 @@ class ServerResumeHandshake:
         inner = self.inner
         self.erase()
         self.result = HandshakeResult(
-            master_secret=master, resumption_secret=resumption, peer_public_key=b"",
+            master_secret=master, resumption_secret=resumption,
             peer_fingerprint=inner.client_fingerprint.hex(),
-            plus_features=self._plus, transcript_hash=th, kem=inner.kem, sig=inner.sig,
+            plus_features=self._plus, kem=inner.kem, sig=inner.sig,
             aead=inner.aead, resumed=True,
-            max_early_data=inner.max_early_data,
         )
         return self.result

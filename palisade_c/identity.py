@@ -279,6 +279,10 @@ class TrustStore:
             self._known_raw[raw] = fp
         return fp
 
+    def has_fingerprint(self, fp: str) -> bool:
+        """True if the key with this hex fingerprint is pinned (case-insensitive)."""
+        return fp.lower() in self._fingerprints
+
     @property
     def fingerprints(self) -> frozenset[str]:
         """The pinned fingerprints (lowercase hex)."""
