@@ -546,7 +546,9 @@ async def connect(
     :class:`~palisade_c.errors.HandshakeError` carrying the spec error code when the handshake
     fails (for example ``ErrorCertificateInvalid`` when a key is not pinned), and
     :class:`HandshakeTimeoutError` (also a :class:`TimeoutError`) when no handshake completes
-    within ``timeout`` seconds, or within ``config.handshake_timeout`` if ``timeout`` is None.
+    within ``timeout`` seconds, or, if ``timeout`` is None, within the session's handshake
+    budget (``config.handshake_timeout`` plus twice the handshake's airtime on a slow link)
+    and a short grace.
     Raises :class:`~palisade_c.errors.ConfigError` for a bad URL or an unresolvable host.
     ``on_connection`` is called with the new connection before the handshake starts (to show
     progress on a slow link). On a serial link whose device reboots, the tunnel closes with
@@ -560,14 +562,20 @@ async def connect(
     """
     transport, peer, config = await _open_transport(url, config, server=False)
     if ticket is None and tickets is not None:
-        ticket = tickets.take()
+        # Only tickets from servers still pinned: another server's ticket would be wasted.
+        for fp in sorted(config.trust.fingerprints):
+            ticket = tickets.take(fp)
+            if ticket is not None:
+                break
     engine = _ClientEngine(Connection(config, is_client=True, event_log=event_log), transport,
                            tickets)
     transport.on_reset = engine.link_reset
     conn = engine.connection
     if on_connection is not None:
         on_connection(conn)
-    bound = timeout if timeout is not None else config.handshake_timeout + CLOSE_GRACE
+    # The core's own budget stretches with the link's airtime (a 9600-baud line needs ~17 s
+    # for the handshake alone); waiting only handshake_timeout would give up before it does.
+    bound = timeout if timeout is not None else conn.handshake_budget + CLOSE_GRACE
     try:
         conn.connect(peer, engine._loop.time(), ticket=ticket, early_data=early_data)
         engine.update()

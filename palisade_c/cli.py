@@ -507,7 +507,9 @@ async def _open_tunnel(args: argparse.Namespace, config: Config) -> Tunnel | int
     try:
         cache: ClientTicketCache | None = getattr(args, "_tickets", None)
         early = args.early_data.encode() if args.early_data is not None else None
-        tunnel = await connect(args.url, config, timeout=args.timeout, on_connection=watch,
+        # --timeout went into config.handshake_timeout; connect() waits as long as the core
+        # allows, which on a slow serial link includes the handshake's airtime.
+        tunnel = await connect(args.url, config, on_connection=watch,
                                tickets=cache, early_data=early if cache else None,
                                event_log=_event_log(args))
     except HandshakeTimeoutError:

@@ -227,7 +227,7 @@ async def _client(
         # Rekey: the client asks, the device announces new keys, both commit epoch 1.
         result.epoch_before = conn.epoch
         rekey_started = loop.time()
-        conn.request_rekey()
+        tunnel.request_rekey()  # through the tunnel, so the request goes out now
         await _echo_once(tunnel, b"first message after the rekey request", epochs)
         while not epochs:
             event = await _recv_event(tunnel)

@@ -52,7 +52,7 @@ def fingerprint(public_key: bytes) -> str:
     return digest.finalize().hex()
 
 
-def _write_atomic(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
+def write_atomic(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same directory.
 
     The temporary file is created with ``mode`` from the start (never world-readable, even for
@@ -155,14 +155,14 @@ class Identity:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        _write_atomic(Path(path), pem, 0o600, overwrite)
+        write_atomic(Path(path), pem, 0o600, overwrite)
 
     def save_public(self, path: StrPath, *, overwrite: bool = False) -> None:
         """Write the public key (SubjectPublicKeyInfo PEM) for peers to pin; mode 0644."""
         pem = self._key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        _write_atomic(Path(path), pem, 0o644, overwrite)
+        write_atomic(Path(path), pem, 0o644, overwrite)
 
     @property
     def public_key(self) -> bytes:

@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from palisade_c.errors import ConfigError, ControlFrameError
 from palisade_c.frames import CTRL_NEW_TICKET, ControlFrame
+from palisade_c.identity import write_atomic
 from palisade_c.keyschedule import wipe
 
 Clock = Callable[[], float]
@@ -358,11 +359,8 @@ class ClientTicketCache:
             return
         now = self.clock()
         data = [t.to_json() for ts in self._tickets.values() for t in ts if t.usable(now)]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, self.path)
+        # The file holds PSKs: written like a private key (0600 from the start, synced, renamed).
+        write_atomic(self.path, json.dumps(data).encode("utf-8"), 0o600, overwrite=True)
 
     def add(self, ticket: ClientTicket) -> None:
         bucket = self._tickets.setdefault(ticket.server_fingerprint, [])

@@ -535,3 +535,12 @@ def test_client_fails_when_the_server_never_confirms_its_finished(ids: Ids) -> N
     pair.run(lambda: pair.client.closed, duration=120)
     assert [c.error_code for c in closes_of(pair, pair.client)] == [0x010A]
     assert pair.client.record is not None and pair.client.record.erased
+
+
+def test_handshake_budget_stretches_with_the_links_airtime(ids: Ids) -> None:
+    fast, _ = configs(ids)
+    slow, _ = configs(ids, link_bits_per_second=9600)
+    assert Connection(fast, True).handshake_budget == fast.handshake_timeout
+    # ~16.5 KB of handshake at 10 bits per byte takes ~17 s each way at 9600 baud.
+    budget = Connection(slow, True).handshake_budget
+    assert budget == pytest.approx(slow.handshake_timeout + 2 * 16_500 * 10 / 9600)

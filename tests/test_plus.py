@@ -461,3 +461,18 @@ def test_resumption_messages_are_rejected_when_malformed(ids: tuple[Identity, Id
     events = pair.link.run(duration=1.0)
     closes = [e.event for e in events if isinstance(e.event, ConnectionClosed)]
     assert [c.error_code for c in closes] == [ErrorCode.ErrorInvalidClientHello]
+
+
+def test_a_ticket_from_a_server_no_longer_pinned_is_not_used(
+        ids: tuple[Identity, Identity]) -> None:
+    """Resuming would skip the pin check a full handshake makes, so an unpinned server's
+    ticket starts a full handshake (which then fails on the pin, 0x0107)."""
+    _, _, ticket = first_session(ids)
+    other = Identity.generate()
+    cc = Config(identity=ids[0], trusted_peers=[other.public_key], rng=seeded_rng(5),
+                plus_features=PLUS)
+    client = Connection(cc, True)
+    client.connect(SERVER_ADDR, 0.0, ticket=ticket)
+    assert client.state == "C_WAIT_SH"  # a full ClientHello went out, not a resumption
+    sent = client.datagrams_to_send(0.0)
+    assert sent and all(d[3] == hs.MSG_CLIENT_HELLO for d, _ in sent)

@@ -306,7 +306,10 @@ cdef class Connection:
         self._hs_deadline = now + self._handshake_budget()
         self._has_hs_deadline = True
         self._new_hello_rid()
-        if ticket is not None and ticket.usable(self.config.ticket_clock()):
+        # A ticket is only as good as the pin of the server that issued it: after the pin is
+        # removed, resuming would skip the check a full handshake makes (0x0107).
+        if ticket is not None and ticket.usable(self.config.ticket_clock()) \
+                and self.config.trust.has_fingerprint(ticket.server_fingerprint):
             self._start_resumption(ticket, early_data, early_stream)
             return
         self._fire("connect")
@@ -531,6 +534,12 @@ cdef class Connection:
     cdef double _handshake_budget(self) except? -1.0:
         """The configured handshake timeout plus twice the handshake's airtime on this link."""
         return self.config.handshake_timeout + 2 * self.config.link_time(HANDSHAKE_WIRE_BYTES)
+
+    @property
+    def handshake_budget(self):
+        """Seconds this session allows its handshake: the configured timeout plus twice the
+        handshake's airtime on this link (a shell waiting for it should wait as long)."""
+        return self._handshake_budget()
 
     cdef RetransmitTimer _new_timer(self):
         return RetransmitTimer(
