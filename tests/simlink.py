@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import heapq
 import random
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -317,6 +318,25 @@ def seeded_rng(seed: int) -> Callable[[int], bytes]:
 
 def is_handshake(data: bytes) -> bool:
     return data[:2] == b"QH"
+
+
+def hs_type(data: bytes) -> int | None:
+    """The msg_type of a handshake datagram, None for anything else."""
+    return hs.decode(data).msg_type if is_handshake(data) else None
+
+
+def closed_events(pair: Pair, conn: Connection) -> list[ConnectionClosed]:
+    """The ConnectionClosed events one session of the pair reported."""
+    return [e.event for e in pair.link.events
+            if e.connection is conn and isinstance(e.event, ConnectionClosed)]
+
+
+def free_udp_port() -> int:
+    """A loopback UDP port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def record_rid(data: bytes) -> bytes:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from simlink import free_udp_port
 
 from palisade_c.aio import HandshakeTimeoutError, Server, Tunnel, connect, serve
 from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION, Config
@@ -66,13 +67,6 @@ def make_configs(server_id: Identity, client_id: Identity, **kw: Any) -> tuple[C
 def url_of(server: Server) -> str:
     host, port = server.address
     return f"udp://{host}:{port}"
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def echo(tunnel: Tunnel) -> None:

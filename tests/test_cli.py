@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import stat
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from simlink import free_udp_port
 
 import palisade_c
 from palisade_c.identity import Identity, fingerprint, load_public_key
@@ -49,13 +49,6 @@ def palisade(
         cwd=cwd, env=cli_env(), input=stdin if stdin is not None else "",
         capture_output=True, text=True, timeout=CMD_TIMEOUT, check=False,
     )
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -18,6 +18,8 @@ from simlink import (
     SimEvent,
     SimLink,
     WireEntry,
+    closed_events,
+    hs_type,
     is_handshake,
     make_pair,
     seeded_rng,
@@ -68,15 +70,6 @@ def configs(ids: Ids, seed: int = 1, **common: object) -> tuple[Config, Config]:
 
 def data_of(pair: Pair, node: str) -> list[bytes]:
     return pair.link.data_received(node)
-
-
-def closes_of(pair: Pair, conn: Connection) -> list[ConnectionClosed]:
-    return [e.event for e in pair.link.events
-            if e.connection is conn and isinstance(e.event, ConnectionClosed)]
-
-
-def hs_type(data: bytes) -> int | None:
-    return hs.decode(data).msg_type if is_handshake(data) else None
 
 
 # --- data over a hostile link --------------------------------------------------------------------
@@ -279,7 +272,7 @@ def test_close_before_establishment(ids: Ids) -> None:
     assert pair.client.get_timer() is None and pair.client.record is None
     sent = len([e for e in pair.link.emitted if e.src == CLIENT_ADDR])
     pair.run(duration=10)
-    assert [(c.error_code, c.reason, c.by_peer) for c in closes_of(pair, pair.client)] == [
+    assert [(c.error_code, c.reason, c.by_peer) for c in closed_events(pair, pair.client)] == [
         (0x0042, "changed my mind", False)]
     # Nothing more left the client (no CTRL_CLOSE without keys, no retransmission), the SH
     # that arrived afterwards was dropped, and the server's half-open session timed out.
@@ -287,11 +280,11 @@ def test_close_before_establishment(ids: Ids) -> None:
     assert pair.client.drop_counts.get("closed", 0) > 0
     session = pair.session()
     assert session is not None and session.state == "S_CLOSED"
-    assert [c.error_code for c in closes_of(pair, session)] == [0x010A]
+    assert [c.error_code for c in closed_events(pair, session)] == [0x010A]
     assert pair.server.connections == []
     # Closing again is a no-op.
     pair.client.close(1, "again")
-    assert len(closes_of(pair, pair.client)) == 1
+    assert len(closed_events(pair, pair.client)) == 1
 
 
 @pytest.mark.parametrize("closer", ["client", "server"])
@@ -309,9 +302,9 @@ def test_close_after_establishment_drains_and_both_sides_see_it(ids: Ids, closer
         active.send_data(b"too late")
     pair.run(lambda: active.closed and passive.closed, duration=5)
     assert active.state.endswith("_CLOSED") and passive.state.endswith("_CLOSED")
-    assert [(c.error_code, c.reason, c.by_peer) for c in closes_of(pair, active)] == [
+    assert [(c.error_code, c.reason, c.by_peer) for c in closed_events(pair, active)] == [
         (0x0042, "maintenance", False)]
-    assert [(c.error_code, c.reason, c.by_peer) for c in closes_of(pair, passive)] == [
+    assert [(c.error_code, c.reason, c.by_peer) for c in closed_events(pair, passive)] == [
         (0x0042, "maintenance", True)]
     active_node = "client" if closer == "client" else "server"
     assert data_of(pair, active_node) == [b"in flight"]
@@ -338,8 +331,8 @@ def test_close_whose_frames_are_all_lost_still_ends_both_sides(ids: Ids) -> None
     blackhole["on"] = True
     pair.client.close(7, "bye")
     pair.run(lambda: pair.client.closed and session.closed, duration=20)
-    assert [c.error_code for c in closes_of(pair, pair.client)] == [7]
-    assert [c.error_code for c in closes_of(pair, session)] == [0x0203]
+    assert [c.error_code for c in closed_events(pair, pair.client)] == [7]
+    assert [c.error_code for c in closed_events(pair, session)] == [0x0203]
     assert session.state == "S_CLOSED" and session.record is not None and session.record.erased
 
 
@@ -360,8 +353,8 @@ def test_a_lost_close_frame_is_resent_while_draining(ids: Ids) -> None:
     pair.client.close(7, "bye")
     pair.run(lambda: pair.client.closed and session.closed, duration=10)
     assert dropped
-    assert [c.error_code for c in closes_of(pair, session)] == [7]
-    assert [c.error_code for c in closes_of(pair, pair.client)] == [7]
+    assert [c.error_code for c in closed_events(pair, session)] == [7]
+    assert [c.error_code for c in closed_events(pair, pair.client)] == [7]
 
 
 # --- drops, illegal input, state names ----------------------------------------------------------
@@ -533,7 +526,7 @@ def test_client_fails_when_the_server_never_confirms_its_finished(ids: Ids) -> N
         [] if src == SERVER_ADDR and pair.client.established else None)
     pair.connect()
     pair.run(lambda: pair.client.closed, duration=120)
-    assert [c.error_code for c in closes_of(pair, pair.client)] == [0x010A]
+    assert [c.error_code for c in closed_events(pair, pair.client)] == [0x010A]
     assert pair.client.record is not None and pair.client.record.erased
 
 

@@ -16,6 +16,7 @@ from simlink import (
     CLIENT_ADDR,
     SERVER_ADDR,
     SimLink,
+    hs_type,
     is_handshake,
     make_pair,
     record_rid,
@@ -51,10 +52,6 @@ def client_config(ids: Ids, seed: int, **kw: Any) -> Config:
 def server_config(ids: Ids, seed: int, **kw: Any) -> Config:
     return Config(identity=ids.server, trusted_peers=[ids.client.public_key],
                   rng=seeded_rng(seed + 7919), **kw)
-
-
-def hs_type(data: bytes) -> int | None:
-    return hs.decode(data).msg_type if is_handshake(data) else None
 
 
 def client_hello_datagrams(ids: Ids, seed: int) -> list[bytes]:

@@ -9,6 +9,7 @@ so a crafted peer is independent of the code it attacks.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import struct
@@ -23,6 +24,8 @@ from simlink import (
     HandshakeMitm,
     Pair,
     SimLink,
+    closed_events,
+    hs_type,
     is_handshake,
     make_pair,
     seeded_rng,
@@ -109,11 +112,6 @@ def error_responses(pair: Pair, src: object) -> list[tuple[bytes, int]]:
             for rec in wire_records(pair, src, hs.MSG_ERROR_RESPONSE)]
 
 
-def closed_events(pair: Pair, conn: Connection) -> list[ConnectionClosed]:
-    return [e.event for e in pair.link.events
-            if e.connection is conn and isinstance(e.event, ConnectionClosed)]
-
-
 def assert_aborted(pair: Pair, conn: Connection, code: int, *, by_peer: bool) -> None:
     """Ended in *_CLOSED by way of *_ABORT, one ConnectionClosed(code), no live keys."""
     assert conn.state.endswith("_CLOSED"), conn.state
@@ -165,29 +163,33 @@ def test_honest_handshake_installs_matching_keys(ids: Ids) -> None:
     assert error_responses(pair, CLIENT_ADDR) == error_responses(pair, SERVER_ADDR) == []
 
 
-def test_resumption_secret_exists_only_when_tickets_can_use_it(ids: Ids) -> None:
+@pytest.mark.parametrize(("client_plus", "server_plus"),
+                         [(0, 0), (PLUS_RESUMPTION, 0), (0, PLUS_RESUMPTION),
+                          (PLUS_RESUMPTION, PLUS_RESUMPTION)])
+def test_resumption_secret_exists_only_when_tickets_can_use_it(
+        ids: Ids, client_plus: int, server_plus: int) -> None:
     client_cfg, server_cfg = configs(ids)
-    pair = make_pair(client_cfg, server_cfg)
+    pair = make_pair(dataclasses.replace(client_cfg, plus_features=client_plus),
+                     dataclasses.replace(server_cfg, plus_features=server_plus))
     session = pair.handshake()
-    assert pair.client.resumption_secret is None and session.resumption_secret is None
-
-    client_cfg, server_cfg = configs(ids)
-    client_cfg.plus_features = server_cfg.plus_features = PLUS_RESUMPTION
-    pair = make_pair(client_cfg, server_cfg)
-    session = pair.handshake()
-    assert pair.client.resumption_secret is not None
-    assert session.resumption_secret is not None
-    assert len(pair.client.resumption_secret) == 32
+    client_secret, server_secret = pair.client.resumption_secret, session.resumption_secret
+    if client_plus and server_plus:  # negotiated: both sides hold the same secret
+        assert client_secret is not None and len(client_secret) == 32
+        assert client_secret == server_secret
+    else:  # what one side offers alone decides nothing
+        assert client_secret is None and server_secret is None
 
 
 def test_seeded_rng_makes_retransmission_timers_reproducible(ids: Ids) -> None:
-    deadlines = []
-    for _ in range(2):
-        client_cfg, _server_cfg = configs(ids, seed=7)
+    def first_deadline(seed: int) -> float | None:
+        client_cfg, _server_cfg = configs(ids, seed=seed)
         client = Connection(client_cfg, True)
         client.connect(SERVER_ADDR, 0.0)
-        deadlines.append(client.get_timer())
-    assert deadlines[0] is not None and deadlines[0] == deadlines[1]
+        return client.get_timer()
+
+    assert first_deadline(7) is not None and first_deadline(7) == first_deadline(7)
+    # ...and the jitter really comes from the seed: another seed, another deadline.
+    assert first_deadline(8) != first_deadline(7)
 
 
 # --- every failure code from a crafted peer -------------------------------------------------------
@@ -542,10 +544,6 @@ def test_handshake_timeout_with_a_silent_server(ids: Ids) -> None:
     assert len(sends) >= 4 and all(later > earlier for earlier, later in itertools.pairwise(gaps))
     assert error_responses(pair, CLIENT_ADDR) == []
     assert pair.server.connections == []  # nothing reached it
-
-
-def hs_type(data: bytes) -> int | None:
-    return hs.decode(data).msg_type if is_handshake(data) else None
 
 
 def _error_record(rid: bytes, code: int) -> bytes:

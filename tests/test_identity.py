@@ -14,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa
 
+from palisade_c import identity as identity_mod
 from palisade_c.errors import ConfigError
 from palisade_c.identity import (
     CLIENT_CONTEXT,
@@ -203,13 +204,27 @@ def test_trust_by_bytes_fingerprint_and_path(
     assert len(TrustStore([str(pub)])) == 1
 
 
-def test_pinned_fingerprint_names_the_pinned_key(ident: Identity, other: Identity) -> None:
+def test_pinned_fingerprint_names_the_pinned_key(
+        ident: Identity, other: Identity, monkeypatch: pytest.MonkeyPatch) -> None:
     store = TrustStore([ident.fingerprint])
-    for _ in range(2):  # the second lookup comes from the raw-key cache
-        assert store.pinned_fingerprint(ident.public_key) == ident.fingerprint
-        assert store.pinned_fingerprint(bytearray(ident.public_key)) == ident.fingerprint
+    expected = ident.fingerprint  # computed before counting starts
+    hashed: list[bytes] = []
+    real = identity_mod.fingerprint
+
+    def counting(raw: bytes) -> str:
+        hashed.append(raw)
+        return real(raw)
+
+    monkeypatch.setattr(identity_mod, "fingerprint", counting)
+    for _ in range(2):
+        assert store.pinned_fingerprint(ident.public_key) == expected
+        assert store.pinned_fingerprint(bytearray(ident.public_key)) == expected
         assert store.pinned_fingerprint(other.public_key) is None
     assert store.pinned_fingerprint(None) is None  # type: ignore[arg-type]
+    # The pinned key was hashed once, then answered from the raw-key cache; the unpinned one
+    # is never cached, so it is hashed every time.
+    assert hashed.count(ident.public_key) == 1
+    assert hashed.count(other.public_key) == 2
 
 
 def test_untrusted_key_rejected(ident: Identity, other: Identity) -> None:

@@ -203,9 +203,17 @@ def test_resumption_with_early_data(ids: tuple[Identity, Identity]) -> None:
 
 def test_resumption_costs_no_signature(ids: tuple[Identity, Identity],
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    pair, _, ticket = first_session(ids)
     calls: list[str] = []
-    monkeypatch.setattr(Identity, "sign", lambda *a, **k: calls.append("sign"))
+    original = Identity.sign
+
+    def counting_sign(self: Identity, data: bytes, context: bytes) -> bytes:
+        calls.append("sign")
+        return original(self, data, context)
+
+    monkeypatch.setattr(Identity, "sign", counting_sign)
+    pair, _, ticket = first_session(ids)
+    assert calls == ["sign", "sign"]  # the counter sees a full handshake's two signatures
+    calls.clear()
     conn = resume(pair, ticket)
     assert conn.established and calls == []
 

@@ -19,11 +19,11 @@ from simlink import CLIENT_ADDR, SERVER_ADDR, Pair, make_pair, seeded_rng
 
 from palisade_c import frames as F
 from palisade_c import handshake
-from palisade_c.config import Config
+from palisade_c.config import PLUS_RESUMPTION, Config
 from palisade_c.connection import Connection
 from palisade_c.epoch import SEQ_REKEY_THRESHOLD
 from palisade_c.errors import ErrorCode
-from palisade_c.events import ConnectionClosed, DataReceived, EpochChanged
+from palisade_c.events import ConnectionClosed, DataReceived, EpochChanged, NewTicket
 from palisade_c.identity import Identity
 
 
@@ -199,6 +199,8 @@ def drive_rekeys(pair: Pair, server: Connection, rekeys: int, rng: random.Random
     return {
         "sent": sent, "received": received, "stale": stale_buffers,
         "violations": watch_s.violations + watch_c.violations,
+        # How many seals each watch saw: zero would mean the watch checked nothing.
+        "watched": (watch_s.sealed, watch_c.sealed),
     }
 
 
@@ -210,6 +212,7 @@ def assert_rekey_run_sound(pair: Pair, server: Connection, out: dict[str, Any],
     assert client.record is not None and server.record is not None
     assert client.record.send_epoch == server.record.send_epoch == server.epoch
     # Never a packet sealed under an epoch the peer could not open (PROFILE §6).
+    assert min(out["watched"]) > 0, "the epoch watch saw no seal"
     assert out["violations"] == []
     # No AEAD failure means no key mismatch ever happened.
     for conn in (client, server):
@@ -444,8 +447,9 @@ def test_logs_never_hold_keys_secrets_or_plaintext(
 
     caplog.set_level(logging.DEBUG, logger="palisade_c")
     monkeypatch.setattr(handshake, "_derive", spy)
-    pair, server = established(ids, commit_threshold=2)
-    assert len(secrets) >= 2, "the spy saw no master secret"  # one per side
+    # PLUS resumption on, so resumption secrets and tickets (PSKs) are checked too.
+    pair, server = established(ids, commit_threshold=2, plus_features=PLUS_RESUMPTION)
+    assert len(secrets) == 4, "the spy saw no master and resumption secrets"  # two per side
     # The epoch-0 traffic keys each side installed from its master secret.
     for conn in (pair.client, server):
         assert conn.record is not None
@@ -461,7 +465,10 @@ def test_logs_never_hold_keys_secrets_or_plaintext(
     secrets.extend(bytes(b) for b in server.record.epochs.key_buffers().values())
     server._fail(ErrorCode.ErrorProtocolViolation, "bad peer", send=True)
     pair.run(duration=2.0)
-    assert len(secrets) >= 6 and all(any(s) for s in secrets)
+    tickets = events(pair, "client", NewTicket)
+    assert tickets, "no ticket was issued to check"
+    secrets.extend(t.ticket.psk for t in tickets)
+    assert len(secrets) >= 8 and all(any(s) for s in secrets)
     text = caplog.text + "\n".join(json.dumps(e) for e in pair.log)
     assert pair.log, "the structured event log recorded nothing"
     kinds = {e["kind"] for e in pair.log}
