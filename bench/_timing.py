@@ -21,6 +21,17 @@ def rate(fn: Callable[[], None], per_call: int, seconds: float) -> float:
             return calls * per_call / (now - start)
 
 
+def best_rates(workloads: dict[str, Callable[[], None]], per_call: int, seconds: float,
+               rounds: int) -> dict[str, float]:
+    """Operations per second of each workload, the best of ``rounds``; the workloads take
+    turns within each round, so a burst of load from a neighbour hits them alike."""
+    best = dict.fromkeys(workloads, 0.0)
+    for _ in range(rounds):
+        for name, fn in workloads.items():
+            best[name] = max(best[name], rate(fn, per_call, seconds))
+    return best
+
+
 def mean_per_op(fn: Callable[[], None], seconds: float) -> float:
     """Seconds per call, averaged over a window of ``seconds``.
 

@@ -1,6 +1,6 @@
 """Record-layer throughput against the raw ChaCha20-Poly1305 primitive, in one process.
 
-Run: ``python -m bench.record`` (``--seconds`` per measurement, default 1.0).
+Run: ``python bench/record.py`` (``--seconds`` per measurement, default 1.0).
 
 The machine is shared and noisy, so absolute packets/s mean little; the ratio
 (ours / raw, both measured here, interleaved, best of several rounds) is the figure to track.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from _timing import rate as _rate
+from _timing import best_rates as _best_rates
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from palisade_c import RecordLayer
@@ -50,11 +50,8 @@ def bench_size(size: int, seconds: float, rounds: int) -> dict[str, float]:
     seal_many, open_many = client.seal_many, server.open_many
     payloads = [payload] * BATCH
 
-    best = {"raw": 0.0, "ours": 0.0, "ours_batch": 0.0}
-    for _ in range(rounds):  # interleave so that noise hits all three alike
-        best["raw"] = max(best["raw"], _rate(raw, BATCH, seconds))
-        best["ours"] = max(best["ours"], _rate(ours, BATCH, seconds))
-        best["ours_batch"] = max(best["ours_batch"], _rate(ours_batch, BATCH, seconds))
+    best: dict[str, float] = _best_rates(
+        {"raw": raw, "ours": ours, "ours_batch": ours_batch}, BATCH, seconds, rounds)
     return best
 
 

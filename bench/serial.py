@@ -14,8 +14,10 @@ measured here, interleaved, best of several rounds) is the figure to track.
 Handshake over a paced pty: a full PALISADE handshake between a server on one end of a virtual
 serial line (firmware_bridge.pty_link: two pty pairs joined by a pump paced to ``--baud``,
 115200 by default) and a client on the other, both through the real serial transport, against
-the wire-time limit: the handshake's bytes x 10 / baud, which no implementation can beat on
-that line. The time runs from the client's ClientHello until *both* sides hold keys (the server
+its wire time: the handshake's bytes x 10 / baud, as if the line carried one direction at a
+time. It is a yardstick, not a hard floor: the line is full duplex, so acks crossing while a
+reply arrives let a run come in a hair under 1.0 (framing bytes, not counted, work the other
+way). The time runs from the client's ClientHello until *both* sides hold keys (the server
 has verified the ClientFinished). Target: ratio <= 1.3.
 """
 
@@ -29,7 +31,7 @@ import struct
 import sys
 import zlib
 
-from _timing import rate as _rate
+from _timing import best_rates as _best_rates
 
 from palisade_c import link
 
@@ -94,10 +96,7 @@ def bench_framing_size(size: int, seconds: float, rounds: int) -> dict[str, floa
         "ref_stream": ref_stream,
         "ours_stream": ours_stream,
     }
-    best = dict.fromkeys(shapes, 0.0)
-    for _ in range(rounds):  # interleaved, so that noise hits every shape alike
-        for name, fn in shapes.items():
-            best[name] = max(best[name], _rate(fn, BATCH, seconds))
+    best: dict[str, float] = _best_rates(shapes, BATCH, seconds, rounds)
     if decoder.frames == 0 or any(decoder.counters()[k] for k in ("crc_errors", "cobs_errors")):
         raise RuntimeError(f"decoder reported errors: {decoder.counters()}")
     return best
@@ -189,11 +188,10 @@ async def _pty_handshakes(baud: int, count: int, *, resume: bool = False
     return results
 
 
-def print_pty_handshake(baud: int, count: int) -> None:
+def print_pty_handshake(baud: int, runs: list[tuple[float, int, int]]) -> None:
     print()
     print(f"handshake over a pty paced to {baud} baud vs its wire time "
           "(handshake bytes x 10 / baud)")
-    runs = asyncio.run(_pty_handshakes(baud, count))
     print(f"{'run':>4} {'time s':>8} {'hs bytes':>9} {'line bytes':>11} {'wire s':>7} "
           f"{'ratio':>6}")
     ratios = []
@@ -206,11 +204,10 @@ def print_pty_handshake(baud: int, count: int) -> None:
           f"{statistics.median(ratios):.3f}  (target <= 1.3)")
 
 
-def print_pty_reconnect(baud: int, count: int) -> None:
-    """Reconnect over the paced line: resumption (PLUS) against a full handshake."""
+def print_pty_reconnect(baud: int, count: int, full: list[tuple[float, int, int]]) -> None:
+    """Reconnect over the paced line: resumption (PLUS) against the full handshakes above."""
     print()
     print(f"reconnect over a pty paced to {baud} baud: resumption vs full handshake")
-    full = asyncio.run(_pty_handshakes(baud, count))
     resumed = asyncio.run(_pty_handshakes(baud, count, resume=True))
     f = statistics.median(r[0] for r in full)
     r = statistics.median(r[0] for r in resumed)
@@ -233,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     print_framing(args.seconds, args.rounds)
     if args.handshakes > 0:
-        print_pty_handshake(args.baud, args.handshakes)
-        print_pty_reconnect(args.baud, args.handshakes)
+        full = asyncio.run(_pty_handshakes(args.baud, args.handshakes))  # measured once, used twice
+        print_pty_handshake(args.baud, full)
+        print_pty_reconnect(args.baud, args.handshakes, full)
     return 0
 
 
