@@ -46,7 +46,7 @@ from typing import Any
 from firmware_bridge.serial_link import SerialSpec, SerialTransport, airtime
 from palisade_c import hsrecord as hs
 from palisade_c.errors import ConfigError
-from palisade_c.transport.base import Addr, parse_url
+from palisade_c.transport.base import Addr, estimate_handshake_bytes, parse_url
 from palisade_c.transport.udp import UdpTransport
 
 __all__ = [
@@ -68,9 +68,11 @@ MAX_LEARNED_PREFIXES = 8
 #: Floor of the handshake slot's lifetime; slow links get the handshake's airtime on top.
 SLOT_TIMEOUT = 3.0
 
-_RID = slice(6, 30)
-_PREFIX = slice(6, 14)
-_MIN_LEN = 30  # both headers are 30 bytes with the RID at 6..30
+# Both headers are 30 bytes with the RID at the same offset (PROFILE §4); its first 8 bytes
+# are the steering prefix.
+_RID = slice(hs.RID_OFFSET, hs.RID_OFFSET + hs.RID_LEN)
+_PREFIX = slice(hs.RID_OFFSET, hs.RID_OFFSET + 8)
+_MIN_LEN = hs.HS_HEADER_LEN
 _MAGIC_QH = 0x48
 _MAGIC_QP = 0x50
 _HELLO_TYPES = (hs.MSG_CLIENT_HELLO, hs.MSG_CLIENT_HELLO_RESUME)
@@ -93,9 +95,6 @@ class Device:
     @property
     def name(self) -> str:
         return self.transport.name
-
-    def prefixes(self) -> list[bytes]:
-        return ([self.node] if self.node is not None else []) + list(self.learned)
 
 
 def _packet_kind(data: bytes) -> int | None:
@@ -242,7 +241,8 @@ class Gateway:
     def _slot_timeout(self, device: Device) -> float:
         # A handshake's airtime, twice over, on top of a floor: the device must receive the
         # ClientHello and answer before the slot may pass to someone else.
-        return SLOT_TIMEOUT + 2 * airtime(16 * 1024, device.transport.spec.baud)
+        wire_bytes = estimate_handshake_bytes(device.transport.mtu)
+        return SLOT_TIMEOUT + 2 * airtime(wire_bytes, device.transport.spec.baud)
 
     # -- UDP -> serial --------------------------------------------------------------------------
 

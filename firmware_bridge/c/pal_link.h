@@ -9,7 +9,7 @@
  *
  * Constraints the code keeps, so that it drops into any bare-metal project:
  *   - no dynamic memory: every buffer is provided by the caller and never grown;
- *   - no libc beyond <stdint.h>, <stddef.h> and <string.h> (memcpy, memchr);
+ *   - no libc beyond <stdint.h>, <stddef.h> and <string.h> (memcpy, memchr, memset);
  *   - no global mutable state: several links can run side by side, one context each;
  *   - nothing here is reentrant per context: feed one decoder from one place (an ISR or a
  *     task, not both) and guard an encoder the same way.
