@@ -67,7 +67,12 @@ from palisade_c.eventlog import JsonLinesLog
 from palisade_c.events import ConnectionClosed, DataReceived
 from palisade_c.identity import Identity
 from palisade_c.tickets import ClientTicketCache, SqliteTicketStore, TicketService
-from palisade_c.transport.base import SERIAL_SCHEMES, tune_for_link
+from palisade_c.transport.base import (
+    MAX_DATAGRAM_SIZE,
+    MIN_DATAGRAM_SIZE,
+    SERIAL_SCHEMES,
+    tune_for_link,
+)
 
 __all__ = ["EXIT_ERROR", "EXIT_HANDSHAKE", "EXIT_OK", "build_parser", "main"]
 
@@ -127,8 +132,8 @@ def _datagram_size(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 256 <= value <= 65535:
-        raise argparse.ArgumentTypeError("must be 256..65535 bytes")
+    if not MIN_DATAGRAM_SIZE <= value <= MAX_DATAGRAM_SIZE:
+        raise argparse.ArgumentTypeError(f"must be {MIN_DATAGRAM_SIZE}..{MAX_DATAGRAM_SIZE} bytes")
     return value
 
 

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 
 from palisade_c.errors import ConfigError
 from palisade_c.identity import Identity, TrustEntry, TrustStore
+from palisade_c.reassembly import LINK_BITS_PER_BYTE
 from palisade_c.tickets import TicketService
+from palisade_c.transport.base import MAX_DATAGRAM_SIZE, MIN_DATAGRAM_SIZE
+from palisade_c.wire import PLUS_MIGRATION, PLUS_RESUMPTION, PLUS_SHAPING
 
-#: PALISADE-PLUS feature bits carried in the 0x0001 extension [profile §1].
-PLUS_RESUMPTION = 0x01
-PLUS_MIGRATION = 0x02
-PLUS_SHAPING = 0x04
+# PALISADE-PLUS feature bits carried in the 0x0001 extension [profile §1] are defined by the
+# codec (palisade_c.wire) and re-exported here, where configurations name them.
+__all__ = ["PLUS_MIGRATION", "PLUS_RESUMPTION", "PLUS_SHAPING", "Config", "RandomSource"]
 
 RandomSource = Callable[[int], bytes]
 
@@ -85,8 +87,9 @@ class Config:
             raise ConfigError("identity must be a palisade_c.Identity")
         if self.node_id is not None and len(self.node_id) != 8:
             raise ConfigError("node_id must be 8 bytes (the RID steering prefix)")
-        if not 256 <= self.max_datagram_size <= 65535:
-            raise ConfigError("max_datagram_size must be 256..65535")
+        if not MIN_DATAGRAM_SIZE <= self.max_datagram_size <= MAX_DATAGRAM_SIZE:
+            raise ConfigError(
+                f"max_datagram_size must be {MIN_DATAGRAM_SIZE}..{MAX_DATAGRAM_SIZE}")
         if not 64 <= self.replay_window <= 4096:
             raise ConfigError("replay_window must be 64..4096")
         if self.commit_threshold < 1:
@@ -108,12 +111,8 @@ class Config:
         # each time a timer is armed.
         self.jitter = random.Random(int.from_bytes(self.rng(16), "big"))
 
-    @property
-    def steering_prefix(self) -> bytes:
-        return self.node_id if self.node_id is not None else bytes(8)
-
     def link_time(self, nbytes: int) -> float:
         """Seconds to serialize ``nbytes`` on the link (0 when the speed is unknown)."""
         if not self.link_bits_per_second:
             return 0.0
-        return nbytes * 10 / self.link_bits_per_second
+        return nbytes * LINK_BITS_PER_BYTE / self.link_bits_per_second

@@ -46,6 +46,7 @@ from palisade_c.connection import Connection
 from palisade_c.errors import PalisadeError, code_name
 from palisade_c.events import ConnectionClosed, DataReceived, EpochChanged
 from palisade_c.identity import Identity
+from palisade_c.reassembly import LINK_BITS_PER_BYTE
 from palisade_c.transport.base import tune_for_link
 
 __all__ = ["DEMO_TIMEOUT", "DemoError", "DemoResult", "run", "run_demo", "summary_lines"]
@@ -96,7 +97,7 @@ class DemoResult:
     @property
     def wire_time(self) -> float:
         """Seconds the handshake's bytes need on the line: bytes x 10 / baud."""
-        return self.handshake_bytes * 10 / self.baud
+        return self.handshake_bytes * LINK_BITS_PER_BYTE / self.baud
 
     @property
     def ratio(self) -> float:

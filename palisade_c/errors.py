@@ -10,7 +10,7 @@ Two kinds of failure exist and they never mix:
   decoders and caught by the layer that called them; they carry the code that the handshake
   puts on the wire.
 
-Codes 0x0000-0x0108, 0x0200-0x0202, 0x0300 and 0x0301 are named by the visible spec; the
+Codes 0x0000-0x0108, 0x0200-0x0202, 0x0300, 0x0301 and 0x0305 are named by the visible spec; the
 others in each range are this project's assignments (see docs/protocol.md, "Error codes").
 """
 

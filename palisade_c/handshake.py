@@ -152,6 +152,14 @@ def _plus_from(extensions: tuple[wire.Extension, ...], code: ErrorCode) -> int:
                              str(exc)) from exc
 
 
+def _plus_answered(extensions: tuple[wire.Extension, ...], offered: int) -> int:
+    """Client: the PLUS features the server's hello selects, which must be ones we offered."""
+    plus = _plus_from(extensions, ErrorCode.ErrorInvalidServerHello)
+    if plus & ~offered:
+        raise HandshakeError(ErrorCode.ErrorInvalidServerHello, "PLUS features not offered")
+    return plus
+
+
 class ClientHandshake:
     """Client side: builds CH, checks SH, builds CF, derives the session secrets."""
 
@@ -197,9 +205,7 @@ class ClientHandshake:
             raise HandshakeError(ErrorCode.ErrorUnsupportedSignature, "signature not offered")
         if sh.aead_choice not in ch.supported_aeads:
             raise HandshakeError(ErrorCode.ErrorUnsupportedAEAD, "AEAD not offered")
-        plus = _plus_from(sh.extensions, ErrorCode.ErrorInvalidServerHello)
-        if plus & ~self._config.plus_features:
-            raise HandshakeError(ErrorCode.ErrorInvalidServerHello, "PLUS features not offered")
+        plus = _plus_answered(sh.extensions, self._config.plus_features)
         peer_fp = self._config.trust.pinned_fingerprint(sh.server_certificate)
         if peer_fp is None:
             raise HandshakeError(ErrorCode.ErrorCertificateInvalid, "server key is not pinned")
@@ -402,9 +408,7 @@ class ClientResumeHandshake:
         if self._kem_key is None:
             raise HandshakeError(ErrorCode.ErrorProtocolViolation, "handshake already finished")
         shr = _decode(wire.ServerHelloResume.decode, data)
-        plus = _plus_from(shr.extensions, ErrorCode.ErrorInvalidServerHello)
-        if plus & ~self._config.plus_features:
-            raise HandshakeError(ErrorCode.ErrorInvalidServerHello, "PLUS features not offered")
+        plus = _plus_answered(shr.extensions, self._config.plus_features)
         running = self._running.copy()
         running.update(shr.transcript_bytes())
         if not _hmac.compare_digest(_finished_mac(self._psk, b"server", running.digest()),

@@ -250,7 +250,6 @@ class TicketService:
         self.lifetime = lifetime
         self.max_early_data = max_early_data
         self.clock = clock
-        self.rng = rng
 
     def issue(self, psk: bytes | bytearray, nonce: bytes, client_fingerprint: bytes, kem: int,
               sig: int, aead: int) -> bytes:

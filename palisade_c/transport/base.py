@@ -35,11 +35,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from palisade_c.errors import ConfigError
+from palisade_c.hsrecord import HS_RECORD_OVERHEAD
 
 if TYPE_CHECKING:
     from palisade_c.config import Config
 
 __all__ = [
+    "MAX_DATAGRAM_SIZE",
     "MIN_DATAGRAM_SIZE",
     "SCHEMES",
     "SERIAL_PARAMS",
@@ -72,17 +74,15 @@ SCHEMES = frozenset({"udp"}) | SERIAL_SCHEMES
 SERIAL_PARAMS = frozenset(
     {"baud", "node", "dtr", "rts", "hupcl", "mtu", "ping", "queue", "role", "hello", "boot"}
 )
-#: Smallest datagram size PALISADE runs on (Config refuses less).
+#: Smallest and largest datagram sizes PALISADE runs on (Config refuses others).
 MIN_DATAGRAM_SIZE = 256
+MAX_DATAGRAM_SIZE = 65535
 
 # Handshake message sizes (bytes before fragmentation) with the profile's algorithms,
 # ML-KEM-768 and ML-DSA-65, as measured on this implementation: CH, SH, CF, and the record
 # header every fragment carries. Used only for estimates (progress, link timers).
 _HS_MESSAGES = (3191, 7584, 4403)
-_HS_RECORD_OVERHEAD = 39
 _HS_ACK = 50
-# Bits on the wire per byte on a serial line (8N1: start, 8 data, stop).
-_BITS_PER_BYTE = 10
 
 # One DNS label: letters, digits, hyphens inside, underscores tolerated (some internal names
 # use them); at most 63 characters.
@@ -281,10 +281,10 @@ class Transport(abc.ABC):
 def estimate_handshake_bytes(max_datagram_size: int) -> int:
     """Roughly how many bytes a full handshake puts on the wire, both directions together,
     when its messages are fragmented to ``max_datagram_size`` (no loss, no resends)."""
-    room = max(max_datagram_size - _HS_RECORD_OVERHEAD, 1)
+    room = max(max_datagram_size - HS_RECORD_OVERHEAD, 1)
     total = _HS_ACK
     for size in _HS_MESSAGES:
-        total += size + _HS_RECORD_OVERHEAD * -(-size // room)
+        total += size + HS_RECORD_OVERHEAD * -(-size // room)
     return total
 
 
@@ -303,7 +303,7 @@ def tune_for_link(
     ``trusted_peers``, re-reading key files and finding a one-shot iterable already used up.
     Raises :class:`ConfigError` when the size is not one PALISADE runs on.
     """
-    if not MIN_DATAGRAM_SIZE <= max_datagram_size <= 65535:
+    if not MIN_DATAGRAM_SIZE <= max_datagram_size <= MAX_DATAGRAM_SIZE:
         raise ConfigError(
             f"link MTU {max_datagram_size} is outside {MIN_DATAGRAM_SIZE}..65535, the "
             "datagram sizes PALISADE runs on (announce a larger MTU on the device)"
