@@ -1,19 +1,24 @@
 # C-level view of the handshake message codecs in wire.pyx (PROFILE §2, §7).
 # Other compiled modules may cimport these classes to read fields without Python attribute
-# lookups. Every class is final: decode() builds instances without running __init__, so a
-# subclass could never rely on its own constructor having run.
+# lookups. Every message class is final: decode() builds instances without running __init__,
+# so a subclass could never rely on its own constructor having run.
 cimport cython
 
 
-@cython.final
-cdef class Extension:
-    cdef readonly int type
-    cdef readonly bytes data
+# The shared base: encode, equality, hashing and pickling all go through _encode, which
+# each class below overrides (overrides are not redeclared here).
+cdef class _Message:
     cdef bytes _encode(self, bint transcript)
 
 
 @cython.final
-cdef class ClientHello:
+cdef class Extension(_Message):
+    cdef readonly int type
+    cdef readonly bytes data
+
+
+@cython.final
+cdef class ClientHello(_Message):
     cdef readonly int version
     cdef readonly tuple supported_kems
     cdef readonly tuple supported_sigs
@@ -24,11 +29,10 @@ cdef class ClientHello:
     cdef readonly bytes client_signature
     cdef readonly bytes padding
     cdef readonly tuple extensions
-    cdef bytes _encode(self, bint transcript)
 
 
 @cython.final
-cdef class ServerHello:
+cdef class ServerHello(_Message):
     cdef readonly int version
     cdef readonly int kem_choice
     cdef readonly int sig_choice
@@ -40,26 +44,23 @@ cdef class ServerHello:
     cdef readonly bytes server_signature
     cdef readonly bytes padding
     cdef readonly tuple extensions
-    cdef bytes _encode(self, bint transcript)
 
 
 @cython.final
-cdef class ClientFinished:
+cdef class ClientFinished(_Message):
     cdef readonly bytes ct_s
     cdef readonly bytes client_signature
     cdef readonly bytes padding
-    cdef bytes _encode(self, bint transcript)
 
 
 @cython.final
-cdef class ErrorResponse:
+cdef class ErrorResponse(_Message):
     cdef readonly int error_code
     cdef readonly bytes details
-    cdef bytes _encode(self, bint transcript)
 
 
 @cython.final
-cdef class ClientHelloResume:
+cdef class ClientHelloResume(_Message):
     cdef readonly int version
     cdef readonly bytes ticket
     cdef readonly bytes k_c
@@ -67,11 +68,10 @@ cdef class ClientHelloResume:
     cdef readonly bint early_data_offered
     cdef readonly bytes padding
     cdef readonly tuple extensions
-    cdef bytes _encode(self, bint transcript)
 
 
 @cython.final
-cdef class ServerHelloResume:
+cdef class ServerHelloResume(_Message):
     cdef readonly int version
     cdef readonly bint accept_0rtt
     cdef readonly bytes server_nonce
@@ -80,11 +80,9 @@ cdef class ServerHelloResume:
     cdef readonly bytes mac
     cdef readonly bytes padding
     cdef readonly tuple extensions
-    cdef bytes _encode(self, bint transcript)
 
 
 @cython.final
-cdef class ClientFinishedResume:
+cdef class ClientFinishedResume(_Message):
     cdef readonly bytes ct_s
     cdef readonly bytes mac
-    cdef bytes _encode(self, bint transcript)

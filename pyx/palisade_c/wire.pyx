@@ -409,7 +409,30 @@ cdef str _exts_repr(tuple exts):
 
 # --- Extension --------------------------------------------------------------------------------
 
-cdef class Extension:
+cdef class _Message:
+    """What every codec class shares. The encoding is canonical (one per value), so it decides
+    equality, hashing and pickling; each class supplies ``_encode``."""
+
+    cdef bytes _encode(self, bint transcript):
+        raise NotImplementedError
+
+    def encode(self):
+        """Canonical wire bytes."""
+        return self._encode(False)
+
+    def __reduce__(self):
+        return (_unpickle, (type(self), self._encode(False)))
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._encode(False) == (<_Message>other)._encode(False)
+
+    def __hash__(self):
+        return hash(self._encode(False))
+
+
+cdef class Extension(_Message):
     """One handshake extension: ``type u16 | length u16 | data`` (spec §16.1).
 
     ``EXT_PLUS`` (0x0001) must carry exactly one byte of feature bits (PROFILE §1). Types with
@@ -458,17 +481,6 @@ cdef class Extension:
         _end(&r, "Extension")
         return _new_extension(t, payload)
 
-    def __reduce__(self):
-        return (_unpickle, (Extension, self._encode(False)))
-
-    def __eq__(self, other):
-        if type(other) is not Extension:
-            return NotImplemented
-        return self.type == (<Extension>other).type and self.data == (<Extension>other).data
-
-    def __hash__(self):
-        return hash((self.type, self.data))
-
     def __repr__(self):
         return f"Extension(type=0x{self.type:04x}, data={_short(self.data)})"
 
@@ -508,7 +520,7 @@ def check_extensions(extensions):
 
 # --- full handshake (PROFILE §2) --------------------------------------------------------------
 
-cdef class ClientHello:
+cdef class ClientHello(_Message):
     """First message of the full handshake (spec §7.1; layout spec App. D).
 
     ``version u8 | kems | sigs | aeads | client_nonce[32] | K_c | client_certificate |
@@ -600,18 +612,6 @@ cdef class ClientHello:
         fields.update(changes)
         return ClientHello(**fields)
 
-    def __reduce__(self):
-        return (_unpickle, (ClientHello, self._encode(False)))
-
-    def __eq__(self, other):
-        # The encoding is canonical (one per value), so equal bytes means equal fields.
-        if type(other) is not ClientHello:
-            return NotImplemented
-        return self._encode(False) == (<ClientHello>other)._encode(False)
-
-    def __hash__(self):
-        return hash(self._encode(False))
-
     def __repr__(self):
         return (f"ClientHello(version=0x{self.version:02x}, "
                 f"supported_kems={_ids_repr(self.supported_kems)}, "
@@ -624,7 +624,7 @@ cdef class ClientHello:
                 f"extensions={_exts_repr(self.extensions)})")
 
 
-cdef class ServerHello:
+cdef class ServerHello(_Message):
     """Second message of the full handshake (spec §7.2; field order is PROFILE §2).
 
     ``version u8 | kem_choice u16 | sig_choice u16 | aead_choice u16 | server_nonce[32] | K_s |
@@ -677,10 +677,6 @@ cdef class ServerHello:
         _done(start, p, size)
         return out
 
-    def encode(self):
-        """Canonical wire bytes."""
-        return self._encode(False)
-
     def transcript_bytes(self):
         """SH*: the encoding with server_signature empty, padding kept (PROFILE §3)."""
         return self._encode(True)
@@ -718,17 +714,6 @@ cdef class ServerHello:
         fields.update(changes)
         return ServerHello(**fields)
 
-    def __reduce__(self):
-        return (_unpickle, (ServerHello, self._encode(False)))
-
-    def __eq__(self, other):
-        if type(other) is not ServerHello:
-            return NotImplemented
-        return self._encode(False) == (<ServerHello>other)._encode(False)
-
-    def __hash__(self):
-        return hash(self._encode(False))
-
     def __repr__(self):
         return (f"ServerHello(version=0x{self.version:02x}, kem_choice=0x{self.kem_choice:04x}, "
                 f"sig_choice=0x{self.sig_choice:04x}, aead_choice=0x{self.aead_choice:04x}, "
@@ -740,7 +725,7 @@ cdef class ServerHello:
                 f"extensions={_exts_repr(self.extensions)})")
 
 
-cdef class ClientFinished:
+cdef class ClientFinished(_Message):
     """Third message of the full handshake [profile, PROFILE §2]: ``CT_s | client_signature |
     padding``. It has no version byte and no extensions; CT_s may not be empty.
     """
@@ -766,10 +751,6 @@ cdef class ClientFinished:
         _done(start, p, size)
         return out
 
-    def encode(self):
-        """Canonical wire bytes."""
-        return self._encode(False)
-
     def transcript_bytes(self):
         """CF*: the encoding with client_signature empty, padding kept (PROFILE §3)."""
         return self._encode(True)
@@ -794,17 +775,6 @@ cdef class ClientFinished:
         fields.update(changes)
         return ClientFinished(**fields)
 
-    def __reduce__(self):
-        return (_unpickle, (ClientFinished, self._encode(False)))
-
-    def __eq__(self, other):
-        if type(other) is not ClientFinished:
-            return NotImplemented
-        return self._encode(False) == (<ClientFinished>other)._encode(False)
-
-    def __hash__(self):
-        return hash(self._encode(False))
-
     def __repr__(self):
         return (f"ClientFinished(ct_s={_short(self.ct_s)}, "
                 f"client_signature={_short(self.client_signature)}, "
@@ -813,7 +783,7 @@ cdef class ClientFinished:
 
 # --- ErrorResponse (spec §14.1, PROFILE §4) ---------------------------------------------------
 
-cdef class ErrorResponse:
+cdef class ErrorResponse(_Message):
     """``error_code u16 | details_len u16 | details``; details are at most 1024 bytes [profile].
 
     ``details`` is kept as bytes (the peer chose them); :attr:`text` is a lossy UTF-8 view for
@@ -842,10 +812,6 @@ cdef class ErrorResponse:
         _done(start, _put_opaque(_put_u16(start, self.error_code), self.details), size)
         return out
 
-    def encode(self):
-        """Canonical wire bytes."""
-        return self._encode(False)
-
     def transcript_bytes(self):
         """Same as :meth:`encode` (an ErrorResponse never enters a transcript)."""
         return self._encode(True)
@@ -871,18 +837,6 @@ cdef class ErrorResponse:
         fields.update(changes)
         return ErrorResponse(**fields)
 
-    def __reduce__(self):
-        return (_unpickle, (ErrorResponse, self._encode(False)))
-
-    def __eq__(self, other):
-        if type(other) is not ErrorResponse:
-            return NotImplemented
-        return (self.error_code == (<ErrorResponse>other).error_code
-                and self.details == (<ErrorResponse>other).details)
-
-    def __hash__(self):
-        return hash((self.error_code, self.details))
-
     def __repr__(self):
         text = self.text
         if len(text) > 64:
@@ -892,7 +846,7 @@ cdef class ErrorResponse:
 
 # --- PLUS resumption (PROFILE §7) -------------------------------------------------------------
 
-cdef class ClientHelloResume:
+cdef class ClientHelloResume(_Message):
     """``version u8 | ticket | K'_c | resume_nonce[32] | early_data_offered u8 | padding |
     extensions`` (PROFILE §7). The ticket and K'_c may not be empty; early_data_offered is
     0 or 1. There is no signature (resumption authenticates with the ticket PSK, spec §12.1),
@@ -930,10 +884,6 @@ cdef class ClientHelloResume:
         _done(start, p, size)
         return out
 
-    def encode(self):
-        """Canonical wire bytes."""
-        return self._encode(False)
-
     def transcript_bytes(self):
         """CHR*: identical to the encoding (the message has no signature or mac)."""
         return self._encode(True)
@@ -965,17 +915,6 @@ cdef class ClientHelloResume:
         fields.update(changes)
         return ClientHelloResume(**fields)
 
-    def __reduce__(self):
-        return (_unpickle, (ClientHelloResume, self._encode(False)))
-
-    def __eq__(self, other):
-        if type(other) is not ClientHelloResume:
-            return NotImplemented
-        return self._encode(False) == (<ClientHelloResume>other)._encode(False)
-
-    def __hash__(self):
-        return hash(self._encode(False))
-
     def __repr__(self):
         return (f"ClientHelloResume(version=0x{self.version:02x}, ticket={_short(self.ticket)}, "
                 f"k_c={_short(self.k_c)}, resume_nonce={_short(self.resume_nonce)}, "
@@ -984,7 +923,7 @@ cdef class ClientHelloResume:
                 f"extensions={_exts_repr(self.extensions)})")
 
 
-cdef class ServerHelloResume:
+cdef class ServerHelloResume(_Message):
     """``version u8 | accept_0rtt u8 | server_nonce'[32] | K'_s | CT'_c | mac[32] | padding |
     extensions`` (PROFILE §7). K'_s and CT'_c may not be empty; accept_0rtt is 0 or 1.
 
@@ -1030,10 +969,6 @@ cdef class ServerHelloResume:
         _done(start, p, size)
         return out
 
-    def encode(self):
-        """Canonical wire bytes."""
-        return self._encode(False)
-
     def transcript_bytes(self):
         """SHR*: the encoding without the mac field (see the class docstring)."""
         return self._encode(True)
@@ -1065,17 +1000,6 @@ cdef class ServerHelloResume:
         fields.update(changes)
         return ServerHelloResume(**fields)
 
-    def __reduce__(self):
-        return (_unpickle, (ServerHelloResume, self._encode(False)))
-
-    def __eq__(self, other):
-        if type(other) is not ServerHelloResume:
-            return NotImplemented
-        return self._encode(False) == (<ServerHelloResume>other)._encode(False)
-
-    def __hash__(self):
-        return hash(self._encode(False))
-
     def __repr__(self):
         return (f"ServerHelloResume(version=0x{self.version:02x}, "
                 f"accept_0rtt={self.accept_0rtt}, server_nonce={_short(self.server_nonce)}, "
@@ -1084,7 +1008,7 @@ cdef class ServerHelloResume:
                 f"extensions={_exts_repr(self.extensions)})")
 
 
-cdef class ClientFinishedResume:
+cdef class ClientFinishedResume(_Message):
     """``CT'_s | mac[32]`` (PROFILE §7). CT'_s may not be empty.
 
     Transcript form [profile]: CT'_s alone, the fixed-size mac omitted (as for
@@ -1110,10 +1034,6 @@ cdef class ClientFinishedResume:
         _done(start, p, size)
         return out
 
-    def encode(self):
-        """Canonical wire bytes."""
-        return self._encode(False)
-
     def transcript_bytes(self):
         """CFR*: the encoding without the mac field."""
         return self._encode(True)
@@ -1135,17 +1055,6 @@ cdef class ClientFinishedResume:
         fields = dict(ct_s=self.ct_s, mac=self.mac)
         fields.update(changes)
         return ClientFinishedResume(**fields)
-
-    def __reduce__(self):
-        return (_unpickle, (ClientFinishedResume, self._encode(False)))
-
-    def __eq__(self, other):
-        if type(other) is not ClientFinishedResume:
-            return NotImplemented
-        return self._encode(False) == (<ClientFinishedResume>other)._encode(False)
-
-    def __hash__(self):
-        return hash(self._encode(False))
 
     def __repr__(self):
         return f"ClientFinishedResume(ct_s={_short(self.ct_s)}, mac={_short(self.mac)})"
