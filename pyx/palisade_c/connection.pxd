@@ -47,11 +47,9 @@ cdef class Connection:
     cdef AmplificationLimiter _candidate_amp
     cdef bytes _path_challenge
     cdef set _migrate_nonces
-    cdef object _last_addr
     # Handshake delivery. An optional time is a double plus a flag (False: None).
     cdef ReassemblyTable _reasm
     cdef Flight _flight
-    cdef object _flight_addr
     cdef RetransmitTimer _flight_timer
     cdef bint _has_hs_deadline
     cdef double _hs_deadline
@@ -110,7 +108,7 @@ cdef class Connection:
     cdef int _emit(self, event) except -1
     cdef int _send_raw(self, bytes data, object addr=*, bint handshake=*) except -1
     cdef int _flush_amplification(self) except -1
-    cdef int _send_flight(self, Flight flight, object addr=*) except -1
+    cdef int _send_message(self, int msg_type, int msg_seq, bytes message) except -1
     cdef int _resend_flight(self, bint prompted=*) except -1
     cdef int _send_error_response(self, int code, str detail, bytes rid) except -1
 
@@ -119,7 +117,7 @@ cdef class Connection:
     cdef int _on_ack(self, HandshakeRecord rec) except -1
     cdef bytes _reassemble(self, HandshakeRecord rec, double now)
     cdef int _send_pending_ack(self) except -1
-    cdef int _client_on_record(self, HandshakeRecord rec, addr, double now) except -1
+    cdef int _client_on_record(self, HandshakeRecord rec, double now) except -1
     cdef object _error_response(self, HandshakeRecord rec)
     cdef int _client_on_error_response(self, HandshakeRecord rec) except -1
     cdef int _client_on_retry(self, HandshakeRecord rec) except -1
@@ -134,7 +132,7 @@ cdef class Connection:
     cdef int _server_on_client_hello_resume(self, HandshakeRecord rec, addr,
                                             double now) except -1
     cdef int _refuse_resumption(self, int code, str detail) except -1
-    cdef int _server_on_client_finished(self, HandshakeRecord rec, addr, double now) except -1
+    cdef int _server_on_client_finished(self, HandshakeRecord rec, double now) except -1
     cdef int _install_keys(self, result, double now, bint early_data_accepted=*) except -1
     cdef int _issue_ticket(self, result) except -1
 
@@ -145,14 +143,14 @@ cdef class Connection:
     # migration (PLUS)
     cdef bint _migration(self) noexcept
     cdef int _promote_candidate(self) except -1
-    cdef int _on_migrate_frame(self, ControlFrame frame, Record rec, addr) except -1
+    cdef int _on_migrate_frame(self, ControlFrame frame, Record rec) except -1
     cdef int _on_new_path(self, addr, Py_ssize_t size, double now) except -1
     cdef int _send_path_challenge(self) except -1
 
     # control frames
     cpdef _seal(self, payload, int stream_id, bint control=*)
     cdef int _send_frame(self, ControlFrame frame) except -1
-    cdef int _on_control(self, Record rec, double now) except -1
+    cdef int _on_control(self, Record rec, addr, double now) except -1
     cdef int _on_new_ticket(self, ControlFrame frame) except -1
 
     # rekeying

@@ -196,10 +196,8 @@ cdef class Connection:
         self._candidate_amp = None
         self._path_challenge = None
         self._migrate_nonces = set()
-        self._last_addr = None
         self._reasm = ReassemblyTable(4, max_age=config.handshake_timeout)
         self._flight = None
-        self._flight_addr = None
         self._flight_timer = self._new_timer()
         self._has_hs_deadline = False
         self._flight_sent_at = 0.0
@@ -302,7 +300,6 @@ cdef class Connection:
             raise ValueError(f"early_stream must be 0..{MAX_APP_STREAM}")
         self._now = now
         self.peer_addr = addr
-        self._flight_addr = addr
         self._hs_deadline = now + self._handshake_budget()
         self._has_hs_deadline = True
         self._new_hello_rid()
@@ -326,13 +323,7 @@ cdef class Connection:
 
     cdef int _start_full_handshake(self) except -1:
         self._client_hs = ClientHandshake(self.config)
-        self._send_flight(
-            Flight.from_message(
-                MSG_CLIENT_HELLO, self.rid, 0, self._client_hs.client_hello_bytes,
-                self.config.max_datagram_size,
-            ),
-            self.peer_addr,
-        )
+        self._send_message(MSG_CLIENT_HELLO, 0, self._client_hs.client_hello_bytes)
         self._fire("hello_sent")
         return 0
 
@@ -341,11 +332,7 @@ cdef class Connection:
         self._fire("resume")
         offer = early_data is not None and ticket.max_early_data > 0
         self._resume_hs = ClientResumeHandshake(self.config, ticket, offer)
-        self._send_flight(
-            Flight.from_message(MSG_CLIENT_HELLO_RESUME, self.rid, 0,
-                                self._resume_hs.hello_bytes, self.config.max_datagram_size),
-            self.peer_addr,
-        )
+        self._send_message(MSG_CLIENT_HELLO_RESUME, 0, self._resume_hs.hello_bytes)
         secret = self._resume_hs.early_secret
         if early_data is None or secret is None:
             return 0
@@ -619,14 +606,17 @@ cdef class Connection:
                 self.on_wakeup(self)
         return 0
 
-    cdef int _send_flight(self, Flight flight, object addr=None) except -1:
+    cdef int _send_message(self, int msg_type, int msg_seq, bytes message) except -1:
+        """Send one handshake message to the peer as a flight of records under the current
+        RID, and start the flight's retransmission timer."""
+        cdef Flight flight = Flight.from_message(msg_type, self.rid, msg_seq, message,
+                                                 self.config.max_datagram_size)
         self._flight = flight
-        self._flight_addr = addr
         self._flight_timer = self._new_timer()
         airtime_bytes = flight._total_bytes + _REPLY_BYTES.get(flight._msg_type, 0)
         self._flight_timer._scale_for_link(airtime_bytes, self.config.link_bits_per_second)
         for rec in flight._records:
-            self._send_raw(rec, addr, handshake=True)
+            self._send_raw(rec, None, handshake=True)
         self._flight_sent_at = self._now
         self._flight_timer._start(self._now)
         return 0
@@ -642,7 +632,7 @@ cdef class Connection:
             return 0
         self._flight_sent_at = self._now
         for rec in self._flight.records_to_resend():
-            self._send_raw(rec, self._flight_addr, handshake=True)
+            self._send_raw(rec, None, handshake=True)
         return 0
 
     cdef int _send_error_response(self, int code, str detail, bytes rid) except -1:
@@ -663,7 +653,7 @@ cdef class Connection:
             self._drop("handshake-malformed")
             return 0
         if self.is_client:
-            self._client_on_record(rec, addr, now)
+            self._client_on_record(rec, now)
         else:
             self._server_on_record(rec, addr, now)
         return 0
@@ -720,7 +710,7 @@ cdef class Connection:
 
     # client --------------------------------------------------------------------------------
 
-    cdef int _client_on_record(self, HandshakeRecord rec, addr, double now) except -1:
+    cdef int _client_on_record(self, HandshakeRecord rec, double now) except -1:
         cdef int t = rec.msg_type
         if t == MSG_HANDSHAKE_ACK:
             if rec.rid == self._hello_rid or rec.rid == self.rid:
@@ -778,12 +768,7 @@ cdef class Connection:
         self._retried = True
         self._hello_rid = self.rid = new_rid
         self._log_event("retry", {})
-        self._send_flight(
-            Flight.from_message(MSG_CLIENT_HELLO, new_rid, 0,
-                                self._client_hs.client_hello_bytes,
-                                self.config.max_datagram_size),
-            self._flight_addr,
-        )
+        self._send_message(MSG_CLIENT_HELLO, 0, self._client_hs.client_hello_bytes)
         return 0
 
     cdef bytes _server_reply(self, HandshakeRecord rec, double now, str waiting):
@@ -824,10 +809,7 @@ cdef class Connection:
         result = self._client_hs.result
         assert result is not None
         self._fire("sh_verified")
-        self._send_flight(
-            Flight.from_message(MSG_CLIENT_FINISHED, self.rid, 1, cf,
-                                self.config.max_datagram_size),
-        )
+        self._send_message(MSG_CLIENT_FINISHED, 1, cf)
         self._install_keys(result, now)
         return 0
 
@@ -846,10 +828,7 @@ cdef class Connection:
         result = resume.result
         assert result is not None
         self._fire("resume_accepted")
-        self._send_flight(
-            Flight.from_message(MSG_CLIENT_FINISHED_RESUME, self.rid, 1, cfr,
-                                self.config.max_datagram_size),
-        )
+        self._send_message(MSG_CLIENT_FINISHED_RESUME, 1, cfr)
         if self._early is not None:
             self._early.erase()  # 1-RTT keys from here on
             self._early = None
@@ -866,7 +845,7 @@ cdef class Connection:
         if t == MSG_CLIENT_HELLO:
             self._server_on_client_hello(rec, addr, now)
         elif _is_finished(t):
-            self._server_on_client_finished(rec, addr, now)
+            self._server_on_client_finished(rec, now)
         elif t == MSG_CLIENT_HELLO_RESUME:
             self._server_on_client_hello_resume(rec, addr, now)
         elif t == MSG_HANDSHAKE_ACK:
@@ -932,10 +911,7 @@ cdef class Connection:
         self._fire("ch_parsed")
         self._fire("ch_verified")
         self.rid = self._new_session_rid(rec.rid)
-        self._send_flight(
-            Flight.from_message(MSG_SERVER_HELLO, self.rid, 0, sh,
-                                self.config.max_datagram_size),
-        )
+        self._send_message(MSG_SERVER_HELLO, 0, sh)
         self._fire("sh_sent")
         return 0
 
@@ -962,10 +938,7 @@ cdef class Connection:
         self._server_resume_hs = resume
         self._fire("resume_accepted")
         self.rid = self._new_session_rid(rec.rid)
-        self._send_flight(
-            Flight.from_message(MSG_SERVER_HELLO_RESUME, self.rid, 0, shr,
-                                self.config.max_datagram_size),
-        )
+        self._send_message(MSG_SERVER_HELLO_RESUME, 0, shr)
         self._fire("sh_sent")
         if resume.accept_0rtt and resume.early_secret is not None and resume.inner is not None:
             self._early = RecordLayer(resume.early_secret, False, self._hello_rid, early=True,
@@ -986,7 +959,7 @@ cdef class Connection:
         self._emit(ConnectionClosed(code, detail, False))
         return 0
 
-    cdef int _server_on_client_finished(self, HandshakeRecord rec, addr, double now) except -1:
+    cdef int _server_on_client_finished(self, HandshakeRecord rec, double now) except -1:
         if rec.rid != self.rid:
             self._drop("unknown-rid")
             return 0
@@ -1096,7 +1069,6 @@ cdef class Connection:
         rec = record._open(data, now)
         if rec is None:
             return 0
-        self._last_addr = addr
         if not self.is_client and self.peer_addr is not None and addr != self.peer_addr:
             self._on_new_path(addr, n, now)
         self.packets_in += 1
@@ -1110,7 +1082,7 @@ cdef class Connection:
         if self._rekey_next >= 0 and rec.epoch == self._rekey_next:
             self._on_rekey_evidence(now)
         if rec.control:
-            self._on_control(rec, now)
+            self._on_control(rec, addr, now)
         elif rec.stream_id != _STREAM_KEEPALIVE and rec.stream_id != _STREAM_DUMMY:
             if self._fsm.closed:
                 return 0
@@ -1196,11 +1168,8 @@ cdef class Connection:
         # An unvalidated path gets at most 3x what it sent us (PROFILE §8).
         if amp is not None and amp._can_send(PyBytes_GET_SIZE(pkt)):
             amp._on_sent(PyBytes_GET_SIZE(pkt))
-            self._out.append((pkt, self._candidate))
-            self.packets_out += 1
-            self.bytes_out += PyBytes_GET_SIZE(pkt)
-            if self.on_wakeup is not None:
-                self.on_wakeup(self)
+            # An explicit address: _send_raw counts the packet and skips its candidate branch.
+            self._send_raw(pkt, self._candidate)
         else:
             self._drop("amplification-deferred")
         return 0
@@ -1214,7 +1183,7 @@ cdef class Connection:
         self._emit(PathMigrated(self.peer_addr))
         return 0
 
-    cdef int _on_migrate_frame(self, ControlFrame frame, Record rec, addr) except -1:
+    cdef int _on_migrate_frame(self, ControlFrame frame, Record rec) except -1:
         nonce, _observed, reason = F.decode_migrate(frame)
         if self.is_client or not self._migration():
             self._drop("ignored-control")
@@ -1249,7 +1218,7 @@ cdef class Connection:
         self._seal(F.encode_frames((frame,)), 0, True)
         return 0
 
-    cdef int _on_control(self, Record rec, double now) except -1:
+    cdef int _on_control(self, Record rec, addr, double now) except -1:
         cdef ControlFrame frame
         cdef int t
         try:
@@ -1268,14 +1237,14 @@ cdef class Connection:
                         and self.plus_features & _PLUS_RESUMPTION:
                     self._on_new_ticket(frame)
                 elif t == F.CTRL_MIGRATE:
-                    self._on_migrate_frame(frame, rec, self._last_addr)
+                    self._on_migrate_frame(frame, rec)
                 elif t == F.CTRL_PATH_CHALLENGE and self._migration():
                     data = F.decode_path(frame)
                     self._send_frame(F.encode_path(F.CTRL_PATH_RESPONSE, data))
                 elif t == F.CTRL_PATH_RESPONSE and self._migration():
                     if self._path_challenge is not None \
                             and F.decode_path(frame) == self._path_challenge \
-                            and self._last_addr == self._candidate:
+                            and addr == self._candidate:
                         self._promote_candidate()
                     else:
                         self._drop("stale-path-response")
