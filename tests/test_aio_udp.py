@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from aiohelpers import run_bounded
 from simlink import free_udp_port
 
 from palisade_c.aio import HandshakeTimeoutError, Server, Tunnel, connect, serve
@@ -39,11 +40,7 @@ TEST_BOUND = 20.0  # seconds; far above what any test here needs
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(TEST_BOUND):
-            return await coro
-
-    return asyncio.run(bounded())
+    return run_bounded(coro, TEST_BOUND)
 
 
 @pytest.fixture(scope="module")

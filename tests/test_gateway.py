@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import pytest
+from aiohelpers import run_bounded
 
 import palisade_c
 from firmware_bridge.gateway import Gateway
@@ -41,11 +42,7 @@ PACKAGE_PARENT = str(Path(palisade_c.__file__).resolve().parent.parent)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(TEST_BOUND):
-            return await coro
-
-    return asyncio.run(bounded())
+    return run_bounded(coro, TEST_BOUND)
 
 
 # -- stand-ins for the routing tests ----------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import pytest
 import serial
+from aiohelpers import run_bounded, served
 
 import palisade_c
 from firmware_bridge.pty_link import Noise, PtyLink
@@ -44,11 +45,7 @@ PACKAGE_PARENT = str(Path(palisade_c.__file__).resolve().parent.parent)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(TEST_BOUND):
-            return await coro
-
-    return asyncio.run(bounded())
+    return run_bounded(coro, TEST_BOUND)
 
 
 async def until(cond: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
@@ -332,8 +329,7 @@ def test_tunnel_over_pty(line: PtyLink, ids: tuple[Identity, Identity]) -> None:
     server_cfg, client_cfg = configs(ids)
 
     async def main() -> None:
-        server = await serve(line.url("a"), server_cfg, echo)
-        try:
+        async with served(line.url("a"), server_cfg, echo):
             tunnel = await connect(line.url("b"), client_cfg)
             conn = tunnel.connection
             # The session was configured from the link: its MTU and speed.
@@ -347,9 +343,6 @@ def test_tunnel_over_pty(line: PtyLink, ids: tuple[Identity, Identity]) -> None:
             link_counters = transport_of(tunnel).counters
             assert link_counters["drops"] == {}
             assert link_counters["decoder"]["crc_errors"] == 0
-        finally:
-            server.close()
-            await server.wait_closed()
 
     run(main())
 
@@ -358,15 +351,11 @@ def test_mtu_negotiated_down(line: PtyLink, ids: tuple[Identity, Identity]) -> N
     server_cfg, client_cfg = configs(ids)
 
     async def main() -> None:
-        server = await serve(line.url("a", mtu=300), server_cfg, echo)
-        try:
+        async with served(line.url("a", mtu=300), server_cfg, echo):
             tunnel = await connect(line.url("b"), client_cfg)
             assert tunnel.connection.config.max_datagram_size == 300
             await echo_round(tunnel, b"fits in 300" * 10)
             await tunnel.close()
-        finally:
-            server.close()
-            await server.wait_closed()
 
     run(main())
 
@@ -379,8 +368,7 @@ def test_noisy_line_session_survives(ids: tuple[Identity, Identity]) -> None:
 
     async def main() -> None:
         with PtyLink(FAST, noise=noise) as noisy:
-            server = await serve(noisy.url("a"), server_cfg, echo)
-            try:
+            async with served(noisy.url("a"), server_cfg, echo) as server:
                 tunnel = await connect(noisy.url("b"), client_cfg)
                 for i in range(30):
                     await echo_round(tunnel, f"through the noise {i}".encode() * 20,
@@ -395,9 +383,6 @@ def test_noisy_line_session_survives(ids: tuple[Identity, Identity]) -> None:
                           for k in ("crc_errors", "cobs_errors", "short_frames", "oversize"))
                 assert bad > 0, (client_link, device_link)
                 await tunnel.close()
-            finally:
-                server.close()
-                await server.wait_closed()
 
     run(main())
 
@@ -410,8 +395,7 @@ def test_unplug_and_replug_keeps_the_session(
     server_cfg, client_cfg = configs(ids)
 
     async def main() -> None:
-        server = await serve(line.url("a"), server_cfg, echo)
-        try:
+        async with served(line.url("a"), server_cfg, echo):
             tunnel = await connect(line.url("b"), client_cfg)
             await echo_round(tunnel, b"before")
             link_b = transport_of(tunnel)
@@ -428,9 +412,6 @@ def test_unplug_and_replug_keeps_the_session(
             assert tunnel.connection.established
             assert tunnel.connection.hs_bytes_out == hs_bytes  # no new handshake
             await tunnel.close()
-        finally:
-            server.close()
-            await server.wait_closed()
 
     run(main())
 
@@ -459,8 +440,7 @@ def test_after_a_device_reboot_the_session_comes_back_by_resumption(
         server.close()
         await server.wait_closed()
         line.replug("a")
-        server = await serve(line.url("a", boot=2), server_cfg, echo)
-        try:
+        async with served(line.url("a", boot=2), server_cfg, echo) as server:
             line.replug("b")
             closed = await asyncio.wait_for(tunnel.wait_closed(), timeout=10)
             assert closed.error_code == ErrorCode.ErrorSessionNotFound
@@ -471,9 +451,6 @@ def test_after_a_device_reboot_the_session_comes_back_by_resumption(
             resumed_bytes = again.connection.hs_bytes_out + again.connection.hs_bytes_in
             assert resumed_bytes < full_bytes / 2
             await again.close()
-        finally:
-            server.close()
-            await server.wait_closed()
 
     run(main())
 
@@ -496,8 +473,7 @@ def test_device_reboot_means_a_new_handshake(
         server.close()
         await server.wait_closed()
         line.replug("a")
-        server = await serve(line.url("a", boot=2), server_cfg, echo)
-        try:
+        async with served(line.url("a", boot=2), server_cfg, echo) as server:
             line.replug("b")
             closed = await asyncio.wait_for(tunnel.wait_closed(), timeout=10)
             assert isinstance(closed, ConnectionClosed)
@@ -508,9 +484,6 @@ def test_device_reboot_means_a_new_handshake(
             await echo_round(again, b"second life")
             assert again.connection.hs_bytes_out > 0
             await again.close()
-        finally:
-            server.close()
-            await server.wait_closed()
 
     run(main())
 
