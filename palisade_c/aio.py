@@ -183,7 +183,10 @@ class _Engine:
         if deadline is not None and deadline <= self._last_fire:
             deadline = self._last_fire + MIN_TIMER_STEP
         timer = self._timer
-        if timer is not None and (deadline is None or timer.when() != deadline):
+        # Keep a timer that fires no later than needed: the idle and keepalive deadlines move
+        # later with every datagram, and an early wake-up only finds nothing due and re-arms.
+        # Replacing the loop's timer handle each time would cost more than that wake-up.
+        if timer is not None and (deadline is None or timer.when() > deadline):
             timer.cancel()
             self._timer = timer = None
         if deadline is not None and timer is None:
