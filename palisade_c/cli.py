@@ -393,6 +393,16 @@ async def _sink(tunnel: Tunnel) -> None:
         out.flush()
 
 
+def _stop_on_signals() -> asyncio.Event:
+    """An event that SIGINT or SIGTERM sets (where the platform lets the loop catch them)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on every platform
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
 async def _serve_main(args: argparse.Namespace) -> int:
     config = _make_config(args)
     body = _echo if args.echo else _sink
@@ -412,11 +422,7 @@ async def _serve_main(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     # Handlers first, so that a supervisor that signals as soon as it reads the "listening"
     # line always gets a clean shutdown.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on every platform
-            loop.add_signal_handler(sig, stop.set)
+    stop = _stop_on_signals()
     host, port = server.address
     where = args.url if _is_serial(args.url) else f"udp://{_host_for_url(host)}:{port}"
     print(f"palisade: listening on {where} "
@@ -683,11 +689,7 @@ async def _gateway_main(args: argparse.Namespace) -> int:
     except OSError as exc:
         _error(f"cannot listen on {args.listen}: {exc.strerror or exc}")
         return EXIT_ERROR
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    stop = _stop_on_signals()
     host, port = gateway.address
     devices = ", ".join(
         f"{d.name} (node {d.node.hex() if d.node else 'learned'})" for d in gateway.devices
