@@ -21,6 +21,10 @@ MAX_MIGRATE_NONCES: Final[int]
 HANDSHAKE_WIRE_BYTES: Final[int]
 MAX_APP_STREAM: Final[int]
 MAX_ERROR_DETAIL: Final[int]
+SESSION_RID_TAG_LEN: Final[int]
+
+def session_rid(hello_rid: bytes, prefix: bytes, random7: bytes) -> bytes: ...
+def answers_hello(hello_rid: bytes, rid: bytes) -> bool: ...
 
 class Connection:
     #: Called whenever this session queues output or an event.

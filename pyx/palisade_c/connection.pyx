@@ -45,6 +45,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 import logging
 from collections import deque
+from hashlib import sha3_256
 from collections.abc import Callable
 from typing import Any
 
@@ -128,6 +129,9 @@ _REPLY_BYTES = {
 #: Largest application stream id; 0xFE and 0xFF are keepalive and dummy.
 MAX_APP_STREAM = 0xFD
 MAX_ERROR_DETAIL = 200
+#: Bytes at the end of a session RID that bind it to the client's hello RID (§8.4).
+SESSION_RID_TAG_LEN = 7
+_SESSION_RID_LABEL = b"PALISADE session rid"
 
 EventLog = Callable[[dict[str, Any]], None]
 
@@ -147,6 +151,40 @@ cdef int _DEBUG = logging.DEBUG
 
 cdef inline bint _is_finished(int msg_type) noexcept:
     return msg_type == MSG_CLIENT_FINISHED or msg_type == MSG_CLIENT_FINISHED_RESUME
+
+
+cdef inline double _fmax(double a, double b) noexcept:
+    return b if b > a else a
+
+
+cdef bytes _session_rid_tag(bytes hello_rid, bytes head):
+    return sha3_256(_SESSION_RID_LABEL + hello_rid + head).digest()[:SESSION_RID_TAG_LEN]
+
+
+def session_rid(bytes hello_rid, bytes prefix, bytes random7) -> bytes:
+    """The session RID a server gives the client whose hello came under ``hello_rid``:
+    ``prefix`` (8), rotation epoch 0, 7 random bytes, then 7 bytes of SHA3-256 over the hello
+    RID and those 17 bytes [profile, changed: §8.4]. Only someone who saw the hello can make
+    one, so a client can drop replies that do not answer its own hello."""
+    if len(prefix) != 8 or len(random7) != 7 or len(hello_rid) != RID_LEN:
+        raise ValueError("need an 8-byte prefix, 7 random bytes and a 24-byte hello RID")
+    head = prefix + b"\x00\x00" + random7
+    return head + _session_rid_tag(hello_rid, head)
+
+
+def answers_hello(bytes hello_rid, bytes rid) -> bool:
+    """True if ``rid`` is a session RID made for the hello sent under ``hello_rid``."""
+    return (len(rid) == RID_LEN
+            and rid[RID_LEN - SESSION_RID_TAG_LEN:] == _session_rid_tag(
+                hello_rid, rid[:RID_LEN - SESSION_RID_TAG_LEN]))
+
+
+cdef inline bint _same_addr(a, b) except -1:
+    # (host, port) decides; an IPv6 socket address adds flow info and scope id, which a
+    # resolver and recvfrom() need not spell alike.
+    if type(a) is tuple and type(b) is tuple and len(<tuple>a) >= 2 and len(<tuple>b) >= 2:
+        return a[0] == b[0] and a[1] == b[1]
+    return a == b
 
 
 cdef inline bint _debug_logging() except -1:
@@ -202,6 +240,7 @@ cdef class Connection:
         self._has_hs_deadline = False
         self._flight_sent_at = 0.0
         self._retried = False
+        self._rejected = None
         self._pending_ack = None  # reassembly key
         self._has_ack_deadline = False
         # A quarter of the first retransmission timeout, stretched on slow links so the ack
@@ -359,6 +398,8 @@ cdef class Connection:
         self._flight_timer._stop()
         self._fire("resume_rejected")
         self._new_hello_rid()
+        # What was rejected under the old hello says nothing about the new one.
+        self._rejected = None
         self._start_full_handshake()
         return 0
 
@@ -376,6 +417,11 @@ cdef class Connection:
             self._drop("truncated")
             return
         if raw[0] == 0x51 and raw[1] == 0x48:  # "QH"
+            if self.is_client and not _same_addr(addr, self.peer_addr):
+                # The client's socket is not connected: anyone can send to it. A handshake
+                # record that did not come from the server we talk to is not a reply (§8.4).
+                self._drop("wrong-source")
+                return
             self.hs_bytes_in += n
             if not self.is_client and not self._amp._validated:
                 self._amp._on_received(n)
@@ -437,7 +483,7 @@ cdef class Connection:
         if self._fsm.closed:
             return
         if self._has_hs_deadline and now >= self._hs_deadline:
-            self._fail(ErrorCode.ErrorHandshakeTimeout, "handshake timed out", send=False)
+            self._handshake_gave_up()
             return
         if self._has_ack_deadline and now >= self._ack_deadline:
             self._send_pending_ack()
@@ -445,8 +491,7 @@ cdef class Connection:
             if self._flight_timer.on_timeout(now):
                 self._resend_flight()
             elif not self._fsm.established:
-                self._fail(ErrorCode.ErrorHandshakeTimeout, "no answer to the handshake",
-                           send=False)
+                self._handshake_gave_up()
                 return
             else:
                 # Established on our side, yet the server never acknowledged CF nor sent one
@@ -642,6 +687,18 @@ cdef class Connection:
         self._send_raw(rec.encode(), None, handshake=True)
         return 0
 
+    cdef int _handshake_gave_up(self) except -1:
+        """The handshake budget or the hello's resends ran out. A client that rejected a
+        reply reports why (the server's key not pinned, say), as it would have at once if
+        that reply could not have been a forgery; otherwise it is a timeout."""
+        if self._rejected is not None:
+            code, detail, rid = self._rejected
+            self.rid = rid  # the ErrorResponse goes to the session that sent that reply
+            self._fail(code, detail, send=True)
+            return 0
+        self._fail(ErrorCode.ErrorHandshakeTimeout, "handshake timed out", send=False)
+        return 0
+
     # ------------------------------------------------------------------ handshake datagrams
 
     cdef int _on_handshake_datagram(self, bytes data, addr, double now) except -1:
@@ -771,23 +828,53 @@ cdef class Connection:
         self._send_message(MSG_CLIENT_HELLO, 0, self._client_hs.client_hello_bytes)
         return 0
 
+    cdef bint _answers_hello(self, bytes rid) except -1:
+        """True if ``rid`` is a session RID made for our current hello (§8.4): it ends in the
+        check bytes over our hello RID and, if we targeted a node id, keeps that prefix."""
+        if PyBytes_GET_SIZE(rid) != RID_LEN or not self._hello_rid:
+            return False
+        # A client that targeted a node id expects the session RID to keep that steering
+        # prefix (PROFILE §4). One that did not used a random prefix, and the server puts its
+        # own node id there, so there is nothing to compare.
+        if self.config.node_id is not None and rid[:8] != self._hello_rid[:8]:
+            return False
+        return rid[RID_LEN - SESSION_RID_TAG_LEN:] == _session_rid_tag(
+            self._hello_rid, rid[:RID_LEN - SESSION_RID_TAG_LEN])
+
+    cdef int _reject_reply(self, bytes rid, object exc) except -1:
+        """A complete SH/SHR that failed verification before its signature (or MAC) held.
+        It may be a forgery racing the genuine reply, so it ends nothing by itself: forget
+        what was assembled under its RID (a forged fragment may be what broke it), ask for
+        the reply again, and give the genuine one a few timeouts to arrive. If none does,
+        the handshake fails with this error (§8.4)."""
+        cdef double grace
+        self._drop("reply-rejected")
+        self._log_event("reply-rejected", {"code": int(exc.code)})
+        self._reasm.discard_rid(rid)
+        self._rejected = (int(exc.code), exc.detail, rid)
+        grace = self._now + 4 * _fmax(self._flight_timer._initial, self._flight_timer._floor)
+        if self._has_hs_deadline and grace < self._hs_deadline:
+            self._hs_deadline = grace
+        self._resend_flight(prompted=True)
+        return 0
+
     cdef bytes _server_reply(self, HandshakeRecord rec, double now, str waiting):
         """A fragment of SH or SHR: the whole reply once complete, else None."""
+        # Only a reply under a session RID made for our own hello counts; anything else
+        # (a forgery, a replay of another session's flight) is dropped, never fatal.
+        if not self._answers_hello(rec.rid):
+            self._drop("unknown-rid")
+            return None
         if self._fsm.name != waiting:
-            if self._flight is not None and _is_finished(self._flight._msg_type):
+            if self._flight is not None and _is_finished(self._flight._msg_type) \
+                    and rec.rid == self.rid:
                 # The server is still resending its hello: our Finished is lost. Resend what
                 # the server has not acknowledged.
                 self._resend_flight(prompted=True)
             else:
                 self._drop("unexpected-handshake")
             return None
-        # A client that targeted a node id expects the session RID to keep that steering
-        # prefix (PROFILE §4). One that did not used a random prefix, and the server puts its
-        # own node id there, so there is nothing to compare.
-        if self.config.node_id is not None and rec.rid[:8] != self._hello_rid[:8]:
-            self._drop("unknown-rid")
-            return None
-        # Any fragment of the reply proves the server has our hello: stop resending it.
+        # A fragment of a reply to our own hello proves the server has it: stop resending it.
         # Missing reply fragments are the server's to resend (its timer, prompted by our
         # delayed ack).
         self._flight_timer._stop()
@@ -797,16 +884,23 @@ cdef class Connection:
         cdef bytes message = self._server_reply(rec, now, "C_WAIT_SH")
         if message is None:
             return 0
-        if not self._fire("sh_received"):
-            return 0
-        assert self._client_hs is not None
-        self.rid = rec.rid  # the session RID the server chose, for CF or for our error
+        hs = self._client_hs
+        assert hs is not None
         try:
-            cf = self._client_hs.on_server_hello(message)
+            cf = hs.on_server_hello(message)
         except HandshakeError as exc:
+            if not hs.authentic:
+                self._reject_reply(rec.rid, exc)
+                return 0
+            # Signed by the server, yet broken: the server's own failure.
+            self.rid = rec.rid
+            self._fire("sh_received")
             self._fail(exc.code, exc.detail, send=True)
             return 0
-        result = self._client_hs.result
+        if not self._fire("sh_received"):
+            return 0
+        self.rid = rec.rid  # the session RID the server chose, for CF or for our error
+        result = hs.result
         assert result is not None
         self._fire("sh_verified")
         self._send_message(MSG_CLIENT_FINISHED, 1, cf)
@@ -819,12 +913,16 @@ cdef class Connection:
             return 0
         resume = self._resume_hs
         assert resume is not None
-        self.rid = rec.rid  # the session RID the server chose, for CFR or for our error
         try:
             cfr = resume.on_server_hello_resume(message)
         except HandshakeError as exc:
+            if not resume.authentic:
+                self._reject_reply(rec.rid, exc)
+                return 0
+            self.rid = rec.rid
             self._fail(exc.code, exc.detail, send=True)
             return 0
+        self.rid = rec.rid  # the session RID the server chose, for CFR or for our error
         result = resume.result
         assert result is not None
         self._fire("resume_accepted")
@@ -892,9 +990,9 @@ cdef class Connection:
 
     cdef bytes _new_session_rid(self, bytes hello_rid):
         """The server's session RID: its node id (or the client's prefix), rotation epoch 0,
-        14 random bytes (PROFILE §4)."""
+        7 random bytes and 7 check bytes over the client's hello RID (§8.4)."""
         prefix = self.config.node_id if self.config.node_id is not None else hello_rid[:8]
-        return make_rid(prefix, 0, self.config.rng(14))
+        return session_rid(hello_rid, prefix, self.config.rng(7))
 
     cdef int _server_on_client_hello(self, HandshakeRecord rec, addr, double now) except -1:
         cdef bytes message = self._client_hello(rec, addr, now, "ch_received", "S_WAIT_CH",
