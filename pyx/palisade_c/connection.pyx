@@ -157,6 +157,10 @@ cdef inline double _fmax(double a, double b) noexcept:
     return b if b > a else a
 
 
+cdef inline bint _is_hello(int msg_type) noexcept:
+    return msg_type == MSG_CLIENT_HELLO or msg_type == MSG_CLIENT_HELLO_RESUME
+
+
 cdef bytes _session_rid_tag(bytes hello_rid, bytes head):
     return sha3_256(_SESSION_RID_LABEL + hello_rid + head).digest()[:SESSION_RID_TAG_LEN]
 
@@ -489,7 +493,10 @@ cdef class Connection:
             self._send_pending_ack()
         if self._flight_timer.due(now):
             if self._flight_timer.on_timeout(now):
-                self._resend_flight()
+                # Holding part of the server's reply, the client probes with an ack instead
+                # of repeating its hello (RFC 9002 §6.2.2.1: never go silent while waiting).
+                if not self._probe_reply():
+                    self._resend_flight()
             elif not self._fsm.established:
                 self._handshake_gave_up()
                 return
@@ -620,7 +627,9 @@ cdef class Connection:
             self.hs_bytes_out += n
             if not self.is_client and not self._amp._validated:
                 if self._amp_queue or not self._amp._can_send(n):
-                    self._amp_queue.append(data)
+                    # Over the budget, a resend of a record still queued adds nothing.
+                    if data not in self._amp_queue:
+                        self._amp_queue.append(data)
                     return 0
                 self._amp._on_sent(n)
         else:
@@ -672,7 +681,11 @@ cdef class Connection:
         a burst of duplicates cannot multiply the traffic on a slow link."""
         if self._flight is None:
             return 0
-        if prompted and self._now - self._flight_sent_at < self._flight_timer._rto:
+        # The gap is the flight's first timeout, not the backed-off one: the peer's own
+        # prompts (a repeated hello, a probe ack) are backed off already, and a server that
+        # waited out its long timeout after a lost ack would otherwise stay deaf to them.
+        if prompted and self._now - self._flight_sent_at < _fmax(self._flight_timer._initial,
+                                                                 self._flight_timer._floor):
             self._drop("resend-suppressed")
             return 0
         self._flight_sent_at = self._now
@@ -687,6 +700,12 @@ cdef class Connection:
         self._send_raw(rec.encode(), None, handshake=True)
         return 0
 
+    cdef str _timeout_detail(self):
+        """Why a handshake ran out of time, telling silence from a reply that stalled."""
+        if self.hs_bytes_in == 0:
+            return "handshake timed out: nothing received from the peer"
+        return f"handshake timed out: received {self.hs_bytes_in} bytes, then stalled"
+
     cdef int _handshake_gave_up(self) except -1:
         """The handshake budget or the hello's resends ran out. A client that rejected a
         reply reports why (the server's key not pinned, say), as it would have at once if
@@ -696,7 +715,7 @@ cdef class Connection:
             self.rid = rid  # the ErrorResponse goes to the session that sent that reply
             self._fail(code, detail, send=True)
             return 0
-        self._fail(ErrorCode.ErrorHandshakeTimeout, "handshake timed out", send=False)
+        self._fail(ErrorCode.ErrorHandshakeTimeout, self._timeout_detail(), send=False)
         return 0
 
     # ------------------------------------------------------------------ handshake datagrams
@@ -732,6 +751,10 @@ cdef class Connection:
             self._flight_timer._stop()
             if self._fsm.established:
                 self._flight = None
+        else:
+            # The peer is missing part of our flight and says so (its delayed ack, or a probe
+            # while it waits): resend the rest now rather than at our backed-off timeout.
+            self._resend_flight(prompted=True)
         return 0
 
     cdef bytes _reassemble(self, HandshakeRecord rec, double now):
@@ -858,8 +881,24 @@ cdef class Connection:
         self._resend_flight(prompted=True)
         return 0
 
+    cdef int _probe_reply(self) except -1:
+        """Client waiting for SH or SHR: acknowledge what it holds of a reply that answers
+        its hello. Returns 1 if it sent such an ack (the probe), 0 if it holds nothing."""
+        cdef int sent = 0
+        if not self.is_client or self._flight is None or not _is_hello(self._flight._msg_type):
+            return 0
+        for key, reasm in list(self._reasm._entries.items()):
+            if (key[1] == MSG_SERVER_HELLO or key[1] == MSG_SERVER_HELLO_RESUME) \
+                    and self._answers_hello(key[0]):
+                self._send_raw(reasm.ack().to_record(key[0]), None, handshake=True)
+                sent = 1
+        if sent:
+            self._log_event("reply-probe", {})
+        return sent
+
     cdef bytes _server_reply(self, HandshakeRecord rec, double now, str waiting):
         """A fragment of SH or SHR: the whole reply once complete, else None."""
+        cdef bytes message
         # Only a reply under a session RID made for our own hello counts; anything else
         # (a forgery, a replay of another session's flight) is dropped, never fatal.
         if not self._answers_hello(rec.rid):
@@ -874,11 +913,12 @@ cdef class Connection:
             else:
                 self._drop("unexpected-handshake")
             return None
-        # A fragment of a reply to our own hello proves the server has it: stop resending it.
-        # Missing reply fragments are the server's to resend (its timer, prompted by our
-        # delayed ack).
-        self._flight_timer._stop()
-        return self._reassemble(rec, now)
+        message = self._reassemble(rec, now)
+        if message is None and self._flight is not None and _is_hello(self._flight._msg_type):
+            # The server is answering: the hello's timer now guards the reply. It fires only
+            # after a full timeout without a fragment, and then probes (see handle_timer).
+            self._flight_timer._start(now)
+        return message
 
     cdef int _client_on_server_hello(self, HandshakeRecord rec, double now) except -1:
         cdef bytes message = self._server_reply(rec, now, "C_WAIT_SH")
