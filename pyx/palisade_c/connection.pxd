@@ -89,6 +89,7 @@ cdef class Connection:
     cdef dict _drops
     # Client handshake liveness and reply checks (issue 10, items 1, 2 and the Retry of 6).
     cdef tuple _rejected                    # (code, detail, rid) of the last rejected reply
+    cdef tuple _resume_args                 # (ticket, early_data, early_stream) until SHR
 
     # sans-IO API (Python calls these too)
     cpdef receive_datagram(self, data, addr, double now)

@@ -245,6 +245,7 @@ cdef class Connection:
         self._flight_sent_at = 0.0
         self._retried = False
         self._rejected = None
+        self._resume_args = None
         self._pending_ack = None  # reassembly key
         self._has_ack_deadline = False
         # A quarter of the first retransmission timeout, stretched on slow links so the ack
@@ -350,6 +351,7 @@ cdef class Connection:
         # removed, resuming would skip the check a full handshake makes (0x0107).
         if ticket is not None and ticket.usable(self.config.ticket_clock()) \
                 and self.config.trust.has_fingerprint(ticket.server_fingerprint):
+            self._fire("resume")
             self._start_resumption(ticket, early_data, early_stream)
             return
         self._fire("connect")
@@ -372,7 +374,9 @@ cdef class Connection:
 
     cdef int _start_resumption(self, ticket, early_data, int early_stream) except -1:
         cdef Py_ssize_t room
-        self._fire("resume")
+        # Kept until the resumption ends: a Retry makes the client send it all again under
+        # the cookie RID.
+        self._resume_args = (ticket, early_data, early_stream)
         offer = early_data is not None and ticket.max_early_data > 0
         self._resume_hs = ClientResumeHandshake(self.config, ticket, offer)
         self._send_message(MSG_CLIENT_HELLO_RESUME, 0, self._resume_hs.hello_bytes)
@@ -399,10 +403,13 @@ cdef class Connection:
         if self._early is not None:
             self._early.erase()
             self._early = None
+        self._resume_args = None
         self._flight_timer._stop()
         self._fire("resume_rejected")
         self._new_hello_rid()
-        # What was rejected under the old hello says nothing about the new one.
+        # A new hello, a new attempt: it may need (and may honour) a Retry of its own, and
+        # what was rejected under the old hello says nothing about the new one.
+        self._retried = False
         self._rejected = None
         self._start_full_handshake()
         return 0
@@ -837,18 +844,37 @@ cdef class Connection:
         return 0
 
     cdef int _client_on_retry(self, HandshakeRecord rec) except -1:
-        if self._fsm.name != "C_WAIT_SH" or rec.rid != self._hello_rid or self._retried:
+        # A server above its cookie threshold answers a ClientHelloResume with a Retry as
+        # well as a ClientHello: both waiting states honour it (§8.6).
+        cdef str state = self._fsm.name
+        if (state != "C_WAIT_SH" and state != "C_RESUME_PENDING") \
+                or rec.rid != self._hello_rid or self._retried:
             self._drop("stale-retry")
             return 0
         cdef bytes new_rid = rec.fragment
         if PyBytes_GET_SIZE(new_rid) != RID_LEN or new_rid[:8] != self._hello_rid[:8]:
             self._drop("handshake-malformed")
             return 0
-        assert self._client_hs is not None
         self._retried = True
+        self._reasm.discard_rid(self._hello_rid)
         self._hello_rid = self.rid = new_rid
         self._log_event("retry", {})
-        self._send_message(MSG_CLIENT_HELLO, 0, self._client_hs.client_hello_bytes)
+        if state == "C_WAIT_SH":
+            assert self._client_hs is not None
+            self._send_message(MSG_CLIENT_HELLO, 0, self._client_hs.client_hello_bytes)
+            return 0
+        # The resumption starts over under the cookie RID: a fresh CHR, and the 0-RTT data
+        # sealed again, since the RID is part of every packet's associated data. The server
+        # kept nothing (a Retry is stateless), so the ticket is still unused.
+        assert self._resume_args is not None
+        ticket, early_data, early_stream = self._resume_args
+        if self._resume_hs is not None:
+            self._resume_hs.erase()
+            self._resume_hs = None
+        if self._early is not None:
+            self._early.erase()
+            self._early = None
+        self._start_resumption(ticket, early_data, early_stream)
         return 0
 
     cdef bint _answers_hello(self, bytes rid) except -1:
@@ -963,6 +989,7 @@ cdef class Connection:
             self._fail(exc.code, exc.detail, send=True)
             return 0
         self.rid = rec.rid  # the session RID the server chose, for CFR or for our error
+        self._resume_args = None
         result = resume.result
         assert result is not None
         self._fire("resume_accepted")
@@ -1663,4 +1690,5 @@ cdef class Connection:
         self._has_ack_deadline = False
         self._early_packets.clear()
         self._amp_queue.clear()
+        self._resume_args = None
         return 0
