@@ -136,3 +136,26 @@ def test_timeout_tells_silence_from_a_stall(ids: Ids) -> None:
     assert closed.error_code == ErrorCode.ErrorHandshakeTimeout
     assert f"received {pair.client.hs_bytes_in} bytes" in closed.reason, closed.reason
     assert "stalled" in closed.reason
+
+
+def test_a_server_holding_part_of_the_hello_keeps_acking(ids: Ids) -> None:
+    """The mirror image: the server holds part of the ClientHello and the rest is lost. It
+    acks again, backing off, while nothing new comes, so the client's resends are prompted
+    and do not wait on its own backed-off timer alone."""
+    sent = {"ch": 0}
+
+    def lose_the_hello_tail(data: bytes, src: object, dst: object, now: float
+                            ) -> list[bytes] | None:
+        if hs_type(data) == hs.MSG_CLIENT_HELLO:
+            sent["ch"] += 1
+            return None if sent["ch"] == 1 else []  # only the first fragment, ever
+        return None
+
+    pair = make_pair(*configs(ids, 8), seed=8, mitm=lose_the_hello_tail)
+    pair.connect()
+    pair.run(duration=4.0)
+    acks = [w for w in pair.link.emitted
+            if w.src == SERVER_ADDR and hs_type(w.data) == hs.MSG_HANDSHAKE_ACK]
+    assert len(acks) >= 3, [round(w.time, 2) for w in acks]
+    gaps = [b.time - a.time for a, b in zip(acks, acks[1:], strict=False)]
+    assert gaps == sorted(gaps)  # backing off

@@ -90,6 +90,7 @@ cdef class Connection:
     # Client handshake liveness and reply checks (issue 10, items 1, 2 and the Retry of 6).
     cdef tuple _rejected                    # (code, detail, rid) of the last rejected reply
     cdef tuple _resume_args                 # (ticket, early_data, early_stream) until SHR
+    cdef double _ack_backoff                # server: gap before acking a stalled message again
 
     # sans-IO API (Python calls these too)
     cpdef receive_datagram(self, data, addr, double now)

@@ -248,6 +248,7 @@ cdef class Connection:
         self._resume_args = None
         self._pending_ack = None  # reassembly key
         self._has_ack_deadline = False
+        self._ack_backoff = 0.0
         # A quarter of the first retransmission timeout, stretched on slow links so the ack
         # does not race the rest of the burst still crossing the wire.
         self._ack_delay = config.initial_rto / 4 + config.link_time(2 * config.max_datagram_size)
@@ -780,17 +781,31 @@ cdef class Connection:
         # incomplete when the delay runs out (that is when the sender needs it). The ack is
         # built then, from what is held then.
         self._pending_ack = (rec.rid, rec.msg_type, rec.msg_seq)
-        if not self._has_ack_deadline:
+        if not self._has_ack_deadline or now + self._ack_delay < self._ack_deadline:
             self._ack_deadline = now + self._ack_delay
             self._has_ack_deadline = True
+        self._ack_backoff = 0.0  # progress: a stall from here is acked promptly again
         return None
 
     cdef int _send_pending_ack(self) except -1:
+        cdef RetransmitTimer timer
         if self._pending_ack is not None:
             reasm = self._reasm.get(self._pending_ack)
             if reasm is not None:  # the table holds started, incomplete messages only
                 self._send_raw(reasm.ack().to_record(self._pending_ack[0]), None,
                                handshake=True)
+                if not self.is_client and not self._fsm.established:
+                    # A server holding part of the client's hello or Finished acks again,
+                    # backing off, while the rest does not come: each ack prompts the client
+                    # to resend what is missing, so its resends do not depend on its own,
+                    # backed-off timer alone (§8.5; the client probes the same way).
+                    timer = self._flight_timer
+                    self._ack_backoff = min(
+                        _fmax(2 * self._ack_backoff,
+                              _fmax(_fmax(timer._initial, timer._floor), 4 * self._ack_delay)),
+                        _fmax(timer._maximum, timer._floor))
+                    self._ack_deadline = self._now + self._ack_backoff
+                    return 0
         self._pending_ack = None
         self._has_ack_deadline = False
         return 0
