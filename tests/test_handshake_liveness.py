@@ -10,6 +10,7 @@ KEM and one signature each way, and runs on the simulated clock.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -157,5 +158,47 @@ def test_a_server_holding_part_of_the_hello_keeps_acking(ids: Ids) -> None:
     acks = [w for w in pair.link.emitted
             if w.src == SERVER_ADDR and hs_type(w.data) == hs.MSG_HANDSHAKE_ACK]
     assert len(acks) >= 3, [round(w.time, 2) for w in acks]
-    gaps = [b.time - a.time for a, b in zip(acks, acks[1:], strict=False)]
+    gaps = [b.time - a.time for a, b in itertools.pairwise(acks)]
     assert gaps == sorted(gaps)  # backing off
+
+
+def test_handshakes_through_the_cookie_retry_over_a_lossy_link(ids: Ids) -> None:
+    """A server that demands a cookie from every hello: the Retry adds a round trip, and its
+    loss must be recovered like any other (a resent hello is answered with a new Retry)."""
+    failures = []
+    for seed in range(2000, 2032):
+        client, server = configs(ids, seed)
+        server.cookie_threshold = 0
+        pair = make_pair(client, server, seed=seed, **PROFILES["loss20"])  # type: ignore[arg-type]
+        if not run_handshake(pair):
+            failures.append((seed, pair.client.state, pair.client.drop_counts))
+    assert not failures, failures
+
+
+def resume_once(ids: Ids, seed: int) -> tuple[int, str, dict[str, int]] | None:
+    """A full handshake, then a resumption with 0-RTT data, over a lossy link (every other
+    seed under the cookie regime). The failure, or None."""
+    from palisade_c.config import PLUS_RESUMPTION
+    from palisade_c.connection import Connection
+    from palisade_c.events import NewTicket
+
+    client, server = configs(ids, seed, plus_features=PLUS_RESUMPTION)
+    server.cookie_threshold = 0 if seed % 2 else 256
+    pair = make_pair(client, server, seed=seed, **PROFILES["loss20"])  # type: ignore[arg-type]
+    assert run_handshake(pair)
+    pair.run(lambda: bool(pair.link.events_of("client", NewTicket)), duration=30)
+    tickets = [e.event.ticket for e in pair.link.events_of("client", NewTicket)]
+    if not tickets:
+        return None  # the ticket itself was lost: data, not the handshake
+    conn = Connection(client, True, name="resumer")
+    pair.link.add("resumer", ("10.0.0.9", 40000), conn)
+    conn.connect(SERVER_ADDR, pair.link.now, ticket=tickets[0], early_data=b"hello")
+    pair.run(lambda: conn.established or conn.closed, duration=conn.handshake_budget + 5)
+    return None if conn.established and conn.resumed else (seed, conn.state, conn.drop_counts)
+
+
+def test_resumptions_with_early_data_over_a_lossy_link(ids: Ids) -> None:
+    """Resumption (with 0-RTT) follows the same liveness rules as the full handshake, with and
+    without the cookie regime."""
+    failures = [f for seed in range(2100, 2132) if (f := resume_once(ids, seed)) is not None]
+    assert not failures, failures
