@@ -78,6 +78,14 @@ def test_a_partial_reply_whose_acks_are_lost_still_completes(
     assert box.counters["up-dropped"] == 2
 
 
+def test_silence_is_reported_as_no_answer(keys: Keys, server: EchoServer,
+                                          tmp_path: Path) -> None:
+    with Middlebox(target_of(server), pass_down=0) as box:
+        result = connect(keys, box.url, tmp_path, "--timeout", "1")
+    assert result.returncode == 2, result.stderr
+    assert f"(no answer from {box.url})" in result.stderr, result.stderr
+
+
 def test_a_stalled_reply_is_not_called_silence(keys: Keys, server: EchoServer,
                                                tmp_path: Path) -> None:
     """Two datagrams of the server's reply get through, then the path dies: the error says
