@@ -56,6 +56,9 @@ class Config:
     cookie_threshold: int = 256
     #: Amplification factor before the client's address is proven [profile §8].
     amplification_factor: int = 3
+    #: Server: bytes of encrypted packets that all half-open sessions together may hold until
+    #: their keys exist (each session also holds at most 16 datagrams).
+    max_early_buffer_bytes: int = 4 << 20
 
     # session lifecycle
     idle_timeout: float = 60.0
@@ -103,6 +106,8 @@ class Config:
                 raise ConfigError(f"{name} must be positive")
         if self.plus_features & ~(PLUS_RESUMPTION | PLUS_MIGRATION | PLUS_SHAPING):
             raise ConfigError("unknown PLUS feature bits")
+        if self.max_early_buffer_bytes < 0:
+            raise ConfigError("max_early_buffer_bytes must not be negative")
         if self.amplification_factor < 1:
             raise ConfigError("amplification_factor must be at least 1")
         self.trust = TrustStore(self.trusted_peers)

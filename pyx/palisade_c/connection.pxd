@@ -8,6 +8,12 @@ from palisade_c.reassembly cimport AmplificationLimiter, Flight, ReassemblyTable
 from palisade_c.record cimport Record, RecordLayer
 
 
+cdef class EarlyBufferPool:
+    cdef readonly Py_ssize_t limit
+    cdef readonly Py_ssize_t used
+    cdef readonly Py_ssize_t refused
+
+
 cdef class Connection:
     # An instance __dict__, as the plain class had: tests wrap a session's _seal on the instance
     # (cpdef methods look such an override up), and applications may tag sessions.
@@ -62,6 +68,8 @@ cdef class Connection:
     cdef readonly AmplificationLimiter _amp
     cdef object _amp_queue                  # deque of handshake datagrams over the budget
     cdef list _early_packets
+    cdef Py_ssize_t _early_buffered         # bytes in _early_packets
+    cdef EarlyBufferPool _early_pool        # shared by every session of an endpoint
     # Session timers.
     cdef double _last_recv
     cdef double _last_send
@@ -139,6 +147,8 @@ cdef class Connection:
     # encrypted packets
     cdef int _on_packet(self, bytes data, addr, double now) except -1
     cdef int _on_early_packet(self, bytes data, double now) except -1
+    cdef int _buffer_early_packet(self, bytes data) except -1
+    cdef list _take_early_packets(self)
 
     # migration (PLUS)
     cdef bint _migration(self) noexcept

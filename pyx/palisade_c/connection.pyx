@@ -108,7 +108,8 @@ Addr = Any  # a transport address: (host, port) for UDP, a path for serial links
 
 log = logging.getLogger("palisade_c.connection")
 
-#: Encrypted packets that may wait for the server's keys (PROFILE §3).
+#: Encrypted packets that may wait for the server's keys (PROFILE §3). Each may be at most
+#: ``max_datagram_size`` bytes, so one session holds at most that many datagrams' worth.
 MAX_EARLY_PACKETS = 16
 #: Migrate nonces remembered per session to refuse replays (each is 32 random bytes).
 MAX_MIGRATE_NONCES = 1024
@@ -155,10 +156,25 @@ cdef inline bint _debug_logging() except -1:
     return log.isEnabledFor(_DEBUG)
 
 
+cdef class EarlyBufferPool:
+    """Bytes of encrypted packets waiting for keys, across every session that shares it.
+
+    A half-open session costs its creator one small hello fragment, so what it may buffer is
+    bounded twice: per session (MAX_EARLY_PACKETS datagrams of at most max_datagram_size) and
+    per endpoint (``limit``), which a flood of sessions cannot exceed. ``refused`` counts the
+    packets turned away by either bound."""
+
+    def __init__(self, Py_ssize_t limit):
+        self.limit = limit
+        self.used = 0
+        self.refused = 0
+
+
 cdef class Connection:
     """A client or server session. See the module docstring for the calling convention."""
 
-    def __init__(self, config, bint is_client, *, event_log=None, name="", tickets=None):
+    def __init__(self, config, bint is_client, *, event_log=None, name="", tickets=None,
+                 early_pool=None):
         self.config = config
         self.is_client = is_client
         self.name = name or ("client" if is_client else "server")
@@ -211,6 +227,9 @@ cdef class Connection:
         self._amp = AmplificationLimiter(config.amplification_factor)
         self._amp_queue = deque()
         self._early_packets = []
+        self._early_buffered = 0
+        self._early_pool = early_pool if early_pool is not None \
+            else EarlyBufferPool(config.max_early_buffer_bytes)
         # Session timers.
         self._last_recv = 0.0
         self._last_send = 0.0
@@ -256,6 +275,11 @@ cdef class Connection:
         if self.record is not None and not self.record.erased:
             return self.record.epoch
         return self._reported_epoch
+
+    @property
+    def early_buffered_bytes(self):
+        """Bytes of encrypted packets held until this session has keys (server)."""
+        return self._early_buffered
 
     @property
     def drop_counts(self):
@@ -945,8 +969,7 @@ cdef class Connection:
                                       replay_window=self.config.replay_window)
             wipe(resume.early_secret)
             self._early_budget = resume.inner.max_early_data  # the ticket's, not the offer
-        waiting, self._early_packets = self._early_packets, []
-        for pkt in waiting:
+        for pkt in self._take_early_packets():
             self._on_packet(pkt, self.peer_addr, now)
         return 0
 
@@ -999,8 +1022,7 @@ cdef class Connection:
             self._early.erase()  # the 0-RTT window closes once 1-RTT keys exist
             self._early = None
         self._install_keys(result, now)
-        early, self._early_packets = self._early_packets, []
-        for pkt in early:
+        for pkt in self._take_early_packets():
             self._on_packet(pkt, self.peer_addr, now)
         return 0
 
@@ -1059,10 +1081,9 @@ cdef class Connection:
         record = self.record
         if record is None or record.erased:
             if not self.is_client \
-                    and (self._fsm.name == "S_WAIT_FIN" or self._fsm.name == "S_RESUME_WAIT_CHR") \
-                    and len(self._early_packets) < _MAX_EARLY_PACKETS:
+                    and (self._fsm.name == "S_WAIT_FIN" or self._fsm.name == "S_RESUME_WAIT_CHR"):
                 # Data may overtake CF, and 0-RTT data may overtake CHR (PROFILE §3, §7).
-                self._early_packets.append(data)
+                self._buffer_early_packet(data)
             else:
                 self._drop("no-keys")
             return 0
@@ -1089,6 +1110,29 @@ cdef class Connection:
             self._emit(DataReceived(rec.stream_id, rec.payload))
         self._after_epoch_activity(now)
         return 0
+
+    cdef int _buffer_early_packet(self, bytes data) except -1:
+        """Hold a packet until the keys exist, within the per-session and endpoint bounds."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        cdef EarlyBufferPool pool = self._early_pool
+        if n > self.config.max_datagram_size \
+                or len(self._early_packets) >= _MAX_EARLY_PACKETS \
+                or pool.used + n > pool.limit:
+            pool.refused += 1
+            self._drop("early-buffer-full")
+            return 0
+        self._early_packets.append(data)
+        self._early_buffered += n
+        pool.used += n
+        return 0
+
+    cdef list _take_early_packets(self):
+        """Empty the early-packet buffer, giving its bytes back to the pool."""
+        cdef list held = self._early_packets
+        self._early_packets = []
+        self._early_pool.used -= self._early_buffered
+        self._early_buffered = 0
+        return held
 
     cdef int _on_early_packet(self, bytes data, double now) except -1:
         """Server: one 0-RTT packet. Replayable, so only allowlisted streams and keepalives,
@@ -1523,6 +1567,6 @@ cdef class Connection:
         self._has_close_resend_at = False
         self._pending_ack = None
         self._has_ack_deadline = False
-        self._early_packets.clear()
+        self._take_early_packets()
         self._amp_queue.clear()
         return 0

@@ -2,7 +2,7 @@
 
 cimport cython
 
-from palisade_c.connection cimport Connection
+from palisade_c.connection cimport Connection, EarlyBufferPool
 
 
 @cython.final
@@ -20,6 +20,7 @@ cdef class ServerEndpoint:
     cdef list _out
     cdef object _events
     cdef dict _drops
+    cdef EarlyBufferPool _early_pool
     cdef Py_ssize_t _serial
     cdef public Py_ssize_t retries_sent
     cdef public object tickets

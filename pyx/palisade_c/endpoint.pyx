@@ -38,7 +38,7 @@ from palisade_c.errors import DecodeError
 from palisade_c.reassembly import CookieIssuer
 from palisade_c.tickets import TicketService
 
-from palisade_c.connection cimport Connection
+from palisade_c.connection cimport Connection, EarlyBufferPool
 from palisade_c.hsrecord cimport (
     HS_HEADER_LEN,
     MSG_CLIENT_HELLO,
@@ -90,6 +90,8 @@ cdef class ServerEndpoint:
         self._out = []
         self._events = deque()
         self._drops = {}
+        # Encrypted packets waiting for keys, all sessions together (config bound).
+        self._early_pool = EarlyBufferPool(config.max_early_buffer_bytes)
         self._serial = 0
         self.retries_sent = 0
         #: Resumption tickets for every session (PLUS): the configured service, or an
@@ -112,7 +114,15 @@ cdef class ServerEndpoint:
 
     @property
     def drop_counts(self):
-        return dict(self._drops)
+        out = dict(self._drops)
+        if self._early_pool.refused:
+            out["early-buffer-full"] = self._early_pool.refused
+        return out
+
+    @property
+    def early_buffered_bytes(self):
+        """Bytes of encrypted packets that sessions hold until their keys exist."""
+        return self._early_pool.used
 
     cdef void _drop(self, str reason):
         self._drops[reason] = self._drops.get(reason, 0) + 1
@@ -197,7 +207,8 @@ cdef class ServerEndpoint:
             validated = True
         self._serial += 1
         cdef Connection conn = Connection(self.config, False, event_log=self._event_log,
-                          name=f"server-{self._serial}", tickets=self.tickets)
+                          name=f"server-{self._serial}", tickets=self.tickets,
+                          early_pool=self._early_pool)
         if validated:
             conn._amp.validate()  # the cookie proves the client receives at this address
         conn.on_wakeup = self._busy.add
