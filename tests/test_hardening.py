@@ -230,7 +230,7 @@ def test_migrate_nonce_memory_forgets_the_oldest_first(ids: tuple[Identity, Iden
     assert session.drop_counts.get("migrate-replay", 0) == MAX_MIGRATE_NONCES
 
 
-@pytest.mark.parametrize("bad", ["epoch", "replay"])
+@pytest.mark.parametrize("bad", ["reason", "replay"])
 def test_invalid_migrate_does_not_make_its_address_a_candidate(
         ids: tuple[Identity, Identity], bad: str) -> None:
     pair = make_pair(*configs(ids, seed=7, migration_packets=1))
@@ -242,9 +242,9 @@ def test_invalid_migrate_does_not_make_its_address_a_candidate(
         pair.link.inject(record.seal(F.encode_frames([F.encode_migrate(nonce, 0)]), 0, True),
                          CLIENT_ADDR, SERVER_ADDR)
         pair.run(duration=0.2)
-    epoch = 9 if bad == "epoch" else 0
+    reason = 0x02 if bad == "reason" else F.MIGRATE_REASON_SOFT
     elsewhere = ("203.0.113.77", 4000)
-    pkt = record.seal(F.encode_frames([F.encode_migrate(nonce, epoch)]), 0, True)
+    pkt = record.seal(F.encode_frames([F.encode_migrate(nonce, 0, reason)]), 0, True)
     pair.link.inject(pkt, elsewhere, SERVER_ADDR)
     pair.run(duration=1.0)
     assert session.peer_addr == CLIENT_ADDR

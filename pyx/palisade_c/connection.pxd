@@ -52,7 +52,7 @@ cdef class Connection:
     cdef double _candidate_since
     cdef AmplificationLimiter _candidate_amp
     cdef bytes _path_challenge
-    cdef set _migrate_nonces
+    cdef dict _migrate_nonces               # nonce -> None, oldest first (FIFO)
     # Handshake delivery. An optional time is a double plus a flag (False: None).
     cdef ReassemblyTable _reasm
     cdef Flight _flight
@@ -154,6 +154,8 @@ cdef class Connection:
     cdef bint _migration(self) noexcept
     cdef int _promote_candidate(self) except -1
     cdef int _on_migrate_frame(self, ControlFrame frame, Record rec) except -1
+    cdef str _migrate_problem(self, bytes nonce, int reason, Record rec)
+    cdef bint _carries_refused_migrate(self, Record rec) except -1
     cdef int _on_new_path(self, addr, Py_ssize_t size, double now) except -1
     cdef int _send_path_challenge(self) except -1
 

@@ -211,7 +211,7 @@ cdef class Connection:
         self._candidate_since = 0.0
         self._candidate_amp = None
         self._path_challenge = None
-        self._migrate_nonces = set()
+        self._migrate_nonces = {}
         self._reasm = ReassemblyTable(4, max_age=config.handshake_timeout)
         self._flight = None
         self._flight_timer = self._new_timer()
@@ -1091,7 +1091,13 @@ cdef class Connection:
         if rec is None:
             return 0
         if not self.is_client and self.peer_addr is not None and addr != self.peer_addr:
-            self._on_new_path(addr, n, now)
+            if rec.control and self._carries_refused_migrate(rec):
+                # A migration the session refuses (replayed nonce, wrong epoch or reason)
+                # proves nothing about this address: it does not become a candidate. The
+                # packet is authenticated, so its frames and data are still processed.
+                self._drop("path-change-refused")
+            else:
+                self._on_new_path(addr, n, now)
         self.packets_in += 1
         self.bytes_in += n
         self._epoch_bytes += n
@@ -1227,21 +1233,49 @@ cdef class Connection:
         self._emit(PathMigrated(self.peer_addr))
         return 0
 
+    cdef str _migrate_problem(self, bytes nonce, int reason, Record rec):
+        """Why a CTRL_MIGRATE is refused (its drop counter), or None if it is valid."""
+        if nonce in self._migrate_nonces:
+            return "migrate-replay"  # single use [spec §13]
+        if reason != F.MIGRATE_REASON_SOFT or self.record is None \
+                or rec.epoch != self.record.epoch:
+            return "migrate-invalid"
+        return None
+
+    cdef bint _carries_refused_migrate(self, Record rec) except -1:
+        """Server, packet from a new address: does it carry a CTRL_MIGRATE we refuse?
+        Checked before the frames run, so the address is judged before anything answers it."""
+        cdef ControlFrame frame
+        if self.is_client or not self._migration():
+            return False
+        try:
+            frames = F.decode_frames(rec.payload)
+        except ControlFrameError:
+            return False  # _on_control drops and counts it
+        for frame in frames:
+            if frame.ctrl_type == F.CTRL_MIGRATE:
+                try:
+                    nonce, _observed, reason = F.decode_migrate(frame)
+                except ControlFrameError:
+                    return True
+                if self._migrate_problem(nonce, reason, rec) is not None:
+                    return True
+        return False
+
     cdef int _on_migrate_frame(self, ControlFrame frame, Record rec) except -1:
         nonce, _observed, reason = F.decode_migrate(frame)
         if self.is_client or not self._migration():
             self._drop("ignored-control")
             return 0
-        if nonce in self._migrate_nonces:
-            self._drop("migrate-replay")  # single use [spec §13]
-            return 0
-        if reason != F.MIGRATE_REASON_SOFT or self.record is None \
-                or rec.epoch != self.record.epoch:
-            self._drop("migrate-invalid")
+        problem = self._migrate_problem(nonce, reason, rec)
+        if problem is not None:
+            self._drop(problem)
             return 0
         if len(self._migrate_nonces) >= _MAX_MIGRATE_NONCES:
-            self._migrate_nonces.pop()
-        self._migrate_nonces.add(nonce)
+            # Forget the oldest: a dict keeps insertion order, so the memory is the last 1024
+            # nonces seen, as documented (set.pop() dropped an arbitrary one).
+            del self._migrate_nonces[next(iter(self._migrate_nonces))]
+        self._migrate_nonces[nonce] = None
         # The candidate itself was set by _on_new_path when this packet arrived.
         return 0
 
