@@ -54,6 +54,7 @@ from palisade_c.events import (
     HandshakeCompleted,
     NewTicket,
 )
+from palisade_c.safetext import printable
 from palisade_c.tickets import ClientTicket, ClientTicketCache
 from palisade_c.transport.base import SERIAL_SCHEMES, Addr, Transport, link_config, parse_url
 from palisade_c.transport.udp import UdpTransport
@@ -634,7 +635,7 @@ class _ServerEngine(_Engine):
                     # A session that never completed its handshake: nobody to tell.
                     self._early.pop(conn, None)
                     log.debug("%s: handshake failed: %s %s", conn.name,
-                              code_name(event.error_code), event.reason)
+                              code_name(event.error_code), printable(event.reason))
                 elif isinstance(event, DataReceived):
                     # 0-RTT data arrives before the handshake completes: keep it for the
                     # tunnel (bounded by the ticket's early-data allowance in the core).

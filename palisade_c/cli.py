@@ -66,6 +66,7 @@ from palisade_c.errors import (
 from palisade_c.eventlog import JsonLinesLog
 from palisade_c.events import ConnectionClosed, DataReceived
 from palisade_c.identity import Identity
+from palisade_c.safetext import printable
 from palisade_c.tickets import ClientTicketCache, SqliteTicketStore, TicketService
 from palisade_c.transport.base import (
     MAX_DATAGRAM_SIZE,
@@ -91,7 +92,7 @@ RECONNECT_ATTEMPTS = 3
 
 def _printable(text: str) -> str:
     """``text`` with control characters escaped: peer-chosen text must stay on one line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return printable(text)
 
 
 def _error(message: str) -> None:

@@ -21,7 +21,7 @@ from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION, Config
 from palisade_c.connection import MAX_EARLY_PACKETS, MAX_MIGRATE_NONCES, Connection
 from palisade_c.endpoint import ServerEndpoint
 from palisade_c.errors import ConnectionClosedError, ErrorCode, HandshakeError
-from palisade_c.events import ConnectionClosed
+from palisade_c.events import ConnectionClosed, NewTicket
 from palisade_c.identity import Identity
 from palisade_c.tickets import SqliteTicketStore, TicketService
 
@@ -332,8 +332,7 @@ def test_resumption_at_the_cap_does_not_fall_back_forever(ids: tuple[Identity, I
     pair = make_pair(*configs(ids, seed=9))
     pair.handshake()
     pair.run(duration=0.5)
-    ticket = [e.event.ticket for e in pair.link.events_of("client")
-              if type(e.event).__name__ == "NewTicket"][0]
+    ticket = next(e.event.ticket for e in pair.link.events_of("client", NewTicket))
     client = Connection(cc, True)
     client.connect(SERVER_ADDR, 0.0, ticket=ticket)
     assert client.state == "C_RESUME_PENDING"

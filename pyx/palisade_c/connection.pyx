@@ -75,6 +75,7 @@ from palisade_c.handshake import (
 )
 from palisade_c.keyschedule import ticket_psk, wipe
 from palisade_c.reassembly import FragmentStatus
+from palisade_c.safetext import printable
 from palisade_c.record import STREAM_DUMMY, STREAM_KEEPALIVE, make_rid
 from palisade_c.tickets import (
     TICKET_NONCE_LEN,
@@ -1553,7 +1554,9 @@ cdef class Connection:
         cdef str before
         if self._fsm.closed:
             return 0
-        log.info("%s: abort %s: %s", self.name, code_name(code), detail)
+        # The detail may be the peer's text (a close reason, an ErrorResponse): escaped, so it
+        # cannot forge log lines or drive the terminal.
+        log.info("%s: abort %s: %s", self.name, code_name(code), printable(detail))
         if send:
             if self.record is not None and not self.record.erased:
                 try:
