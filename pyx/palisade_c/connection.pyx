@@ -1513,6 +1513,8 @@ cdef class Connection:
         if not self._fire("peer_close"):
             return 0
         self._close_info = (code, reason, True)
+        # Seed §6: close reasons SHOULD be logged. The reason is the peer's text: escaped.
+        log.info("%s: closed by peer: %s: %s", self.name, code_name(code), printable(reason))
         self._log_event("peer-close", {"code": code})
         self._send_frame(F.encode_close(0, False, ""))  # answer, so the peer can finish
         self._drain_deadline = self._now + <double>self.config.close_drain_time
