@@ -21,6 +21,8 @@ cdef class ServerEndpoint:
     cdef object _events
     cdef dict _drops
     cdef EarlyBufferPool _early_pool
+    cdef bint _has_purge_at                 # a ticket service to purge (PLUS)
+    cdef double _purge_at
     cdef Py_ssize_t _serial
     cdef public Py_ssize_t retries_sent
     cdef public object tickets

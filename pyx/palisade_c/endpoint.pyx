@@ -36,7 +36,7 @@ from palisade_c import hsrecord as hs
 from palisade_c.config import PLUS_RESUMPTION
 from palisade_c.errors import DecodeError
 from palisade_c.reassembly import CookieIssuer
-from palisade_c.tickets import TicketService
+from palisade_c.tickets import PURGE_BACKLOG_DELAY, PURGE_BATCH, PURGE_INTERVAL, TicketService
 
 from palisade_c.connection cimport Connection, EarlyBufferPool
 from palisade_c.hsrecord cimport (
@@ -100,6 +100,11 @@ cdef class ServerEndpoint:
         if self.tickets is None and config.plus_features & PLUS_RESUMPTION:
             self.tickets = TicketService(bytes.fromhex(config.identity.fingerprint),
                                          rng=config.rng, clock=config.ticket_clock)
+        # Used-ticket ids expire with their tickets; the store forgets them in batches driven
+        # by this timer. The first purge runs at the first timer call (a backlog left by an
+        # earlier run), then every PURGE_INTERVAL.
+        self._has_purge_at = self.tickets is not None
+        self._purge_at = 0.0
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -168,11 +173,18 @@ cdef class ServerEndpoint:
         # skipped here, so the heap top is always a live deadline.
         while heap and self._deadlines.get(heap[0][2]) != heap[0][0]:
             _heappop(heap)
-        return heap[0][0] if heap else None
+        best = heap[0][0] if heap else None
+        if self._has_purge_at and (best is None or self._purge_at < best):
+            return self._purge_at
+        return best
 
     def handle_timer(self, double now):
         cdef list heap = self._timers
         cdef Connection conn
+        if self._has_purge_at and now >= self._purge_at:
+            purged = self.tickets.purge_expired(PURGE_BATCH)
+            self._purge_at = now + (PURGE_BACKLOG_DELAY if purged >= PURGE_BATCH
+                                    else PURGE_INTERVAL)
         while heap and heap[0][0] <= now:
             t, _, conn = _heappop(heap)
             if self._deadlines.get(conn) != t:
