@@ -52,6 +52,9 @@ class Config:
     initial_rto: float = 0.3
     max_rto: float = 8.0
     max_half_open: int = 1024
+    #: Server: sessions held at once, half-open and established; a hello beyond it (or beyond
+    #: ``max_half_open``) is answered with ErrorSessionLimitExceeded (0x0202), rate-limited.
+    max_sessions: int = 16384
     #: Half-open handshakes above which the server demands a stateless cookie retry.
     cookie_threshold: int = 256
     #: Amplification factor before the client's address is proven [profile §8].
@@ -106,6 +109,8 @@ class Config:
                 raise ConfigError(f"{name} must be positive")
         if self.plus_features & ~(PLUS_RESUMPTION | PLUS_MIGRATION | PLUS_SHAPING):
             raise ConfigError("unknown PLUS feature bits")
+        if self.max_sessions < 1 or self.max_half_open < 1:
+            raise ConfigError("max_sessions and max_half_open must be at least 1")
         if self.max_early_buffer_bytes < 0:
             raise ConfigError("max_early_buffer_bytes must not be negative")
         if self.amplification_factor < 1:

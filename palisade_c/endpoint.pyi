@@ -6,6 +6,8 @@ from palisade_c.events import Event
 from palisade_c.tickets import TicketService
 
 COOKIE_LIFETIME: Final[float]
+LIMIT_REPLY_RATE: Final[float]
+LIMIT_REPLY_BURST: Final[float]
 
 def _cookie_addr(addr: Addr) -> tuple[object, ...]: ...
 
@@ -17,6 +19,7 @@ class ServerEndpoint:
     @property
     def config(self) -> Config: ...
     retries_sent: int
+    limit_replies_sent: int
     tickets: TicketService | None
     def __init__(self, config: Config, *, event_log: EventLog | None = None) -> None: ...
     @property

@@ -180,6 +180,7 @@ cdef class Connection:
     cdef int _resend_close(self) except -1
     cdef int _finish_close(self) except -1
     cdef int _idle_out(self) except -1
+    cdef int _expire_handshake(self) except -1
     cpdef _fail(self, int code, str detail, bint send)
     cdef int _abort(self, int code, str detail, bint by_peer, bint send) except -1
     cdef int _teardown(self) except -1

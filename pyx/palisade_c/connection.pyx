@@ -462,13 +462,19 @@ cdef class Connection:
         if self._fsm.closed:
             return
         if self._has_hs_deadline and now >= self._hs_deadline:
-            self._fail(ErrorCode.ErrorHandshakeTimeout, "handshake timed out", send=False)
+            if self._fsm.name == "S_WAIT_FIN":
+                self._expire_handshake()
+            else:
+                self._fail(ErrorCode.ErrorHandshakeTimeout, "handshake timed out", send=False)
             return
         if self._has_ack_deadline and now >= self._ack_deadline:
             self._send_pending_ack()
         if self._flight_timer.due(now):
             if self._flight_timer.on_timeout(now):
                 self._resend_flight()
+            elif self._fsm.name == "S_WAIT_FIN":
+                self._expire_handshake()
+                return
             elif not self._fsm.established:
                 self._fail(ErrorCode.ErrorHandshakeTimeout, "no answer to the handshake",
                            send=False)
@@ -774,7 +780,10 @@ cdef class Connection:
         err = self._error_response(rec)
         if err is None:
             return 0
-        if state == "C_RESUME_PENDING":
+        if state == "C_RESUME_PENDING" and not 0x0200 <= err.error_code <= 0x02FF:
+            # A refused ticket: fall back to a full handshake [seed §4]. A session error
+            # (limit reached, expired) is about the server, not the ticket: a full handshake
+            # would meet it again, so it ends the attempt like any other refusal.
             self._fallback_to_full_handshake(err.error_code)
             return 0
         self._abort(err.error_code, f"server refused the handshake: {err.text}", by_peer=True,
@@ -1546,6 +1555,18 @@ cdef class Connection:
         code = int(ErrorCode.ErrorIdleTimeout)
         self._emit(ConnectionClosed(code, "idle timeout: peer silent", False))
         self._log_event("closed", {"code": code, "reason": "idle"})
+        return 0
+
+    cdef int _expire_handshake(self) except -1:
+        """Server: the session it answered never finished in time. The client may still be
+        waiting for our ack of its Finished; tell it the half-open session is gone
+        (ErrorSessionExpired, under the session RID) rather than leave it to its own timeout."""
+        if self.rid:
+            self._send_error_response(int(ErrorCode.ErrorSessionExpired),
+                                      "handshake expired before the client finished it",
+                                      self.rid)
+        # Locally it is what it was: our handshake timed out.
+        self._fail(ErrorCode.ErrorHandshakeTimeout, "handshake timed out", send=False)
         return 0
 
     cpdef _fail(self, int code, str detail, bint send):

@@ -25,9 +25,13 @@ cdef class ServerEndpoint:
     cdef double _purge_at
     cdef Py_ssize_t _serial
     cdef public Py_ssize_t retries_sent
+    cdef public Py_ssize_t limit_replies_sent
+    cdef double _limit_tokens               # ErrorSessionLimitExceeded token bucket
+    cdef double _limit_refill_at
     cdef public object tickets
 
     cdef void _drop(self, str reason)
     cdef Connection _accept(self, bytes rid, object addr, double now)
     cdef void _send_retry(self, bytes rid, object addr, double now)
+    cdef void _refuse_for_limit(self, bytes rid, object addr, double now)
     cdef void _collect(self, Connection conn)

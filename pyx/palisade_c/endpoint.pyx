@@ -33,8 +33,9 @@ from collections import deque
 from typing import NamedTuple
 
 from palisade_c import hsrecord as hs
+from palisade_c import wire
 from palisade_c.config import PLUS_RESUMPTION
-from palisade_c.errors import DecodeError
+from palisade_c.errors import DecodeError, ErrorCode
 from palisade_c.reassembly import CookieIssuer
 from palisade_c.tickets import PURGE_BACKLOG_DELAY, PURGE_BATCH, PURGE_INTERVAL, TicketService
 
@@ -48,6 +49,12 @@ from palisade_c.hsrecord cimport (
 )
 
 COOKIE_LIFETIME = 30.0
+#: ErrorSessionLimitExceeded answers: a token bucket of this many per second, this deep. Each
+#: answer is smaller than the hello fragment it answers, and the bucket keeps a flood of
+#: spoofed hellos from turning the server into a reflector.
+LIMIT_REPLY_RATE = 20.0
+LIMIT_REPLY_BURST = 20.0
+_LIMIT_DETAIL = "server at its session limit; try again later"
 
 _heappush = heapq.heappush
 _heappop = heapq.heappop
@@ -94,6 +101,9 @@ cdef class ServerEndpoint:
         self._early_pool = EarlyBufferPool(config.max_early_buffer_bytes)
         self._serial = 0
         self.retries_sent = 0
+        self.limit_replies_sent = 0
+        self._limit_tokens = LIMIT_REPLY_BURST
+        self._limit_refill_at = 0.0
         #: Resumption tickets for every session (PLUS): the configured service, or an
         #: in-memory one when resumption is allowed and none was given.
         self.tickets = config.tickets
@@ -207,8 +217,15 @@ cdef class ServerEndpoint:
 
     cdef Connection _accept(self, bytes rid, object addr, double now):
         cdef Py_ssize_t half_open = len(self._half_open)
+        # At either cap a legitimate client is told at once (spec §14: 0x0202, not fatal)
+        # instead of waiting for its handshake timeout.
+        if len(self._sessions) >= self.config.max_sessions:
+            self._drop("session-limit")
+            self._refuse_for_limit(rid, addr, now)
+            return None
         if half_open >= self.config.max_half_open:
             self._drop("half-open-limit")
+            self._refuse_for_limit(rid, addr, now)
             return None
         cdef bint validated = False
         if half_open >= self.config.cookie_threshold:
@@ -228,6 +245,24 @@ cdef class ServerEndpoint:
         self._half_open.add(conn)
         self._by_rid[rid] = conn
         return conn
+
+    cdef void _refuse_for_limit(self, bytes rid, object addr, double now):
+        """ErrorResponse(ErrorSessionLimitExceeded) under the hello's RID, rate-limited."""
+        cdef double tokens = self._limit_tokens
+        if now > self._limit_refill_at:
+            tokens = min(LIMIT_REPLY_BURST,
+                         tokens + (now - self._limit_refill_at) * LIMIT_REPLY_RATE)
+            self._limit_refill_at = now
+        if tokens < 1.0:
+            self._limit_tokens = tokens
+            self._drop("limit-reply-suppressed")
+            return
+        self._limit_tokens = tokens - 1.0
+        body = wire.ErrorResponse(error_code=int(ErrorCode.ErrorSessionLimitExceeded),
+                                  details=_LIMIT_DETAIL).encode()
+        rec = hs.HandshakeRecord(hs.MSG_ERROR_RESPONSE, rid, 0, 0, len(body), body)
+        self._out.append((rec.encode(), addr))
+        self.limit_replies_sent += 1
 
     cdef void _send_retry(self, bytes rid, object addr, double now):
         # A Retry answers one ClientHello fragment with one small record: no amplification.
