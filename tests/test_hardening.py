@@ -421,7 +421,7 @@ def test_session_limit_surfaces_as_a_clear_error_over_udp(ids: tuple[Identity, I
 
     async def main() -> None:
         async with served("udp://127.0.0.1:0", sc, hold) as server:
-            url = "udp://127.0.0.1:%d" % server.address[1]
+            url = f"udp://127.0.0.1:{server.address[1]}"
             first = await connect(url, cc, timeout=5)
             with pytest.raises(HandshakeError) as info:
                 await connect(url, cc, timeout=5)
