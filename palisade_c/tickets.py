@@ -229,6 +229,7 @@ class SqliteTicketStore(TicketStore):
         """Delete ids whose tickets expired by ``now``: all of them, or at most ``limit``
         (a server purges in batches so that one call never stalls its event loop)."""
         with self._lock:
+            args: tuple[float, ...]
             if limit is None:
                 sql, args = "DELETE FROM used_tickets WHERE expires <= ?", (now,)
             else:
