@@ -41,6 +41,9 @@ class Config:
     max_datagram_size: int = 1200
     #: Link speed, for serial links: handshake timers scale with serialization time.
     link_bits_per_second: float | None = None
+    #: UDP: receive and send buffer size asked of the kernel (None: its defaults, often
+    #: ~200 KiB, which a burst of clients overflows). Linux caps it at net.core.rmem_max.
+    socket_buffer_bytes: int | None = 4 << 20
 
     # record layer
     replay_window: int = 1024
@@ -109,6 +112,9 @@ class Config:
                 raise ConfigError(f"{name} must be positive")
         if self.plus_features & ~(PLUS_RESUMPTION | PLUS_MIGRATION | PLUS_SHAPING):
             raise ConfigError("unknown PLUS feature bits")
+        if self.socket_buffer_bytes is not None \
+                and not 4096 <= self.socket_buffer_bytes <= 1 << 30:
+            raise ConfigError("socket_buffer_bytes must be 4096 .. 1 GiB (or None)")
         if self.max_sessions < 1 or self.max_half_open < 1:
             raise ConfigError("max_sessions and max_half_open must be at least 1")
         if self.max_early_buffer_bytes < 0:
