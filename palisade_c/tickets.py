@@ -31,6 +31,7 @@ nothing here reads ``time`` unless no clock is given.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import struct
@@ -48,6 +49,8 @@ from palisade_c.errors import ConfigError, ControlFrameError
 from palisade_c.frames import CTRL_NEW_TICKET, ControlFrame
 from palisade_c.identity import write_atomic
 from palisade_c.keyschedule import wipe
+
+log = logging.getLogger("palisade_c.tickets")
 
 Clock = Callable[[], float]
 
@@ -282,9 +285,15 @@ class TicketService:
         while a backlog remains). Only the SQLite store needs it: the in-memory store purges
         itself when full, and its ids die with the process."""
         store = self.store
-        if isinstance(store, SqliteTicketStore):
+        if not isinstance(store, SqliteTicketStore):
+            return 0
+        try:
             return store.purge(self.clock(), limit)
-        return 0
+        except sqlite3.Error as exc:
+            # A locked or failing file must not take the server down with it (this runs from
+            # the endpoint's timer); the next purge tries again.
+            log.warning("purging used tickets from %s failed: %s", store.path, exc)
+            return 0
 
     def redeem(self, ticket: bytes) -> tuple[TicketInner | None, str]:
         """Open, check expiry, and claim a ticket. Returns (inner, "") or (None, reason)."""

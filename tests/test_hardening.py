@@ -432,3 +432,23 @@ def test_session_limit_surfaces_as_a_clear_error_over_udp(ids: tuple[Identity, I
             await first.close()
 
     run_bounded(main(), 20)
+
+
+def test_a_failing_ticket_purge_does_not_stop_the_endpoint(
+        ids: tuple[Identity, Identity], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A locked or broken SQLite file must not raise out of handle_timer: the asyncio shell
+    shuts a server down when its core raises there."""
+    store = SqliteTicketStore(tmp_path / "used.db")
+
+    def locked(now: float, limit: int | None = None) -> int:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store, "purge", locked)
+    clock = FakeClock()
+    _, sc = configs(ids, tickets=TicketService(bytes(32), store, clock=clock),
+                    ticket_clock=clock)
+    ep = ServerEndpoint(sc)
+    ep.handle_timer(0.0)  # must not raise
+    deadline = ep.get_timer()
+    assert deadline is not None and deadline > 0.0  # tried again later
+    store.close()
