@@ -32,12 +32,15 @@ import sys
 from palisade_c.errors import ConfigError
 from palisade_c.transport.base import Addr, Transport
 
-__all__ = ["DEFAULT_MAX_DATAGRAM_SIZE", "UdpTransport", "resolve"]
+__all__ = ["DEFAULT_MAX_DATAGRAM_SIZE", "DEFAULT_SOCKET_BUFFER_BYTES", "UdpTransport", "resolve"]
 
 log = logging.getLogger("palisade_c.transport.udp")
 
 #: PALISADE's default datagram budget on UDP (fits the IPv6 minimum MTU with headers).
 DEFAULT_MAX_DATAGRAM_SIZE = 1200
+#: Receive/send buffer size a server socket asks of the kernel unless told otherwise (the
+#: kernel's own default, ~200 KiB on Linux, overflows under a burst of clients).
+DEFAULT_SOCKET_BUFFER_BYTES = 4 << 20
 #: Bytes of datagrams held while the socket is not writable; beyond that, sends are dropped.
 MAX_SEND_QUEUE_BYTES = 256 * 1024
 #: Datagrams read per wake-up at most, so that one busy socket cannot starve the loop.
