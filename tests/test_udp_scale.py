@@ -129,3 +129,18 @@ def test_200_concurrent_clients_each_get_their_reply() -> None:
             await asyncio.gather(*(t.close() for t in tunnels))
 
     run_bounded(main(), 55)
+
+
+def test_socket_buffer_flag() -> None:
+    from palisade_c.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "udp://127.0.0.1:1", "--key", "k", "--trust", "t",
+                              "--socket-buffer", "1048576"])
+    assert args.socket_buffer == 1 << 20
+    args = parser.parse_args(["connect", "udp://127.0.0.1:1", "--key", "k", "--trust", "t",
+                              "--socket-buffer", "0"])
+    assert args.socket_buffer == 0  # the kernel's default
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "udp://127.0.0.1:1", "--key", "k", "--trust", "t",
+                           "--socket-buffer", "100"])
