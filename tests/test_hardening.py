@@ -452,3 +452,28 @@ def test_a_failing_ticket_purge_does_not_stop_the_endpoint(
     deadline = ep.get_timer()
     assert deadline is not None and deadline > 0.0  # tried again later
     store.close()
+
+
+def test_resumption_kem_secrets_live_in_wiped_buffers(
+        ids: tuple[Identity, Identity], monkeypatch: pytest.MonkeyPatch) -> None:
+    pair = make_pair(*configs(ids, seed=11))
+    pair.handshake()
+    pair.run(duration=0.5)
+    ticket = next(e.event.ticket for e in pair.link.events_of("client", NewTicket))
+    seen: list[Any] = []
+    real = H.ks.early_ikm
+
+    def spy(ss_c: Any, ss_s: Any, cn: bytes, sn: bytes) -> bytearray:
+        seen.extend([ss_c, ss_s])
+        return real(ss_c, ss_s, cn, sn)
+
+    monkeypatch.setattr(H.ks, "early_ikm", spy)
+    again = Connection(pair.client.config, True, name="again")
+    pair.link.add("again", ("10.0.0.4", 50002), again)
+    again.connect(SERVER_ADDR, pair.link.now, ticket=ticket)
+    pair.run(lambda: again.established, 5.0)
+    pair.run(duration=0.5)
+    assert again.established and again.resumed
+    assert len(seen) == 4  # (ss_c, ss_s) on each side
+    for buf in seen:
+        assert isinstance(buf, bytearray) and len(buf) == 32 and not any(buf)
