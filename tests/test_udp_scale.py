@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 from aiohelpers import run_bounded, served
@@ -144,3 +146,47 @@ def test_socket_buffer_flag() -> None:
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "udp://127.0.0.1:1", "--key", "k", "--trust", "t",
                            "--socket-buffer", "100"])
+
+
+def test_cli_reports_the_session_limit_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The command line turns 0x0202 into one clear line (exit 2), not a timeout."""
+    from palisade_c import cli
+
+    d = tmp_path
+    server_id, client_id = Identity.generate(), Identity.generate()
+    server_id.save_public(d / "s.pub")
+    client_id.save(d / "c.key")
+    sconf = Config(identity=server_id, trusted_peers=[client_id.public_key], max_sessions=1)
+    cconf = Config(identity=client_id, trusted_peers=[server_id.public_key])
+    ready = threading.Event()
+    done = threading.Event()
+    url = ""
+
+    async def serve_one() -> None:
+        nonlocal url
+
+        async def hold(tunnel: Tunnel) -> None:
+            await tunnel.wait_closed()
+
+        async with served("udp://127.0.0.1:0", sconf, hold) as server:
+            url = f"udp://127.0.0.1:{server.address[1]}"
+            first = await connect(url, cconf, timeout=5)  # takes the only session
+            ready.set()
+            while not done.is_set():
+                await asyncio.sleep(0.02)
+            await first.close()
+
+    thread = threading.Thread(target=run_bounded, args=(serve_one(), 30))
+    thread.start()
+    try:
+        assert ready.wait(20)
+        status = cli.main(["connect", url, "--key", str(d / "c.key"), "--trust",
+                           str(d / "s.pub"), "--timeout", "5", "--wait", "0"])
+    finally:
+        done.set()
+        thread.join(30)
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.count("\n") == 1 and err.startswith("palisade: handshake failed: ")
+    assert "ErrorSessionLimitExceeded (0x0202)" in err
