@@ -9,6 +9,7 @@ and that 200 concurrent clients each get their reply.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sys
 import threading
@@ -41,7 +42,7 @@ def test_socket_buffers_are_sized_from_the_setting() -> None:
         big = await UdpTransport.bind("127.0.0.1", 0, buffer_bytes=1 << 20)
         try:
             assert small.receive_buffer_bytes < big.receive_buffer_bytes
-            if sys.platform == "linux" and _rmem_max() >= 1 << 20:
+            if sys.platform == "linux" and (_rmem_max() >= 1 << 20 or os.geteuid() == 0):
                 assert big.receive_buffer_bytes >= 1 << 20  # Linux doubles what it grants
         finally:
             for t in (small, big):
@@ -104,6 +105,11 @@ def test_200_concurrent_clients_each_get_their_reply() -> None:
 
     async def main() -> None:
         async with served("udp://127.0.0.1:0", sconf, _echo) as server:
+            transport = server._engine.transport
+            assert isinstance(transport, UdpTransport)
+            if transport.receive_buffer_bytes < 1 << 20:
+                pytest.skip(f"the kernel granted only {transport.receive_buffer_bytes} bytes "
+                            "of receive buffer (raise net.core.rmem_max)")
             url = f"udp://127.0.0.1:{server.address[1]}"
             tunnels: list[Tunnel] = []
             # Handshakes in waves, so the test measures the data burst, not handshake loss.

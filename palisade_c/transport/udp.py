@@ -264,11 +264,23 @@ class UdpTransport(Transport):
         return f"UdpTransport(local={self._local!r})"
 
 
+# Linux: the same requests past net.core.rmem_max / wmem_max, for a privileged process
+# (CAP_NET_ADMIN). Python does not export them; their values are fixed in the kernel's ABI.
+_FORCE = {socket.SO_RCVBUF: 33, socket.SO_SNDBUF: 32} if sys.platform == "linux" else {}
+
+
 def _size_buffers(sock: socket.socket, size: int) -> None:
-    """Ask for ``size``-byte receive and send buffers. The kernel caps the request at its
-    limit (net.core.rmem_max / wmem_max on Linux) without failing; the granted sizes are
-    what :class:`UdpTransport` reports."""
+    """Ask for ``size``-byte receive and send buffers. An unprivileged request is capped by
+    the kernel (net.core.rmem_max / wmem_max on Linux) without failing; a privileged process
+    gets the size it asked for. The granted sizes are what :class:`UdpTransport` reports."""
     for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        force = _FORCE.get(opt)
+        if force is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, size)
+                continue
+            except OSError:
+                pass  # not privileged: the capped request below
         try:
             sock.setsockopt(socket.SOL_SOCKET, opt, size)
         except OSError as exc:
