@@ -47,7 +47,7 @@ from firmware_bridge.serial_link import SerialSpec, SerialTransport, airtime
 from palisade_c import hsrecord as hs
 from palisade_c.errors import ConfigError
 from palisade_c.transport.base import Addr, estimate_handshake_bytes, parse_url
-from palisade_c.transport.udp import UdpTransport
+from palisade_c.transport.udp import DEFAULT_SOCKET_BUFFER_BYTES, UdpTransport
 
 __all__ = [
     "DEFAULT_MAX_RIDS",
@@ -161,7 +161,9 @@ class Gateway:
         if len(set(nodes)) != len(nodes):
             raise ConfigError("two serial devices have the same node id")
         largest = max(s.mtu for s in specs)
-        udp = await UdpTransport.bind(host, port, max_datagram_size=max(largest, 1200))
+        # One socket for every client: buffers sized like a server's (see udp.py).
+        udp = await UdpTransport.bind(host, port, max_datagram_size=max(largest, 1200),
+                                      buffer_bytes=DEFAULT_SOCKET_BUFFER_BYTES)
         opened: list[SerialTransport] = []
         try:
             for spec in specs:

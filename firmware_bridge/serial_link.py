@@ -63,6 +63,7 @@ import serial
 
 from palisade_c import link
 from palisade_c.errors import ConfigError, DecodeError
+from palisade_c.safetext import printable
 from palisade_c.transport.base import (
     MIN_DATAGRAM_SIZE,
     SERIAL_SCHEMES,
@@ -681,7 +682,7 @@ class SerialTransport(Transport):
     def _log_device_text(self, payload: bytes) -> None:
         text = payload.decode("utf-8", "replace").rstrip("\r\n")
         # Device text is untrusted: escape control characters so it stays on one log line.
-        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        text = printable(text)
         device_log.info("%s: %s", self.name, text)
 
     def _run_writer(self) -> None:

@@ -54,6 +54,7 @@ from palisade_c.events import (
     HandshakeCompleted,
     NewTicket,
 )
+from palisade_c.safetext import printable
 from palisade_c.tickets import ClientTicket, ClientTicketCache
 from palisade_c.transport.base import SERIAL_SCHEMES, Addr, Transport, link_config, parse_url
 from palisade_c.transport.udp import UdpTransport
@@ -364,8 +365,9 @@ class Tunnel:
         peer = self._conn.peer_addr
         assert peer is not None  # established clients always have one
         old = self._engine.transport
-        new, _ = await UdpTransport.for_peer(peer[0], peer[1],
-                                             max_datagram_size=old.max_datagram_size)
+        new, _ = await UdpTransport.for_peer(
+            peer[0], peer[1], max_datagram_size=old.max_datagram_size,
+            buffer_bytes=self._conn.config.socket_buffer_bytes)
         self._engine.swap_transport(new)
         self._conn.migrate()
         self._engine.update()
@@ -531,12 +533,14 @@ async def _open_transport(
             await serial.wait_closed()
             raise
     if server:
-        udp = await UdpTransport.bind(host, port, max_datagram_size=config.max_datagram_size)
+        udp = await UdpTransport.bind(host, port, max_datagram_size=config.max_datagram_size,
+                                      buffer_bytes=config.socket_buffer_bytes)
         return udp, None, config
     if port == 0:
         raise ConfigError(f"bad URL {url!r}: a server port cannot be 0")
     udp, peer = await UdpTransport.for_peer(
-        host, port, max_datagram_size=config.max_datagram_size
+        host, port, max_datagram_size=config.max_datagram_size,
+        buffer_bytes=config.socket_buffer_bytes,
     )
     return udp, peer, config
 
@@ -645,7 +649,7 @@ class _ServerEngine(_Engine):
                     # A session that never completed its handshake: nobody to tell.
                     self._early.pop(conn, None)
                     log.debug("%s: handshake failed: %s %s", conn.name,
-                              code_name(event.error_code), event.reason)
+                              code_name(event.error_code), printable(event.reason))
                 elif isinstance(event, DataReceived):
                     # 0-RTT data arrives before the handshake completes: keep it for the
                     # tunnel (bounded by the ticket's early-data allowance in the core).
@@ -721,6 +725,13 @@ class Server:
     def tunnels(self) -> list[Tunnel]:
         """The established tunnels that are not closed yet."""
         return list(self._engine.tunnels.values())
+
+    @property
+    def transport_counters(self) -> dict[str, int | None]:
+        """Losses below the protocol, on UDP: ``kernel_drops`` (datagrams the kernel dropped
+        for a full receive buffer, Linux only, else None) and ``dropped_sends``."""
+        transport = self._engine.transport
+        return transport.counters if isinstance(transport, UdpTransport) else {}
 
     @property
     def is_serving(self) -> bool:

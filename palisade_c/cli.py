@@ -66,6 +66,7 @@ from palisade_c.errors import (
 from palisade_c.eventlog import JsonLinesLog
 from palisade_c.events import ConnectionClosed, DataReceived
 from palisade_c.identity import Identity
+from palisade_c.safetext import printable
 from palisade_c.tickets import ClientTicketCache, SqliteTicketStore, TicketService
 from palisade_c.transport.base import (
     MAX_DATAGRAM_SIZE,
@@ -91,7 +92,7 @@ RECONNECT_ATTEMPTS = 3
 
 def _printable(text: str) -> str:
     """``text`` with control characters escaped: peer-chosen text must stay on one line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return printable(text)
 
 
 def _error(message: str) -> None:
@@ -167,6 +168,16 @@ def _count(text: str) -> int:
     return value
 
 
+def _socket_buffer(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r}") from None
+    if value != 0 and not 4096 <= value <= 1 << 30:
+        raise argparse.ArgumentTypeError("must be 0 (kernel default) or 4096 .. 1073741824")
+    return value
+
+
 def _is_serial(url: str) -> bool:
     return url.partition("://")[0].lower() in SERIAL_SCHEMES
 
@@ -218,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="8-byte node id (16 hex digits): the RID steering prefix")
         p.add_argument("--plus", action="store_true",
                        help="offer/allow PALISADE-PLUS resumption and migration")
+        p.add_argument("--socket-buffer", type=_socket_buffer, metavar="BYTES",
+                       help="UDP receive/send buffer size to ask of the kernel (default "
+                       "4194304; 0: the kernel's default; Linux caps it at "
+                       "net.core.rmem_max)")
         p.add_argument("--log-json", metavar="FILE",
                        help="append one JSON object per state change, epoch change, close "
                        "and drop class to FILE (never keys or data)")
@@ -325,6 +340,9 @@ def _make_config(args: argparse.Namespace, **extra: Any) -> Config:
                 or getattr(args, "ticket_file", None))
     if plus:
         extra.setdefault("plus_features", PLUS_RESUMPTION | PLUS_MIGRATION)
+    buffer = getattr(args, "socket_buffer", None)
+    if buffer is not None:
+        extra["socket_buffer_bytes"] = buffer or None
     if getattr(args, "ticket_db", None):
         extra["tickets"] = TicketService(bytes.fromhex(identity.fingerprint),
                                          SqliteTicketStore(args.ticket_db))
@@ -430,7 +448,9 @@ async def _serve_main(args: argparse.Namespace) -> int:
     try:
         await stop.wait()
     finally:
-        log.debug("shutting down")
+        # Losses below the protocol (a receive buffer too small for a burst) show here.
+        log.info("shutting down; endpoint drops %s, transport %s",
+                 server.endpoint.drop_counts, server.transport_counters)
         server.close()
         await server.wait_closed()
     return EXIT_OK

@@ -41,6 +41,9 @@ class Config:
     max_datagram_size: int = 1200
     #: Link speed, for serial links: handshake timers scale with serialization time.
     link_bits_per_second: float | None = None
+    #: UDP: receive and send buffer size asked of the kernel (None: its defaults, often
+    #: ~200 KiB, which a burst of clients overflows). Linux caps it at net.core.rmem_max.
+    socket_buffer_bytes: int | None = 4 << 20
 
     # record layer
     replay_window: int = 1024
@@ -52,10 +55,16 @@ class Config:
     initial_rto: float = 0.3
     max_rto: float = 8.0
     max_half_open: int = 1024
+    #: Server: sessions held at once, half-open and established; a hello beyond it (or beyond
+    #: ``max_half_open``) is answered with ErrorSessionLimitExceeded (0x0202), rate-limited.
+    max_sessions: int = 16384
     #: Half-open handshakes above which the server demands a stateless cookie retry.
     cookie_threshold: int = 256
     #: Amplification factor before the client's address is proven [profile §8].
     amplification_factor: int = 3
+    #: Server: bytes of encrypted packets that all half-open sessions together may hold until
+    #: their keys exist (each session also holds at most 16 datagrams).
+    max_early_buffer_bytes: int = 4 << 20
 
     # session lifecycle
     idle_timeout: float = 60.0
@@ -103,6 +112,13 @@ class Config:
                 raise ConfigError(f"{name} must be positive")
         if self.plus_features & ~(PLUS_RESUMPTION | PLUS_MIGRATION | PLUS_SHAPING):
             raise ConfigError("unknown PLUS feature bits")
+        if self.socket_buffer_bytes is not None \
+                and not 4096 <= self.socket_buffer_bytes <= 1 << 30:
+            raise ConfigError("socket_buffer_bytes must be 4096 .. 1 GiB (or None)")
+        if self.max_sessions < 1 or self.max_half_open < 1:
+            raise ConfigError("max_sessions and max_half_open must be at least 1")
+        if self.max_early_buffer_bytes < 0:
+            raise ConfigError("max_early_buffer_bytes must not be negative")
         if self.amplification_factor < 1:
             raise ConfigError("amplification_factor must be at least 1")
         self.trust = TrustStore(self.trusted_peers)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from palisade_c.safetext import printable
+
 
 class ErrorCode(IntEnum):
     """The 16-bit error codes of spec §14 (ErrorResponse, CTRL_CLOSE, counters)."""
@@ -132,7 +134,10 @@ class ProtocolError(PalisadeError):
     """The peer broke the protocol; the connection is closed with ``code``."""
 
     def __init__(self, code: ErrorCode, message: str = "") -> None:
-        super().__init__(f"{code.name} (0x{int(code):04x}){': ' + message if message else ''}")
+        # The message may quote the peer (an ErrorResponse's details): escaped in the text an
+        # exception prints, kept as sent in ``detail``.
+        super().__init__(f"{code.name} (0x{int(code):04x})"
+                         f"{': ' + printable(message) if message else ''}")
         self.code = code
         self.detail = message
 
@@ -145,6 +150,7 @@ class ConnectionClosedError(PalisadeError):
     """The tunnel is closed; raised by the asyncio shell on send/recv after close."""
 
     def __init__(self, code: int = 0, reason: str = "") -> None:
-        super().__init__(f"connection closed: {code_name(code)}{' ' + reason if reason else ''}")
+        super().__init__(f"connection closed: {code_name(code)}"
+                         f"{' ' + printable(reason) if reason else ''}")
         self.code = code
         self.reason = reason

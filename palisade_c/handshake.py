@@ -92,33 +92,44 @@ class HandshakeResult:
     resumed: bool = False
 
 
-def _encapsulate(kem: int, public_key: bytes, code: ErrorCode) -> tuple[bytes, bytes]:
-    """``(shared_secret, ciphertext)``; a public key that does not load fails with ``code``."""
+def _encapsulate(kem: int, public_key: bytes, code: ErrorCode) -> tuple[bytearray, bytes]:
+    """``(shared_secret, ciphertext)``; a public key that does not load fails with ``code``.
+
+    The shared secret is returned in a bytearray the caller wipes. ``cryptography`` hands it
+    over as immutable bytes; that object is dropped here at once, unwiped (see "Erasure" in
+    docs/architecture.md)."""
     try:
         pub = _KEM_PUBLIC[kem].from_public_bytes(public_key)
-        return pub.encapsulate()
+        ss, ct = pub.encapsulate()
     except (ValueError, KeyError) as exc:
         raise HandshakeError(code, "peer KEM public key is invalid") from exc
+    return bytearray(ss), ct
 
 
 def _decapsulate(
     key: mlkem.MLKEM768PrivateKey | mlkem.MLKEM1024PrivateKey, ciphertext: bytes
-) -> bytes:
+) -> bytearray:
+    """The shared secret in a bytearray the caller wipes (as for :func:`_encapsulate`)."""
     try:
-        return key.decapsulate(ciphertext)
+        return bytearray(key.decapsulate(ciphertext))
     except ValueError as exc:
         raise HandshakeError(ErrorCode.ErrorKEMDecapFailed, "KEM decapsulation failed") from exc
 
 
 def _derive(
-    ss_c: bytes, ss_s: bytes, client_nonce: bytes, server_nonce: bytes, th: bytes,
+    ss_c: bytearray, ss_s: bytearray, client_nonce: bytes, server_nonce: bytes, th: bytes,
     plus: int, psk: bytes | bytearray | None = None,
 ) -> tuple[bytearray, bytearray | None]:
     """master and resumption secrets from the KEM secrets, nonces and transcript (§3); a
     resumption uses the ticket's PSK as the Extract salt (PROFILE §7). The resumption secret
     exists only for sessions that negotiated PLUS resumption: no other session issues or
-    redeems tickets, so it would be a secret kept for nothing."""
-    ikm = ks.early_ikm(ss_c, ss_s, client_nonce, server_nonce)
+    redeems tickets, so it would be a secret kept for nothing. Both KEM secrets are wiped
+    here, whatever happens: nothing needs them once the IKM exists."""
+    try:
+        ikm = ks.early_ikm(ss_c, ss_s, client_nonce, server_nonce)
+    finally:
+        ks.wipe(ss_c)
+        ks.wipe(ss_s)
     hs = ks.handshake_secret(ikm, th, psk)
     try:
         master = ks.master_secret(hs)
@@ -183,7 +194,8 @@ class ClientHandshake:
         self.authentic = False
 
     def erase(self) -> None:
-        """Drop the ephemeral KEM key (the object holds the only copy)."""
+        """Drop the ephemeral KEM key. ``cryptography`` holds it inside the key object, out of
+        our reach: dropping the last reference is all we can do (docs/architecture.md)."""
         self._kem_key = None
 
     def on_server_hello(self, data: bytes) -> bytes:
@@ -229,11 +241,20 @@ class ClientHandshake:
             raise HandshakeError(ErrorCode.ErrorSignatureVerifyFailed, "server signature")
         self.authentic = True
         ss_c = _decapsulate(self._kem_key, sh.ct_c)
-        ss_s, ct_s = _encapsulate(sh.kem_choice, sh.k_s, ErrorCode.ErrorInvalidServerHello)
-        cf = wire.ClientFinished(ct_s=ct_s)
-        running.update(cf.transcript_bytes())
-        th = running.digest()
-        cf = cf.replace(client_signature=self._config.identity.sign(th, CLIENT_CONTEXT))
+        try:
+            ss_s, ct_s = _encapsulate(sh.kem_choice, sh.k_s, ErrorCode.ErrorInvalidServerHello)
+        except HandshakeError:
+            ks.wipe(ss_c)
+            raise
+        try:
+            cf = wire.ClientFinished(ct_s=ct_s)
+            running.update(cf.transcript_bytes())
+            th = running.digest()
+            cf = cf.replace(client_signature=self._config.identity.sign(th, CLIENT_CONTEXT))
+        except BaseException:
+            ks.wipe(ss_c)
+            ks.wipe(ss_s)
+            raise
         master, resumption = _derive(ss_c, ss_s, ch.client_nonce, sh.server_nonce, th, plus)
         self.erase()
         self.result = HandshakeResult(
@@ -257,7 +278,7 @@ class ServerHandshake:
     _kem_key: mlkem.MLKEM768PrivateKey | mlkem.MLKEM1024PrivateKey | None = field(
         default=None, repr=False
     )
-    _ss_c: bytes | None = field(default=None, repr=False)
+    _ss_c: bytearray | None = field(default=None, repr=False)
     _ch: wire.ClientHello | None = None
     _sh: wire.ServerHello | None = None
     _plus: int = 0
@@ -265,7 +286,9 @@ class ServerHandshake:
     _running: _Transcript | None = None  # SHA3-256 state over CH* ‖ SH*
 
     def erase(self) -> None:
+        """Wipe the held KEM secret; drop the KEM key (held inside ``cryptography``)."""
         self._kem_key = None
+        ks.wipe(self._ss_c)
         self._ss_c = None
 
     def on_client_hello(self, data: bytes) -> bytes:
@@ -298,6 +321,7 @@ class ServerHandshake:
         if peer_fp is None:
             raise HandshakeError(ErrorCode.ErrorCertificateInvalid, "client key is not pinned")
         ss_c, ct_c = _encapsulate(kem, ch.k_c, ErrorCode.ErrorInvalidClientHello)
+        self._ss_c = ss_c  # held from here on, so that erase() wipes it whatever fails next
         self._kem_key = _KEM_CLASSES[kem].generate()
         extensions = _plus_extensions(self._plus)
         sh = wire.ServerHello(
@@ -316,7 +340,7 @@ class ServerHandshake:
         running.update(sh.transcript_bytes())
         signed = running.digest()
         sh = sh.replace(server_signature=self.config.identity.sign(signed, SERVER_CONTEXT))
-        self._ch, self._sh, self._ss_c, self._running = ch, sh, ss_c, running
+        self._ch, self._sh, self._running = ch, sh, running
         self._peer_fp = peer_fp
         return sh.encode()
 
@@ -342,7 +366,7 @@ class ServerHandshake:
             raise HandshakeError(ErrorCode.ErrorSignatureVerifyFailed, "client signature")
         ss_s = _decapsulate(self._kem_key, cf.ct_s)
         master, resumption = _derive(self._ss_c, ss_s, ch.client_nonce, sh.server_nonce, th,
-                                     self._plus)
+                                     self._plus)  # wipes both KEM secrets
         self.erase()
         self.result = HandshakeResult(
             master_secret=master,
@@ -432,7 +456,12 @@ class ClientResumeHandshake:
             raise HandshakeError(ErrorCode.ErrorSignatureVerifyFailed, "resumption MAC")
         self.authentic = True
         ss_c = _decapsulate(self._kem_key, shr.ct_c)
-        ss_s, ct_s = _encapsulate(wire.KEM_MLKEM768, shr.k_s, ErrorCode.ErrorInvalidServerHello)
+        try:
+            ss_s, ct_s = _encapsulate(wire.KEM_MLKEM768, shr.k_s,
+                                      ErrorCode.ErrorInvalidServerHello)
+        except HandshakeError:
+            ks.wipe(ss_c)
+            raise
         cfr_star = wire.ClientFinishedResume(ct_s=ct_s, mac=bytes(32)).transcript_bytes()
         running.update(cfr_star)
         th = running.digest()
@@ -458,7 +487,7 @@ class ServerResumeHandshake:
         self._tickets = tickets
         self._kem_key: mlkem.MLKEM768PrivateKey | mlkem.MLKEM1024PrivateKey | None = None
         self._psk = bytearray()
-        self._ss_c: bytes | None = None
+        self._ss_c: bytearray | None = None
         self._running: _Transcript | None = None
         self._hello: wire.ClientHelloResume | None = None
         self._shr: wire.ServerHelloResume | None = None
@@ -470,6 +499,7 @@ class ServerResumeHandshake:
 
     def erase(self) -> None:
         self._kem_key = None
+        ks.wipe(self._ss_c)
         self._ss_c = None
         ks.wipe(self._psk)
         ks.wipe(self.early_secret)
@@ -499,6 +529,7 @@ class ServerResumeHandshake:
         self.inner = inner
         self._psk = bytearray(inner.psk)
         ss_c, ct_c = _encapsulate(wire.KEM_MLKEM768, chr_.k_c, ErrorCode.ErrorInvalidClientHello)
+        self._ss_c = ss_c  # held from here on, so that erase() wipes it whatever fails next
         self._kem_key = mlkem.MLKEM768PrivateKey.generate()
         self.accept_0rtt = bool(chr_.early_data_offered and inner.max_early_data > 0
                                 and self._config.early_data_streams)
@@ -513,7 +544,7 @@ class ServerResumeHandshake:
         )
         running.update(shr.transcript_bytes())
         shr = shr.replace(mac=_finished_mac(self._psk, b"server", running.digest()))
-        self._hello, self._shr, self._ss_c, self._running = chr_, shr, ss_c, running
+        self._hello, self._shr, self._running = chr_, shr, running
         return shr.encode()
 
     def on_client_finished_resume(self, data: bytes) -> HandshakeResult:

@@ -31,6 +31,7 @@ nothing here reads ``time`` unless no clock is given.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import struct
@@ -48,6 +49,8 @@ from palisade_c.errors import ConfigError, ControlFrameError
 from palisade_c.frames import CTRL_NEW_TICKET, ControlFrame
 from palisade_c.identity import write_atomic
 from palisade_c.keyschedule import wipe
+
+log = logging.getLogger("palisade_c.tickets")
 
 Clock = Callable[[], float]
 
@@ -212,6 +215,10 @@ class SqliteTicketStore(TicketStore):
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS used_tickets (id BLOB PRIMARY KEY, expires REAL NOT NULL)"
         )
+        # Purging walks this index, so each batch costs what it deletes, not the table size.
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS used_tickets_by_expiry ON used_tickets (expires)"
+        )
 
     def claim(self, ticket_id: bytes, expires_at: float, now: float) -> bool:
         with self._lock:
@@ -221,9 +228,18 @@ class SqliteTicketStore(TicketStore):
             )
             return cur.rowcount == 1
 
-    def purge(self, now: float) -> int:
+    def purge(self, now: float, limit: int | None = None) -> int:
+        """Delete ids whose tickets expired by ``now``: all of them, or at most ``limit``
+        (a server purges in batches so that one call never stalls its event loop)."""
         with self._lock:
-            return self._db.execute("DELETE FROM used_tickets WHERE expires <= ?", (now,)).rowcount
+            args: tuple[float, ...]
+            if limit is None:
+                sql, args = "DELETE FROM used_tickets WHERE expires <= ?", (now,)
+            else:
+                sql = ("DELETE FROM used_tickets WHERE rowid IN (SELECT rowid FROM used_tickets"
+                       " WHERE expires <= ? ORDER BY expires LIMIT ?)")
+                args = (now, max(limit, 0))
+            return self._db.execute(sql, args).rowcount
 
     def close(self) -> None:
         with self._lock:
@@ -231,6 +247,12 @@ class SqliteTicketStore(TicketStore):
 
 
 # -- the server's ticket service ------------------------------------------------------------
+
+#: Seconds between two purges of expired used-ticket ids (sans-IO time of the endpoint).
+PURGE_INTERVAL = 60.0
+#: Ids deleted per purge at most; a full batch schedules the next one after PURGE_BACKLOG_DELAY.
+PURGE_BATCH = 1000
+PURGE_BACKLOG_DELAY = 1.0
 
 
 class TicketService:
@@ -256,6 +278,22 @@ class TicketService:
         inner = TicketInner(nonce, self.clock(), self.lifetime, bytes(psk), self.max_early_data,
                             client_fingerprint, kem, sig, aead)
         return self.keys.seal(inner)
+
+    def purge_expired(self, limit: int = PURGE_BATCH) -> int:
+        """Forget at most ``limit`` used-ticket ids whose tickets have expired; returns how
+        many. The server endpoint calls it from its timer (every PURGE_INTERVAL seconds, sooner
+        while a backlog remains). Only the SQLite store needs it: the in-memory store purges
+        itself when full, and its ids die with the process."""
+        store = self.store
+        if not isinstance(store, SqliteTicketStore):
+            return 0
+        try:
+            return store.purge(self.clock(), limit)
+        except sqlite3.Error as exc:
+            # A locked or failing file must not take the server down with it (this runs from
+            # the endpoint's timer); the next purge tries again.
+            log.warning("purging used tickets from %s failed: %s", store.path, exc)
+            return 0
 
     def redeem(self, ticket: bytes) -> tuple[TicketInner | None, str]:
         """Open, check expiry, and claim a ticket. Returns (inner, "") or (None, reason)."""

@@ -27,6 +27,7 @@ from palisade_c import hsrecord as hs
 from palisade_c.config import Config
 from palisade_c.connection import Connection
 from palisade_c.endpoint import ServerEndpoint
+from palisade_c.errors import ErrorCode
 from palisade_c.events import ConnectionClosed, DataReceived, HandshakeCompleted
 from palisade_c.identity import Identity
 
@@ -284,12 +285,18 @@ def test_half_open_limit_drops_then_admits(ids: Ids) -> None:
     def watch(now: float) -> None:
         nonlocal max_half_open
         max_half_open = max(max_half_open, server.half_open)
-        if not all(c.established for c in clients):
+        if not all(c.established or c.closed for c in clients):
             link.schedule(now + 0.001, watch)
 
     link.schedule(0.0, watch)
-    link.run(lambda: all(c.established for c in clients) and server.half_open == 0, duration=30)
-    assert all(c.established for c in clients)
+    link.run(lambda: all(c.established or c.closed for c in clients) and server.half_open == 0,
+             duration=30)
+    # Those beyond the cap are told at once (0x0202) instead of timing out; the rest connect.
+    refused = [i for i, c in enumerate(clients) if not c.established]
+    assert 0 < len(refused) < len(clients)
+    for i in refused:
+        assert [(ev.error_code, ev.by_peer) for ev in link.closes(f"c{i}")] == [
+            (ErrorCode.ErrorSessionLimitExceeded, True)]
     assert server.drop_counts.get("half-open-limit", 0) > 0
     assert max_half_open <= 4
 

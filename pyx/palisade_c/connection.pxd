@@ -8,6 +8,12 @@ from palisade_c.reassembly cimport AmplificationLimiter, Flight, ReassemblyTable
 from palisade_c.record cimport Record, RecordLayer
 
 
+cdef class EarlyBufferPool:
+    cdef readonly Py_ssize_t limit
+    cdef readonly Py_ssize_t used
+    cdef readonly Py_ssize_t refused
+
+
 cdef class Connection:
     # An instance __dict__, as the plain class had: tests wrap a session's _seal on the instance
     # (cpdef methods look such an override up), and applications may tag sessions.
@@ -46,7 +52,7 @@ cdef class Connection:
     cdef double _candidate_since
     cdef AmplificationLimiter _candidate_amp
     cdef bytes _path_challenge
-    cdef set _migrate_nonces
+    cdef dict _migrate_nonces               # nonce -> None, oldest first (FIFO)
     # Handshake delivery. An optional time is a double plus a flag (False: None).
     cdef ReassemblyTable _reasm
     cdef Flight _flight
@@ -62,6 +68,8 @@ cdef class Connection:
     cdef readonly AmplificationLimiter _amp
     cdef object _amp_queue                  # deque of handshake datagrams over the budget
     cdef list _early_packets
+    cdef Py_ssize_t _early_buffered         # bytes in _early_packets
+    cdef EarlyBufferPool _early_pool        # shared by every session of an endpoint
     # Session timers.
     cdef double _last_recv
     cdef double _last_send
@@ -148,11 +156,15 @@ cdef class Connection:
     # encrypted packets
     cdef int _on_packet(self, bytes data, addr, double now) except -1
     cdef int _on_early_packet(self, bytes data, double now) except -1
+    cdef int _buffer_early_packet(self, bytes data) except -1
+    cdef list _take_early_packets(self)
 
     # migration (PLUS)
     cdef bint _migration(self) noexcept
     cdef int _promote_candidate(self) except -1
     cdef int _on_migrate_frame(self, ControlFrame frame, Record rec) except -1
+    cdef str _migrate_problem(self, bytes nonce, int reason, Record rec)
+    cdef bint _carries_refused_migrate(self, Record rec) except -1
     cdef int _on_new_path(self, addr, Py_ssize_t size, double now) except -1
     cdef int _send_path_challenge(self) except -1
 
@@ -177,6 +189,7 @@ cdef class Connection:
     cdef int _resend_close(self) except -1
     cdef int _finish_close(self) except -1
     cdef int _idle_out(self) except -1
+    cdef int _expire_handshake(self) except -1
     cpdef _fail(self, int code, str detail, bint send)
     cdef int _abort(self, int code, str detail, bint by_peer, bint send) except -1
     cdef int _teardown(self) except -1

@@ -76,6 +76,7 @@ from palisade_c.handshake import (
 )
 from palisade_c.keyschedule import ticket_psk, wipe
 from palisade_c.reassembly import FragmentStatus
+from palisade_c.safetext import printable
 from palisade_c.record import STREAM_DUMMY, STREAM_KEEPALIVE, make_rid
 from palisade_c.tickets import (
     TICKET_NONCE_LEN,
@@ -109,7 +110,8 @@ Addr = Any  # a transport address: (host, port) for UDP, a path for serial links
 
 log = logging.getLogger("palisade_c.connection")
 
-#: Encrypted packets that may wait for the server's keys (PROFILE §3).
+#: Encrypted packets that may wait for the server's keys (PROFILE §3). Each may be at most
+#: ``max_datagram_size`` bytes, so one session holds at most that many datagrams' worth.
 MAX_EARLY_PACKETS = 16
 #: Migrate nonces remembered per session to refuse replays (each is 32 random bytes).
 MAX_MIGRATE_NONCES = 1024
@@ -197,10 +199,25 @@ cdef inline bint _debug_logging() except -1:
     return log.isEnabledFor(_DEBUG)
 
 
+cdef class EarlyBufferPool:
+    """Bytes of encrypted packets waiting for keys, across every session that shares it.
+
+    A half-open session costs its creator one small hello fragment, so what it may buffer is
+    bounded twice: per session (MAX_EARLY_PACKETS datagrams of at most max_datagram_size) and
+    per endpoint (``limit``), which a flood of sessions cannot exceed. ``refused`` counts the
+    packets turned away by either bound."""
+
+    def __init__(self, Py_ssize_t limit):
+        self.limit = limit
+        self.used = 0
+        self.refused = 0
+
+
 cdef class Connection:
     """A client or server session. See the module docstring for the calling convention."""
 
-    def __init__(self, config, bint is_client, *, event_log=None, name="", tickets=None):
+    def __init__(self, config, bint is_client, *, event_log=None, name="", tickets=None,
+                 early_pool=None):
         self.config = config
         self.is_client = is_client
         self.name = name or ("client" if is_client else "server")
@@ -237,7 +254,7 @@ cdef class Connection:
         self._candidate_since = 0.0
         self._candidate_amp = None
         self._path_challenge = None
-        self._migrate_nonces = set()
+        self._migrate_nonces = {}
         self._reasm = ReassemblyTable(4, max_age=config.handshake_timeout)
         self._flight = None
         self._flight_timer = self._new_timer()
@@ -256,6 +273,9 @@ cdef class Connection:
         self._amp = AmplificationLimiter(config.amplification_factor)
         self._amp_queue = deque()
         self._early_packets = []
+        self._early_buffered = 0
+        self._early_pool = early_pool if early_pool is not None \
+            else EarlyBufferPool(config.max_early_buffer_bytes)
         # Session timers.
         self._last_recv = 0.0
         self._last_send = 0.0
@@ -301,6 +321,11 @@ cdef class Connection:
         if self.record is not None and not self.record.erased:
             return self.record.epoch
         return self._reported_epoch
+
+    @property
+    def early_buffered_bytes(self):
+        """Bytes of encrypted packets held until this session has keys (server)."""
+        return self._early_buffered
 
     @property
     def drop_counts(self):
@@ -495,7 +520,10 @@ cdef class Connection:
         if self._fsm.closed:
             return
         if self._has_hs_deadline and now >= self._hs_deadline:
-            self._handshake_gave_up()
+            if self._fsm.name == "S_WAIT_FIN":
+                self._expire_handshake()
+            else:
+                self._handshake_gave_up()
             return
         if self._has_ack_deadline and now >= self._ack_deadline:
             self._send_pending_ack()
@@ -505,6 +533,9 @@ cdef class Connection:
                 # of repeating its hello (RFC 9002 §6.2.2.1: never go silent while waiting).
                 if not self._probe_reply():
                     self._resend_flight()
+            elif self._fsm.name == "S_WAIT_FIN":
+                self._expire_handshake()
+                return
             elif not self._fsm.established:
                 self._handshake_gave_up()
                 return
@@ -851,7 +882,10 @@ cdef class Connection:
         err = self._error_response(rec)
         if err is None:
             return 0
-        if state == "C_RESUME_PENDING":
+        if state == "C_RESUME_PENDING" and not 0x0200 <= err.error_code <= 0x02FF:
+            # A refused ticket: fall back to a full handshake [seed §4]. A session error
+            # (limit reached, expired) is about the server, not the ticket: a full handshake
+            # would meet it again, so it ends the attempt like any other refusal.
             self._fallback_to_full_handshake(err.error_code)
             return 0
         self._abort(err.error_code, f"server refused the handshake: {err.text}", by_peer=True,
@@ -1125,8 +1159,7 @@ cdef class Connection:
                                       replay_window=self.config.replay_window)
             wipe(resume.early_secret)
             self._early_budget = resume.inner.max_early_data  # the ticket's, not the offer
-        waiting, self._early_packets = self._early_packets, []
-        for pkt in waiting:
+        for pkt in self._take_early_packets():
             self._on_packet(pkt, self.peer_addr, now)
         return 0
 
@@ -1179,8 +1212,7 @@ cdef class Connection:
             self._early.erase()  # the 0-RTT window closes once 1-RTT keys exist
             self._early = None
         self._install_keys(result, now)
-        early, self._early_packets = self._early_packets, []
-        for pkt in early:
+        for pkt in self._take_early_packets():
             self._on_packet(pkt, self.peer_addr, now)
         return 0
 
@@ -1239,10 +1271,9 @@ cdef class Connection:
         record = self.record
         if record is None or record.erased:
             if not self.is_client \
-                    and (self._fsm.name == "S_WAIT_FIN" or self._fsm.name == "S_RESUME_WAIT_CHR") \
-                    and len(self._early_packets) < _MAX_EARLY_PACKETS:
+                    and (self._fsm.name == "S_WAIT_FIN" or self._fsm.name == "S_RESUME_WAIT_CHR"):
                 # Data may overtake CF, and 0-RTT data may overtake CHR (PROFILE §3, §7).
-                self._early_packets.append(data)
+                self._buffer_early_packet(data)
             else:
                 self._drop("no-keys")
             return 0
@@ -1250,7 +1281,13 @@ cdef class Connection:
         if rec is None:
             return 0
         if not self.is_client and self.peer_addr is not None and addr != self.peer_addr:
-            self._on_new_path(addr, n, now)
+            if rec.control and self._carries_refused_migrate(rec):
+                # A migration the session refuses (replayed nonce, wrong epoch or reason)
+                # proves nothing about this address: it does not become a candidate. The
+                # packet is authenticated, so its frames and data are still processed.
+                self._drop("path-change-refused")
+            else:
+                self._on_new_path(addr, n, now)
         self.packets_in += 1
         self.bytes_in += n
         self._epoch_bytes += n
@@ -1269,6 +1306,29 @@ cdef class Connection:
             self._emit(DataReceived(rec.stream_id, rec.payload))
         self._after_epoch_activity(now)
         return 0
+
+    cdef int _buffer_early_packet(self, bytes data) except -1:
+        """Hold a packet until the keys exist, within the per-session and endpoint bounds."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        cdef EarlyBufferPool pool = self._early_pool
+        if n > self.config.max_datagram_size \
+                or len(self._early_packets) >= _MAX_EARLY_PACKETS \
+                or pool.used + n > pool.limit:
+            pool.refused += 1
+            self._drop("early-buffer-full")
+            return 0
+        self._early_packets.append(data)
+        self._early_buffered += n
+        pool.used += n
+        return 0
+
+    cdef list _take_early_packets(self):
+        """Empty the early-packet buffer, giving its bytes back to the pool."""
+        cdef list held = self._early_packets
+        self._early_packets = []
+        self._early_pool.used -= self._early_buffered
+        self._early_buffered = 0
+        return held
 
     cdef int _on_early_packet(self, bytes data, double now) except -1:
         """Server: one 0-RTT packet. Replayable, so only allowlisted streams and keepalives,
@@ -1363,21 +1423,49 @@ cdef class Connection:
         self._emit(PathMigrated(self.peer_addr))
         return 0
 
+    cdef str _migrate_problem(self, bytes nonce, int reason, Record rec):
+        """Why a CTRL_MIGRATE is refused (its drop counter), or None if it is valid."""
+        if nonce in self._migrate_nonces:
+            return "migrate-replay"  # single use [spec §13]
+        if reason != F.MIGRATE_REASON_SOFT or self.record is None \
+                or rec.epoch != self.record.epoch:
+            return "migrate-invalid"
+        return None
+
+    cdef bint _carries_refused_migrate(self, Record rec) except -1:
+        """Server, packet from a new address: does it carry a CTRL_MIGRATE we refuse?
+        Checked before the frames run, so the address is judged before anything answers it."""
+        cdef ControlFrame frame
+        if self.is_client or not self._migration():
+            return False
+        try:
+            frames = F.decode_frames(rec.payload)
+        except ControlFrameError:
+            return False  # _on_control drops and counts it
+        for frame in frames:
+            if frame.ctrl_type == F.CTRL_MIGRATE:
+                try:
+                    nonce, _observed, reason = F.decode_migrate(frame)
+                except ControlFrameError:
+                    return True
+                if self._migrate_problem(nonce, reason, rec) is not None:
+                    return True
+        return False
+
     cdef int _on_migrate_frame(self, ControlFrame frame, Record rec) except -1:
         nonce, _observed, reason = F.decode_migrate(frame)
         if self.is_client or not self._migration():
             self._drop("ignored-control")
             return 0
-        if nonce in self._migrate_nonces:
-            self._drop("migrate-replay")  # single use [spec §13]
-            return 0
-        if reason != F.MIGRATE_REASON_SOFT or self.record is None \
-                or rec.epoch != self.record.epoch:
-            self._drop("migrate-invalid")
+        problem = self._migrate_problem(nonce, reason, rec)
+        if problem is not None:
+            self._drop(problem)
             return 0
         if len(self._migrate_nonces) >= _MAX_MIGRATE_NONCES:
-            self._migrate_nonces.pop()
-        self._migrate_nonces.add(nonce)
+            # Forget the oldest: a dict keeps insertion order, so the memory is the last 1024
+            # nonces seen, as documented (set.pop() dropped an arbitrary one).
+            del self._migrate_nonces[next(iter(self._migrate_nonces))]
+        self._migrate_nonces[nonce] = None
         # The candidate itself was set by _on_new_path when this packet arrived.
         return 0
 
@@ -1614,6 +1702,8 @@ cdef class Connection:
         if not self._fire("peer_close"):
             return 0
         self._close_info = (code, reason, True)
+        # Seed §6: close reasons SHOULD be logged. The reason is the peer's text: escaped.
+        log.info("%s: closed by peer: %s: %s", self.name, code_name(code), printable(reason))
         self._log_event("peer-close", {"code": code})
         self._send_frame(F.encode_close(0, False, ""))  # answer, so the peer can finish
         self._drain_deadline = self._now + <double>self.config.close_drain_time
@@ -1647,6 +1737,18 @@ cdef class Connection:
         self._log_event("closed", {"code": code, "reason": "idle"})
         return 0
 
+    cdef int _expire_handshake(self) except -1:
+        """Server: the session it answered never finished in time. The client may still be
+        waiting for our ack of its Finished; tell it the half-open session is gone
+        (ErrorSessionExpired, under the session RID) rather than leave it to its own timeout."""
+        if self.rid:
+            self._send_error_response(int(ErrorCode.ErrorSessionExpired),
+                                      "handshake expired before the client finished it",
+                                      self.rid)
+        # Locally it is what it was: our handshake timed out.
+        self._fail(ErrorCode.ErrorHandshakeTimeout, self._timeout_detail(), send=False)
+        return 0
+
     cpdef _fail(self, int code, str detail, bint send):
         """We detected a fatal problem: tell the peer where allowed, then ABORT -> CLOSED."""
         self._abort(code, detail, by_peer=False, send=send)
@@ -1655,7 +1757,9 @@ cdef class Connection:
         cdef str before
         if self._fsm.closed:
             return 0
-        log.info("%s: abort %s: %s", self.name, code_name(code), detail)
+        # The detail may be the peer's text (a close reason, an ErrorResponse): escaped, so it
+        # cannot forge log lines or drive the terminal.
+        log.info("%s: abort %s: %s", self.name, code_name(code), printable(detail))
         if send:
             if self.record is not None and not self.record.erased:
                 try:
@@ -1703,7 +1807,7 @@ cdef class Connection:
         self._has_close_resend_at = False
         self._pending_ack = None
         self._has_ack_deadline = False
-        self._early_packets.clear()
+        self._take_early_packets()
         self._amp_queue.clear()
         self._resume_args = None
         return 0

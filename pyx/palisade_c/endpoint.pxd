@@ -2,7 +2,7 @@
 
 cimport cython
 
-from palisade_c.connection cimport Connection
+from palisade_c.connection cimport Connection, EarlyBufferPool
 
 
 @cython.final
@@ -20,11 +20,18 @@ cdef class ServerEndpoint:
     cdef list _out
     cdef object _events
     cdef dict _drops
+    cdef EarlyBufferPool _early_pool
+    cdef bint _has_purge_at                 # a ticket service to purge (PLUS)
+    cdef double _purge_at
     cdef Py_ssize_t _serial
     cdef public Py_ssize_t retries_sent
+    cdef public Py_ssize_t limit_replies_sent
+    cdef double _limit_tokens               # ErrorSessionLimitExceeded token bucket
+    cdef double _limit_refill_at
     cdef public object tickets
 
     cdef void _drop(self, str reason)
     cdef Connection _accept(self, bytes rid, object addr, double now)
     cdef void _send_retry(self, bytes rid, object addr, double now)
+    cdef void _refuse_for_limit(self, bytes rid, object addr, double now)
     cdef void _collect(self, Connection conn)

@@ -33,12 +33,13 @@ from collections import deque
 from typing import NamedTuple
 
 from palisade_c import hsrecord as hs
+from palisade_c import wire
 from palisade_c.config import PLUS_RESUMPTION
-from palisade_c.errors import DecodeError
+from palisade_c.errors import DecodeError, ErrorCode
 from palisade_c.reassembly import CookieIssuer
-from palisade_c.tickets import TicketService
+from palisade_c.tickets import PURGE_BACKLOG_DELAY, PURGE_BATCH, PURGE_INTERVAL, TicketService
 
-from palisade_c.connection cimport Connection
+from palisade_c.connection cimport Connection, EarlyBufferPool
 from palisade_c.hsrecord cimport (
     HS_HEADER_LEN,
     MSG_CLIENT_HELLO,
@@ -48,6 +49,12 @@ from palisade_c.hsrecord cimport (
 )
 
 COOKIE_LIFETIME = 30.0
+#: ErrorSessionLimitExceeded answers: a token bucket of this many per second, this deep. Each
+#: answer is smaller than the hello fragment it answers, and the bucket keeps a flood of
+#: spoofed hellos from turning the server into a reflector.
+LIMIT_REPLY_RATE = 20.0
+LIMIT_REPLY_BURST = 20.0
+_LIMIT_DETAIL = "server at its session limit; try again later"
 
 _heappush = heapq.heappush
 _heappop = heapq.heappop
@@ -90,14 +97,24 @@ cdef class ServerEndpoint:
         self._out = []
         self._events = deque()
         self._drops = {}
+        # Encrypted packets waiting for keys, all sessions together (config bound).
+        self._early_pool = EarlyBufferPool(config.max_early_buffer_bytes)
         self._serial = 0
         self.retries_sent = 0
+        self.limit_replies_sent = 0
+        self._limit_tokens = LIMIT_REPLY_BURST
+        self._limit_refill_at = 0.0
         #: Resumption tickets for every session (PLUS): the configured service, or an
         #: in-memory one when resumption is allowed and none was given.
         self.tickets = config.tickets
         if self.tickets is None and config.plus_features & PLUS_RESUMPTION:
             self.tickets = TicketService(bytes.fromhex(config.identity.fingerprint),
                                          rng=config.rng, clock=config.ticket_clock)
+        # Used-ticket ids expire with their tickets; the store forgets them in batches driven
+        # by this timer. The first purge runs at the first timer call (a backlog left by an
+        # earlier run), then every PURGE_INTERVAL.
+        self._has_purge_at = self.tickets is not None
+        self._purge_at = 0.0
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -112,7 +129,15 @@ cdef class ServerEndpoint:
 
     @property
     def drop_counts(self):
-        return dict(self._drops)
+        out = dict(self._drops)
+        if self._early_pool.refused:
+            out["early-buffer-full"] = self._early_pool.refused
+        return out
+
+    @property
+    def early_buffered_bytes(self):
+        """Bytes of encrypted packets that sessions hold until their keys exist."""
+        return self._early_pool.used
 
     cdef void _drop(self, str reason):
         self._drops[reason] = self._drops.get(reason, 0) + 1
@@ -158,11 +183,18 @@ cdef class ServerEndpoint:
         # skipped here, so the heap top is always a live deadline.
         while heap and self._deadlines.get(heap[0][2]) != heap[0][0]:
             _heappop(heap)
-        return heap[0][0] if heap else None
+        best = heap[0][0] if heap else None
+        if self._has_purge_at and (best is None or self._purge_at < best):
+            return self._purge_at
+        return best
 
     def handle_timer(self, double now):
         cdef list heap = self._timers
         cdef Connection conn
+        if self._has_purge_at and now >= self._purge_at:
+            purged = self.tickets.purge_expired(PURGE_BATCH)
+            self._purge_at = now + (PURGE_BACKLOG_DELAY if purged >= PURGE_BATCH
+                                    else PURGE_INTERVAL)
         while heap and heap[0][0] <= now:
             t, _, conn = _heappop(heap)
             if self._deadlines.get(conn) != t:
@@ -185,8 +217,15 @@ cdef class ServerEndpoint:
 
     cdef Connection _accept(self, bytes rid, object addr, double now):
         cdef Py_ssize_t half_open = len(self._half_open)
+        # At either cap a legitimate client is told at once (spec §14: 0x0202, not fatal)
+        # instead of waiting for its handshake timeout.
+        if len(self._sessions) >= self.config.max_sessions:
+            self._drop("session-limit")
+            self._refuse_for_limit(rid, addr, now)
+            return None
         if half_open >= self.config.max_half_open:
             self._drop("half-open-limit")
+            self._refuse_for_limit(rid, addr, now)
             return None
         cdef bint validated = False
         if half_open >= self.config.cookie_threshold:
@@ -197,7 +236,8 @@ cdef class ServerEndpoint:
             validated = True
         self._serial += 1
         cdef Connection conn = Connection(self.config, False, event_log=self._event_log,
-                          name=f"server-{self._serial}", tickets=self.tickets)
+                          name=f"server-{self._serial}", tickets=self.tickets,
+                          early_pool=self._early_pool)
         if validated:
             conn._amp.validate()  # the cookie proves the client receives at this address
         conn.on_wakeup = self._busy.add
@@ -205,6 +245,24 @@ cdef class ServerEndpoint:
         self._half_open.add(conn)
         self._by_rid[rid] = conn
         return conn
+
+    cdef void _refuse_for_limit(self, bytes rid, object addr, double now):
+        """ErrorResponse(ErrorSessionLimitExceeded) under the hello's RID, rate-limited."""
+        cdef double tokens = self._limit_tokens
+        if now > self._limit_refill_at:
+            tokens = min(LIMIT_REPLY_BURST,
+                         tokens + (now - self._limit_refill_at) * LIMIT_REPLY_RATE)
+            self._limit_refill_at = now
+        if tokens < 1.0:
+            self._limit_tokens = tokens
+            self._drop("limit-reply-suppressed")
+            return
+        self._limit_tokens = tokens - 1.0
+        body = wire.ErrorResponse(error_code=int(ErrorCode.ErrorSessionLimitExceeded),
+                                  details=_LIMIT_DETAIL).encode()
+        rec = hs.HandshakeRecord(hs.MSG_ERROR_RESPONSE, rid, 0, 0, len(body), body)
+        self._out.append((rec.encode(), addr))
+        self.limit_replies_sent += 1
 
     cdef void _send_retry(self, bytes rid, object addr, double now):
         # A Retry answers one ClientHello fragment with one small record: no amplification.
