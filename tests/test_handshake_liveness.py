@@ -202,3 +202,19 @@ def test_resumptions_with_early_data_over_a_lossy_link(ids: Ids) -> None:
     without the cookie regime."""
     failures = [f for seed in range(2100, 2132) if (f := resume_once(ids, seed)) is not None]
     assert not failures, failures
+
+
+def test_handshakes_over_a_lossy_slow_link(ids: Ids) -> None:
+    """A 115200-baud serial link with its 512-byte MTU: every timer is stretched by airtime,
+    and none may stretch so far that both sides wait out the budget. (The simulated link
+    scales the timers only; it does not queue bytes the way a UART does.)"""
+    air = 512 * 10 / 115_200
+    failures = []
+    for seed in range(4000, 4064):
+        client, server = configs(ids, seed, link_bits_per_second=115_200.0,
+                                 max_datagram_size=512)
+        pair = make_pair(client, server, seed=seed, loss=0.2, duplicate=0.1, min_delay=air,
+                         max_delay=3 * air)
+        if not run_handshake(pair):
+            failures.append((seed, pair.client.state))
+    assert not failures, failures

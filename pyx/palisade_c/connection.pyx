@@ -720,11 +720,13 @@ cdef class Connection:
         a burst of duplicates cannot multiply the traffic on a slow link."""
         if self._flight is None:
             return 0
-        # The gap is the flight's first timeout, not the backed-off one: the peer's own
-        # prompts (a repeated hello, a probe ack) are backed off already, and a server that
-        # waited out its long timeout after a lost ack would otherwise stay deaf to them.
-        if prompted and self._now - self._flight_sent_at < _fmax(self._flight_timer._initial,
-                                                                 self._flight_timer._floor):
+        # The gap is the initial timeout plus the flight's own airtime, not the backed-off
+        # timeout (the peer's prompts, a repeated hello or a probe ack, are backed off
+        # already) nor the link floor, which covers the reply's airtime too: on a slow link
+        # that would keep us deaf to the peer for tens of seconds after each send.
+        if prompted and self._now - self._flight_sent_at < (
+                self._flight_timer._initial
+                + <double>self.config.link_time(self._flight._total_bytes)):
             self._drop("resend-suppressed")
             return 0
         self._flight_sent_at = self._now
@@ -832,9 +834,8 @@ cdef class Connection:
                     # backed-off timer alone (§8.5; the client probes the same way).
                     timer = self._flight_timer
                     self._ack_backoff = min(
-                        _fmax(2 * self._ack_backoff,
-                              _fmax(_fmax(timer._initial, timer._floor), 4 * self._ack_delay)),
-                        _fmax(timer._maximum, timer._floor))
+                        _fmax(2 * self._ack_backoff, _fmax(timer._initial, 4 * self._ack_delay)),
+                        _fmax(timer._maximum, 4 * self._ack_delay))
                     self._ack_deadline = self._now + self._ack_backoff
                     return 0
         self._pending_ack = None
@@ -991,7 +992,13 @@ cdef class Connection:
         message = self._reassemble(rec, now)
         if message is None and self._flight is not None and _is_hello(self._flight._msg_type):
             # The server is answering: the hello's timer now guards the reply. It fires only
-            # after a full timeout without a fragment, and then probes (see handle_timer).
+            # after a full timeout without a fragment, and then probes (see handle_timer). On
+            # a slow link that timeout covers what is still missing of the reply, not the
+            # hello and the whole reply as at first.
+            reasm = self._reasm.get((rec.rid, rec.msg_type, rec.msg_seq))
+            if reasm is not None:
+                self._flight_timer._scale_for_link(
+                    rec.msg_length - reasm.bytes_held + 64, self.config.link_bits_per_second)
             self._flight_timer._start(now)
         return message
 
