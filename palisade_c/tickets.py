@@ -40,6 +40,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -148,6 +149,19 @@ class TicketKeyRing:
             return None
 
 
+class SealingKeys(Protocol):
+    """What :class:`TicketService` needs of a key ring: :class:`TicketKeyRing` (in memory) or
+    :class:`palisade_c.ticketkeys.FileTicketKeyRing` (a file shared by workers and hosts)."""
+
+    def seal(self, inner: TicketInner) -> bytes: ...
+
+    def open(self, ticket: bytes) -> TicketInner | None: ...
+
+
+class TicketStoreUnavailable(Exception):
+    """A shared store could not answer (in time): the claim is refused, never assumed."""
+
+
 # -- the single-use store -------------------------------------------------------------------
 
 
@@ -239,13 +253,14 @@ class TicketService:
     def __init__(self, server_fingerprint: bytes, store: TicketStore | None = None, *,
                  lifetime: int = DEFAULT_LIFETIME, max_early_data: int = DEFAULT_MAX_EARLY_DATA,
                  rotate_every: float = 3600.0, rng: Callable[[int], bytes] = os.urandom,
-                 clock: Clock = time.time) -> None:
+                 clock: Clock = time.time, keys: SealingKeys | None = None) -> None:
         if not 1 <= lifetime <= 7 * 24 * 3600:
             raise ConfigError("ticket lifetime must be 1 s .. 7 days")
         if not 0 <= max_early_data <= 1 << 20:
             raise ConfigError("max_early_data must be 0 .. 1 MiB")
-        self.keys = TicketKeyRing(server_fingerprint, rotate_every=rotate_every, rng=rng,
-                                  clock=clock)
+        # ``keys``: a shared ring (--ticket-key); else one in memory for this process.
+        self.keys: SealingKeys = keys if keys is not None else TicketKeyRing(
+            server_fingerprint, rotate_every=rotate_every, rng=rng, clock=clock)
         self.store = store if store is not None else MemoryTicketStore()
         self.lifetime = lifetime
         self.max_early_data = max_early_data
@@ -265,7 +280,11 @@ class TicketService:
         now = self.clock()
         if now >= inner.expires_at or inner.issued_at > now + 60:
             return None, "expired"
-        if not self.store.claim(inner.ticket_id, inner.expires_at, now):
+        try:
+            claimed = self.store.claim(inner.ticket_id, inner.expires_at, now)
+        except TicketStoreUnavailable:
+            return None, "store-unavailable"  # fail closed: the client does a full handshake
+        if not claimed:
             return None, "replayed"
         return inner, ""
 

@@ -94,19 +94,25 @@ class UdpTransport(Transport):
         *,
         family: int = socket.AF_UNSPEC,
         max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE,
+        sock: socket.socket | None = None,
     ) -> UdpTransport:
-        """Open a socket bound to ``host:port`` (port 0: any free port).
+        """Open a socket bound to ``host:port`` (port 0: any free port), or adopt ``sock``,
+        already bound (a worker's member of a reuseport group; ``host`` and ``port`` unused).
 
         Raises :class:`OSError` if the address cannot be bound (for example it is in use).
         """
         loop = asyncio.get_running_loop()
-        if family == socket.AF_UNSPEC:
+        if family == socket.AF_UNSPEC and sock is None:
             family, _addr = await resolve(host, port, passive=True)
         self = cls(max_datagram_size)
         self._closed = loop.create_future()
-        transport, _protocol = await loop.create_datagram_endpoint(
-            lambda: _Protocol(self), local_addr=(host, port), family=family
-        )
+        if sock is not None:
+            transport, _protocol = await loop.create_datagram_endpoint(
+                lambda: _Protocol(self), sock=sock)
+        else:
+            transport, _protocol = await loop.create_datagram_endpoint(
+                lambda: _Protocol(self), local_addr=(host, port), family=family
+            )
         self._transport = transport
         self._local = self._transport.get_extra_info("sockname")
         log.debug("udp bound to %s", self._local)
