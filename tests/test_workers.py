@@ -16,12 +16,20 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 from aiohelpers import run_bounded, served
+from fleet import (  # noqa: F401  (fixtures)
+    Fleet,
+    _children,
+    _client_config,
+    _env,
+    _round_trip,
+    fleet_fixture,
+    keyfiles_fixture,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 from simlink import free_udp_port
@@ -141,113 +149,6 @@ def test_no_steering_falls_back_to_one_worker_with_a_message(
 
 
 # -- serve --workers 2, end to end -------------------------------------------------------------
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-class Fleet:
-    """A ``palisade serve --workers N --echo`` process and its log."""
-
-    def __init__(self, tmp: Path, server_key: Path, client_pub: Path, *extra: str,
-                 workers: int = 2) -> None:
-        self.log = tmp / f"serve-{time.monotonic_ns()}.log"
-        for _attempt in range(5):
-            self.port = free_udp_port()
-            with self.log.open("wb") as err:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "palisade_c", "serve",
-                     f"udp://127.0.0.1:{self.port}", "--key", str(server_key),
-                     "--trust", str(client_pub), "--echo", "--plus", "-v",
-                     "--workers", str(workers), *extra],
-                    cwd=tmp, env=_env(), stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL, stderr=err)
-            deadline = time.monotonic() + START_TIMEOUT
-            while time.monotonic() < deadline:
-                if "palisade: listening on" in self.text():
-                    return
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.05)
-            else:
-                self.stop()
-                pytest.fail(f"server did not start:\n{self.text()}")
-        pytest.fail(f"server could not start:\n{self.text()}")
-
-    @property
-    def url(self) -> str:
-        return f"udp://127.0.0.1:{self.port}"
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-    def tunnels_per_worker(self) -> Counter[str]:
-        return Counter(line.split("]")[0] + "]" for line in self.text().splitlines()
-                       if line.startswith("[worker") and ": tunnel from" in line)
-
-
-@pytest.fixture(scope="module")
-def keyfiles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Identity]:
-    d = tmp_path_factory.mktemp("worker-keys")
-    server, client = Identity.generate(), Identity.generate()
-    server.save(d / "server.key")
-    server.save_public(d / "server.key.pub")
-    client.save(d / "client.key")
-    client.save_public(d / "client.key.pub")
-    return d / "server.key", d / "client.key.pub", client
-
-
-@pytest.fixture()
-def fleet(tmp_path: Path, keyfiles: tuple[Path, Path, Identity]) -> Iterator[Fleet]:
-    f = Fleet(tmp_path, keyfiles[0], keyfiles[1])
-    try:
-        yield f
-    finally:
-        f.stop()
-        assert not [p for p in _children(f.proc.pid)], "a worker outlived its supervisor"
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def _client_config(keyfiles: tuple[Path, Path, Identity], **kw: Any) -> Config:
-    server_pub = keyfiles[0].with_name("server.key.pub")
-    return Config(identity=keyfiles[2], trusted_peers=[str(server_pub)],
-                  plus_features=PLUS_RESUMPTION | PLUS_MIGRATION, initial_rto=1.0,
-                  handshake_timeout=45.0, **kw)
-
-
-async def _round_trip(tunnel: Tunnel, data: bytes) -> None:
-    """Send until the echo comes back: tunnel datagrams are unreliable, like UDP, and a burst
-    of 200 handshakes can overflow a socket buffer."""
-    for _ in range(20):
-        tunnel.send(data)
-        try:
-            async with asyncio.timeout(1.5):
-                while await tunnel.recv() != data:
-                    pass
-            return
-        except TimeoutError:
-            continue
-    raise AssertionError(f"no echo of {data!r}")
 
 
 def test_two_workers_serve_200_concurrent_clients(
