@@ -343,3 +343,47 @@ def test_stateless_relay_routes_sessions_to_their_host_by_rid() -> None:
                 relay.close()
 
     run_bounded(main(), 60)
+
+
+# -- the core with a layout: session RIDs and Retry cookies across workers -----------------------
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_retry_issued_by_one_worker_is_honoured_by_another(shared: bool) -> None:
+    """The cookie RID of a Retry routes by its own bytes, so the retried ClientHello may reach
+    another worker: with the shared cookie key that worker admits it (validated) and issues a
+    session RID naming itself; with per-worker keys it would only answer another Retry."""
+    from simlink import SERVER_ADDR, hs_type
+
+    from palisade_c import hsrecord as hs
+    from palisade_c.connection import Connection
+    from palisade_c.endpoint import ServerEndpoint
+
+    server_id, client_id = Identity.generate(), Identity.generate()
+    secret = os.urandom(32)
+
+    def worker(i: int) -> ServerEndpoint:
+        return ServerEndpoint(Config(
+            identity=server_id, trusted_peers=[client_id.public_key], cookie_threshold=0,
+            rid_layout=RidLayout(0, 0, i), cookie_secret=secret if shared else None))
+
+    w0, w1 = worker(0), worker(1)
+    client = Connection(Config(identity=client_id, trusted_peers=[server_id.public_key]), True)
+    addr = ("192.0.2.1", 1111)
+    client.connect(SERVER_ADDR, 0.0)
+    w0.receive_datagram(client.datagrams_to_send()[0][0], addr, 0.0)
+    (retry,) = w0.datagrams_to_send()
+    assert hs_type(retry[0]) == hs.MSG_RETRY
+    client.receive_datagram(retry[0], SERVER_ADDR, 0.01)
+    for d, _ in client.datagrams_to_send():
+        w1.receive_datagram(d, addr, 0.02)
+    out = w1.datagrams_to_send()
+    if not shared:
+        assert w1.connections == [] and w1.retries_sent >= 1
+        return
+    (session,) = w1.connections
+    assert session.state == "S_WAIT_FIN"
+    assert ridlayout.decode(session.rid) == (0, 0, 1)
+    for d, _ in out:
+        client.receive_datagram(d, SERVER_ADDR, 0.03)
+    assert client.rid == session.rid
