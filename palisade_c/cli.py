@@ -496,6 +496,9 @@ async def _serve_main(args: argparse.Namespace, sock: socket.socket | None = Non
 def _cmd_serve(args: argparse.Namespace) -> int:
     if args.worker_fd is not None:
         # A worker of `serve --workers`: its socket is inherited, its cookie key on stdin.
+        from palisade_c.workers import die_with_parent
+
+        die_with_parent()
         secret = bytes.fromhex(sys.stdin.readline().strip())
         sock = socket.socket(fileno=args.worker_fd)
         return asyncio.run(_serve_main(args, sock, secret))

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -67,6 +68,16 @@ def open_group(host: str, port: int, workers: int) -> list[socket.socket] | None
         return None
 
 
+def die_with_parent() -> None:
+    """In a worker: be sent SIGTERM when the supervisor dies, however it dies (Linux
+    PR_SET_PDEATHSIG), so no worker serves on without the process that keeps the group's
+    numbering intact."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the supervisor died before the call: nobody will signal us
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class Supervisor:
     """Starts, watches and stops the worker processes of one reuseport group."""
 
@@ -99,9 +110,11 @@ class Supervisor:
 
     async def _start(self, i: int) -> asyncio.subprocess.Process:
         self._ready[i].clear()
+        # Its own session: a terminal's Ctrl-C reaches the supervisor only, which stops the
+        # workers in order instead of racing their exits against a restart.
         proc = await asyncio.create_subprocess_exec(
             *self._command(i), pass_fds=(self.socks[i].fileno(),),
-            stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+            stdin=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         assert proc.stdin is not None
         proc.stdin.write(self._secret.hex().encode() + b"\n")
         with contextlib.suppress(ConnectionError):

@@ -387,3 +387,24 @@ def test_a_retry_issued_by_one_worker_is_honoured_by_another(shared: bool) -> No
     for d, _ in out:
         client.receive_datagram(d, SERVER_ADDR, 0.03)
     assert client.rid == session.rid
+
+
+def test_workers_die_with_their_supervisor(
+        fleet: Fleet, keyfiles: tuple[Path, Path, Identity]) -> None:
+    """Killed outright, the supervisor cannot stop its workers; the kernel does (they asked
+    for SIGTERM on their parent's death), so no worker serves on outside the group's keeper."""
+    kids = _children(fleet.proc.pid)
+    assert len(kids) == 2
+    fleet.proc.kill()
+    fleet.proc.wait()
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{k}").exists() and "zombie" not in _state(k) for k in kids):
+        assert time.monotonic() < deadline, "workers outlived their supervisor"
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
