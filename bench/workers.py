@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             per_cpu = rate / cores if cores else float("nan")
             print(f"  {w} worker(s): {rate:8.1f} handshakes/s, server CPU {cores:4.2f} cores, "
                   f"{per_cpu:7.1f} handshakes per server-CPU-second")
+            if cores < 0.8 * w:
+                print(f"    (the server used {cores:.2f} of the {w} cores its workers could: "
+                      "load-bound, the clients or other processes held the rest)")
         if rates[1]:
             print(f"  scaling {args.workers} workers / 1 worker: "
                   f"{rates[args.workers] / rates[1]:.2f}x  (target >= 1.7 on 2 cores)")
