@@ -8,6 +8,7 @@ saying so, only where no ``redis-server`` is installed (CI installs it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import threading
@@ -25,7 +26,13 @@ from fleet import (
     redis_server_fixture,  # noqa: F401  (fixture)
 )
 
+from palisade_c import hsrecord as hs
+from palisade_c import ridlayout, wire
 from palisade_c.aio import Tunnel, connect
+from palisade_c.config import Config
+from palisade_c.connection import Connection
+from palisade_c.errors import ErrorCode
+from palisade_c.events import HandshakeCompleted
 from palisade_c.identity import Identity
 from palisade_c.ticketkeys import FileTicketKeyRing
 from palisade_c.tickets import ClientTicket, TicketService, TicketStoreUnavailable
@@ -133,6 +140,15 @@ def test_bad_store_urls_are_refused(url: str) -> None:
 # -- end to end: serve --workers 2 --ticket-key --ticket-store ------------------------------------
 
 
+async def _first_ticket(url: str, config: Config) -> ClientTicket:
+    tunnel = await connect(url, config, timeout=30)
+    try:
+        await _round_trip(tunnel, b"full")
+        return await _ticket_from(tunnel)
+    finally:
+        await tunnel.close()
+
+
 async def _ticket_from(tunnel: Tunnel) -> ClientTicket:
     for _ in range(100):
         if tunnel.tickets:
@@ -227,3 +243,84 @@ def test_tickets_survive_a_restart_with_a_ticket_key_file(
         assert run_bounded(resumed(second.url, ticket), 60) is False  # single use, SQLite
     finally:
         second.stop()
+
+
+def _resume_by_hand(conn: Connection, server: tuple[str, int], ticket: ClientTicket,
+                    early: bytes) -> tuple[list[bytes], HandshakeCompleted]:
+    """A resumption with 0-RTT driven over a plain socket, keeping the first flight (CHR
+    fragments and early packets) as an on-path attacker would record it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(0.05)
+    try:
+        conn.connect(server, time.monotonic(), ticket=ticket, early_data=early)
+        flight = [d for d, _ in conn.datagrams_to_send()]
+        for d in flight:
+            sock.sendto(d, server)
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                data, _ = sock.recvfrom(4096)
+                conn.receive_datagram(data, server, time.monotonic())
+            timer = conn.get_timer()
+            if timer is not None and timer <= time.monotonic():
+                conn.handle_timer(time.monotonic())
+            for d, _ in conn.datagrams_to_send():
+                sock.sendto(d, server)
+            while (event := conn.next_event()) is not None:
+                if isinstance(event, HandshakeCompleted):
+                    # Close it, so that its first-flight RID is free again on the server.
+                    conn.close()
+                    for d, _ in conn.datagrams_to_send():
+                        sock.sendto(d, server)
+                    return flight, event
+        raise AssertionError("the genuine resumption did not complete")
+    finally:
+        sock.close()
+
+
+def _error_code_for(flight: list[bytes], server: tuple[str, int], rid: bytes) -> int:
+    """Replay ``flight`` from a new address, its handshake records re-addressed to ``rid``;
+    the ErrorResponse code the server answers with."""
+    attacker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    attacker.settimeout(0.5)
+    try:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            for d in flight:
+                attacker.sendto(d[:6] + rid + d[30:] if d[:2] == b"QH" else d, server)
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    data, _ = attacker.recvfrom(4096)
+                    if data[:2] == b"QH":
+                        rec = hs.decode(data)
+                        if rec.msg_type == hs.MSG_ERROR_RESPONSE:
+                            return int(wire.ErrorResponse.decode(rec.fragment).error_code)
+                        raise AssertionError(f"the replay got handshake type {rec.msg_type}")
+        raise AssertionError("no answer to the replay")
+    finally:
+        attacker.close()
+
+
+def test_a_recorded_zero_rtt_flight_replayed_to_either_worker_is_refused(
+        tmp_path: Path, keyfiles: tuple[Path, Path, Identity],
+        redis_server: RedisServer) -> None:
+    """Byte for byte, and with its handshake records re-addressed so that the kernel hands
+    them to the other worker: both replays of a genuine 0-RTT first flight are refused with
+    ErrorTicketReplayed before any early data is opened."""
+    fleet = Fleet(tmp_path, keyfiles[0], keyfiles[1], "--ticket-key",
+                  str(tmp_path / "ticket.keys"), "--ticket-store", redis_server.url)
+    try:
+        config = _client_config(keyfiles)
+        ticket = run_bounded(_first_ticket(fleet.url, config), 60)
+        server = ("127.0.0.1", fleet.port)
+        flight, done = _resume_by_hand(Connection(config, True), server, ticket, b"zero")
+        assert done.resumed and done.early_data_accepted
+        hello_rid = flight[0][6:30]
+        elsewhere = bytearray(hello_rid)
+        elsewhere[13] ^= 1  # the other of two workers
+        assert ridlayout.worker_for(bytes(elsewhere), 2) != ridlayout.worker_for(hello_rid, 2)
+        time.sleep(3)  # the closed session's drain: until then its RIDs still find it
+        for rid in (hello_rid, bytes(elsewhere)):
+            assert _error_code_for(flight, server, rid) == ErrorCode.ErrorTicketReplayed
+    finally:
+        fleet.stop()
