@@ -125,13 +125,19 @@ def attach_steering(sock: socket.socket, workers: int) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
 
 
+class SteeringUnavailable(OSError):
+    """The kernel cannot steer datagrams among worker sockets (no SO_REUSEPORT, or no
+    SO_ATTACH_REUSEPORT_CBPF: Linux before 4.5, other systems)."""
+
+
 def reuseport_group(host: str, port: int, workers: int) -> list[socket.socket]:
     """``workers`` UDP sockets sharing ``host:port``, bound in order so that socket *i* is
     index *i* of the group, with the steering program attached. The caller keeps every socket
     open for as long as the group serves: closing one would renumber the others and send
-    sessions to the wrong worker. Raises OSError when the kernel cannot do this."""
+    sessions to the wrong worker. Raises :class:`SteeringUnavailable` when the kernel cannot
+    steer, and OSError when the address cannot be bound."""
     if not hasattr(socket, "SO_REUSEPORT"):
-        raise OSError("SO_REUSEPORT is not available on this platform")
+        raise SteeringUnavailable("SO_REUSEPORT is not available on this platform")
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, proto=socket.IPPROTO_UDP,
                                flags=socket.AI_PASSIVE)
     family, _, _, _, addr = infos[0]
@@ -140,11 +146,17 @@ def reuseport_group(host: str, port: int, workers: int) -> list[socket.socket]:
         for i in range(workers):
             s = socket.socket(family, socket.SOCK_DGRAM)
             socks.append(s)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            except OSError as exc:
+                raise SteeringUnavailable(f"SO_REUSEPORT refused: {exc}") from exc
             s.bind(addr if i == 0 else socks[0].getsockname())
             if i == 0:
                 addr = s.getsockname()  # port 0: every member takes the port the first got
-        attach_steering(socks[0], workers)
+        try:
+            attach_steering(socks[0], workers)
+        except OSError as exc:
+            raise SteeringUnavailable(f"SO_ATTACH_REUSEPORT_CBPF refused: {exc}") from exc
         for s in socks:
             s.setblocking(False)
     except BaseException:

@@ -45,7 +45,7 @@ import tempfile
 import time
 from typing import Any
 
-from palisade_c.ridlayout import reuseport_group
+from palisade_c.ridlayout import SteeringUnavailable, reuseport_group
 
 log = logging.getLogger("palisade_c.workers")
 
@@ -59,11 +59,9 @@ def open_group(host: str, port: int, workers: int) -> list[socket.socket] | None
     """The worker sockets, or None (after saying why on stderr) when the kernel cannot steer."""
     try:
         return reuseport_group(host, port, workers)
-    except OSError as exc:
-        if exc.errno in (98,):  # EADDRINUSE: not a missing feature, the caller reports it
-            raise
+    except SteeringUnavailable as exc:  # a bind error is not: the caller reports it
         print(f"palisade: --workers {workers} needs SO_REUSEPORT with a classic BPF steering "
-              f"program (Linux 4.5 or later), which is unavailable here ({exc}); "
+              f"program (Linux 4.5 or later), unavailable here ({exc}); "
               f"serving with one worker", file=sys.stderr, flush=True)
         return None
 

@@ -408,3 +408,13 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
     except (OSError, IndexError):
         return "zombie"
+
+
+def test_a_port_in_use_is_an_error_not_a_fallback(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        with pytest.raises(OSError) as info:
+            workers.open_group("127.0.0.1", taken.getsockname()[1], 2)
+        assert not isinstance(info.value, ridlayout.SteeringUnavailable)
+    assert "one worker" not in capsys.readouterr().err
