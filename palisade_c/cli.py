@@ -173,8 +173,8 @@ def _count(text: str) -> int:
 
 def _workers(text: str) -> int:
     n = _count(text)
-    if n > MAX_WORKERS:
-        raise argparse.ArgumentTypeError(f"at most {MAX_WORKERS} workers")
+    if not 1 <= n <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"workers must be 1..{MAX_WORKERS}")
     return n
 
 

@@ -418,3 +418,13 @@ def test_a_port_in_use_is_an_error_not_a_fallback(
             workers.open_group("127.0.0.1", taken.getsockname()[1], 2)
         assert not isinstance(info.value, ridlayout.SteeringUnavailable)
     assert "one worker" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [["--workers", "0"], ["--workers", "300"],
+                                 ["--host-id", "65536"], ["--host-id", "x"]])
+def test_scale_out_options_are_checked(bad: list[str]) -> None:
+    from palisade_c.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "udp://127.0.0.1:1", "--key", "k", "--trust", "t",
+                                   *bad])
