@@ -506,6 +506,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if _is_serial(args.url):
             _error("--workers needs a udp:// URL")
             return EXIT_ERROR
+        # A bad key, trust or ticket option: one message here, not one per worker restart.
+        checked = _make_config(args)
+        if checked.tickets is not None and isinstance(checked.tickets.store, SqliteTicketStore):
+            checked.tickets.store.close()
         status = _serve_workers(args)
         if status is not None:
             return status

@@ -170,6 +170,8 @@ class Supervisor:
                 print(f"{head}, {self.n} workers)", file=sys.stderr, flush=True)
             else:
                 ready.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ready
             await stopped
             return 1 if self._failed else 0
         finally:

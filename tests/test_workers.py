@@ -233,6 +233,18 @@ def test_a_killed_worker_is_replaced_on_the_same_socket(
     assert run_bounded(main(), 90) == {0, 1}
 
 
+def test_a_bad_option_is_reported_once_before_any_worker_starts(
+        tmp_path: Path, keyfiles: tuple[Path, Path, Identity]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "palisade_c", "serve", "udp://127.0.0.1:0", "--key",
+         str(keyfiles[0]), "--trust", str(keyfiles[1]), "--workers", "2",
+         "--ticket-store", "http://nowhere"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 1
+    assert result.stderr.count("bad ticket store URL") == 1
+    assert "[worker" not in result.stderr
+
+
 def test_workers_need_a_udp_url(tmp_path: Path, keyfiles: tuple[Path, Path, Identity]) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "palisade_c", "serve", "serial:///dev/null", "--key",
