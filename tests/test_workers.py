@@ -440,3 +440,40 @@ def test_scale_out_options_are_checked(bad: list[str]) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "udp://127.0.0.1:1", "--key", "k", "--trust", "t",
                                    *bad])
+
+
+def test_a_ticket_from_one_worker_resumes_on_the_other(
+        fleet: Fleet, keyfiles: tuple[Path, Path, Identity]) -> None:
+    """Without --ticket-key or a store, the supervisor gives its workers a private key file
+    and SQLite store for the run: a ticket one worker issued resumes on the other (the first
+    flight's random RID picks the worker), and each resumption earns the next ticket."""
+    config = _client_config(keyfiles)
+
+    async def main() -> None:
+        tunnel = await connect(fleet.url, config, timeout=30)
+        await _round_trip(tunnel, b"full")
+        issuer = ridlayout.decode(tunnel.connection.rid)[2]
+        ticket = await _next_ticket(tunnel)
+        await tunnel.close()
+        for _ in range(12):
+            tunnel = await connect(fleet.url, config, ticket=ticket, timeout=30)
+            try:
+                assert tunnel.handshake is not None and tunnel.handshake.resumed
+                await _round_trip(tunnel, b"resumed")
+                worker = ridlayout.decode(tunnel.connection.rid)[2]
+                if worker != issuer:
+                    return
+                ticket = await _next_ticket(tunnel)
+            finally:
+                await tunnel.close()
+        raise AssertionError("12 resumptions all landed on the issuing worker")
+
+    run_bounded(main(), 90)
+
+
+async def _next_ticket(tunnel: Tunnel) -> Any:
+    for _ in range(100):
+        if tunnel.tickets:
+            return tunnel.tickets[-1]
+        await asyncio.sleep(0.05)
+    raise AssertionError("no ticket issued")
