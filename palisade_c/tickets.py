@@ -21,8 +21,10 @@ open; older ones, or tickets sealed by another server (its fingerprint is in the
 Single use: a ticket_id is claimed at most once, atomically, in a :class:`TicketStore` that
 remembers it until the ticket would have expired anyway. :class:`SqliteTicketStore` is the
 embedded default, so a server restart does not reopen replays; :class:`MemoryTicketStore` is
-for tests and single-process deployments; a fleet can implement the same two methods over a
-shared store (for example Redis ``SET NX PX``).
+for tests and single-process deployments; a fleet shares
+:class:`palisade_c.ticketstore_redis.RedisTicketStore` (Redis ``SET NX PX``, fail closed). Keys
+that outlive a process, shared by workers and hosts, live in a file
+(:class:`palisade_c.ticketkeys.FileTicketKeyRing`).
 
 Ticket time is wall-clock time (tickets outlive processes), taken from an injectable clock;
 nothing here reads ``time`` unless no clock is given.
