@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -505,7 +506,7 @@ class _ClientEngine(_Engine):
 
 
 async def _open_transport(
-    url: str, config: Config, *, server: bool
+    url: str, config: Config, *, server: bool, sock: socket.socket | None = None
 ) -> tuple[Transport, Addr, Config]:
     """The transport ``url`` names, the peer's address (clients) and ``config`` adjusted to
     the link: a serial link's MTU and speed (see :func:`~palisade_c.transport.base.link_config`).
@@ -524,7 +525,7 @@ async def _open_transport(
             raise
     if server:
         udp = await UdpTransport.bind(host, port, max_datagram_size=config.max_datagram_size,
-                                      buffer_bytes=config.socket_buffer_bytes)
+                                      buffer_bytes=config.socket_buffer_bytes, sock=sock)
         return udp, None, config
     if port == 0:
         raise ConfigError(f"bad URL {url!r}: a server port cannot be 0")
@@ -791,7 +792,7 @@ class Server:
 
 
 async def serve(url: str, config: Config, handler: Handler, *,
-                event_log: EventLog | None = None) -> Server:
+                event_log: EventLog | None = None, sock: socket.socket | None = None) -> Server:
     """Listen on ``url`` (``udp://HOST:PORT``; port 0 picks a free port), or serve the peer
     on a serial link (``serial:///dev/ttyGS0``: this side plays the device).
 
@@ -799,8 +800,10 @@ async def serve(url: str, config: Config, handler: Handler, *,
     task running ``handler(tunnel)``. When the handler returns, the tunnel is closed softly;
     if it raises, the tunnel is closed with ``ErrorInternal``. Raises :class:`OSError` when
     the address cannot be bound and :class:`~palisade_c.errors.ConfigError` for a bad URL.
+    ``sock``: serve on this bound UDP socket instead of binding one (a worker process of
+    ``palisade serve --workers``).
     """
-    transport, _peer, config = await _open_transport(url, config, server=True)
+    transport, _peer, config = await _open_transport(url, config, server=True, sock=sock)
     engine = _ServerEngine(ServerEndpoint(config, event_log=event_log), transport, handler)
     server = Server(engine, config)
     log.debug("serving on %s", transport.local_address)

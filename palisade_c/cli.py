@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import warnings
@@ -66,12 +67,15 @@ from palisade_c.errors import (
 from palisade_c.eventlog import JsonLinesLog
 from palisade_c.events import ConnectionClosed, DataReceived
 from palisade_c.identity import Identity
+from palisade_c.ridlayout import MAX_WORKERS, RidLayout
 from palisade_c.safetext import printable
-from palisade_c.tickets import ClientTicketCache, SqliteTicketStore, TicketService
+from palisade_c.ticketkeys import FileTicketKeyRing
+from palisade_c.tickets import ClientTicketCache, SqliteTicketStore, TicketService, TicketStore
 from palisade_c.transport.base import (
     MAX_DATAGRAM_SIZE,
     MIN_DATAGRAM_SIZE,
     SERIAL_SCHEMES,
+    parse_url,
     tune_for_link,
 )
 
@@ -178,6 +182,23 @@ def _socket_buffer(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int:
+    n = _count(text)
+    if not 1 <= n <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"workers must be 1..{MAX_WORKERS}")
+    return n
+
+
+def _host_id(text: str) -> int:
+    try:
+        n = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= n <= 0xFFFF:
+        raise argparse.ArgumentTypeError("a host id is 0..65535")
+    return n
+
+
 def _is_serial(url: str) -> bool:
     return url.partition("://")[0].lower() in SERIAL_SCHEMES
 
@@ -248,6 +269,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--ticket-db", metavar="FILE",
                          help="SQLite file remembering used resumption tickets, so that a "
                          "replayed ticket stays refused across restarts (implies --plus)")
+    # Scale-out (docs/architecture.md, "Workers"); the --worker-* options are internal.
+    serve_p.add_argument("--workers", type=_workers, default=1, metavar="N",
+                         help="serve with N processes sharing the port, each datagram steered "
+                         "by its RID to the process holding its session (default 1)")
+    serve_p.add_argument("--host-id", type=_host_id, default=None, metavar="N",
+                         help="this host's id (0..65535) in the RIDs it issues, for a load "
+                         "balancer in front of several hosts")
+    serve_p.add_argument("--ticket-key", metavar="FILE",
+                         help="ticket key ring file (0600, created if missing, rotated in "
+                         "place): tickets survive restarts and open on every worker and host "
+                         "sharing FILE (implies --plus)")
+    serve_p.add_argument("--ticket-store", metavar="URL",
+                         help="shared single-use ticket store, redis://HOST:PORT/DB (needs "
+                         "the redis extra; fails closed; implies --plus)")
+    serve_p.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
+    serve_p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     serve_p.set_defaults(func=_cmd_serve)
 
     connect_p = sub.add_parser(
@@ -334,18 +371,31 @@ def _event_log(args: argparse.Namespace) -> JsonLinesLog | None:
     return sink
 
 
+def _plus_requested(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "plus", False) or getattr(args, "ticket_db", None)
+                or getattr(args, "ticket_file", None) or getattr(args, "ticket_key", None)
+                or getattr(args, "ticket_store", None))
+
+
 def _make_config(args: argparse.Namespace, **extra: Any) -> Config:
     identity = _load_identity(args.key)
-    plus = bool(getattr(args, "plus", False) or getattr(args, "ticket_db", None)
-                or getattr(args, "ticket_file", None))
+    plus = _plus_requested(args)
     if plus:
         extra.setdefault("plus_features", PLUS_RESUMPTION | PLUS_MIGRATION)
     buffer = getattr(args, "socket_buffer", None)
     if buffer is not None:
         extra["socket_buffer_bytes"] = buffer or None
-    if getattr(args, "ticket_db", None):
-        extra["tickets"] = TicketService(bytes.fromhex(identity.fingerprint),
-                                         SqliteTicketStore(args.ticket_db))
+    ticket_key, store_url = getattr(args, "ticket_key", None), getattr(args, "ticket_store", None)
+    if getattr(args, "ticket_db", None) or ticket_key or store_url:
+        fp = bytes.fromhex(identity.fingerprint)
+        store: TicketStore | None = None
+        if store_url:
+            from palisade_c.ticketstore_redis import RedisTicketStore
+            store = RedisTicketStore(store_url)
+        elif getattr(args, "ticket_db", None):
+            store = SqliteTicketStore(args.ticket_db)
+        keys = FileTicketKeyRing(ticket_key, fp) if ticket_key else None
+        extra["tickets"] = TicketService(fp, store, keys=keys)
     config = Config(
         identity=identity,
         trusted_peers=list(args.trust),
@@ -421,8 +471,15 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def _serve_main(args: argparse.Namespace) -> int:
-    config = _make_config(args)
+async def _serve_main(args: argparse.Namespace, sock: socket.socket | None = None,
+                      cookie_secret: bytes | None = None) -> int:
+    extra: dict[str, Any] = {}
+    if sock is not None or args.host_id is not None:
+        # Routing fields in every session RID this process issues (docs/protocol.md §3.3).
+        extra["rid_layout"] = RidLayout(0, args.host_id or 0, args.worker_index)
+    if cookie_secret is not None:
+        extra["cookie_secret"] = cookie_secret
+    config = _make_config(args, **extra)
     body = _echo if args.echo else _sink
 
     async def handler(tunnel: Tunnel) -> None:
@@ -433,7 +490,7 @@ async def _serve_main(args: argparse.Namespace) -> int:
         await body(tunnel)
 
     try:
-        server = await serve(args.url, config, handler, event_log=_event_log(args))
+        server = await serve(args.url, config, handler, event_log=_event_log(args), sock=sock)
     except OSError as exc:
         what = "open" if _is_serial(args.url) else "listen on"
         _error(f"cannot {what} {args.url}: {exc.strerror or exc}")
@@ -457,7 +514,48 @@ async def _serve_main(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.worker_fd is not None:
+        # A worker of `serve --workers`: its socket is inherited, its cookie key on stdin.
+        from palisade_c.workers import die_with_parent
+
+        die_with_parent()
+        secret = bytes.fromhex(sys.stdin.readline().strip())
+        sock = socket.socket(fileno=args.worker_fd)
+        return asyncio.run(_serve_main(args, sock, secret))
+    if args.workers > 1:
+        if _is_serial(args.url):
+            _error("--workers needs a udp:// URL")
+            return EXIT_ERROR
+        # A bad key, trust or ticket option: one message here, not one per worker restart.
+        checked = _make_config(args)
+        if checked.tickets is not None and isinstance(checked.tickets.store, SqliteTicketStore):
+            checked.tickets.store.close()
+        status = _serve_workers(args)
+        if status is not None:
+            return status
     return asyncio.run(_serve_main(args))
+
+
+def _serve_workers(args: argparse.Namespace) -> int | None:
+    """Run the worker supervisor; None when the kernel cannot steer (one worker then)."""
+    from palisade_c.workers import Supervisor, open_group
+
+    _, host, port, _ = parse_url(args.url)
+    try:
+        socks = open_group(host, port, args.workers)
+    except OSError as exc:
+        _error(f"cannot listen on {args.url}: {exc.strerror or exc}")
+        return EXIT_ERROR
+    if socks is None:
+        return None
+    supervisor = Supervisor(socks, args._argv, plus=_plus_requested(args),
+                            has_ticket_key=bool(args.ticket_key),
+                            has_store=bool(args.ticket_db or args.ticket_store))
+
+    async def run() -> int:
+        return await supervisor.run(_stop_on_signals())
+
+    return asyncio.run(run())
 
 
 # -- connect ------------------------------------------------------------------------------------
@@ -747,6 +845,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # for worker processes
     _setup_logging(bool(getattr(args, "verbose", False)))
     try:
         status: int = args.func(args)

@@ -928,7 +928,9 @@ cdef class Connection:
         """The server's session RID: its node id (or the client's prefix), rotation epoch 0,
         14 random bytes (PROFILE §4)."""
         prefix = self.config.node_id if self.config.node_id is not None else hello_rid[:8]
-        return make_rid(prefix, 0, self.config.rng(14))
+        layout = self.config.rid_layout  # routing fields for load balancers and workers
+        return make_rid(prefix, 0, self.config.rng(14) if layout is None
+                        else layout.tail(self.config.rng))
 
     cdef int _server_on_client_hello(self, HandshakeRecord rec, addr, double now) except -1:
         cdef bytes message = self._client_hello(rec, addr, now, "ch_received", "S_WAIT_CH",

@@ -93,7 +93,9 @@ cdef class ServerEndpoint:
         self._timers = []
         self._deadlines = {}
         self._tiebreak = 0
-        self._cookies = CookieIssuer(config.rng(32), COOKIE_LIFETIME, compact=True)
+        # Workers of one server share the cookie key: a Retry's RID may steer elsewhere.
+        secret = config.cookie_secret if config.cookie_secret is not None else config.rng(32)
+        self._cookies = CookieIssuer(secret, COOKIE_LIFETIME, compact=True)
         self._out = []
         self._events = deque()
         self._drops = {}
