@@ -8,10 +8,14 @@ cleartext at offset 6, and the first 8 bytes of a session RID are the server's n
 flight already. So the gateway routes on bytes 6..14 alone and never needs a session key:
 security stays end to end between the UDP client and the device.
 
-* **UDP to serial**, by prefix. Each device has a node id: configured on its URL
-  (``serial:///dev/ttyUSB0?node=0011223344556677``) and/or *learned* from the prefix of the
-  datagrams the device itself sends. A datagram whose prefix matches no device is dropped and
-  counted (``unknown-prefix``).
+* **UDP to serial**, by prefix. Each device has a node id, which it *announces* in its link
+  HELLO (LINK.md §6.1, version 2): the gateway routes to it from that first HELLO on. A URL
+  may *pin* the id (``serial:///dev/ttyUSB0?node=0011223344556677``): a device announcing
+  another one is refused (``node-mismatch``), and so is a second device announcing an id that
+  another port already has (``duplicate-node``); both are logged as errors, since either means
+  a miswired bench. A version 1 device, which announces nothing, is reached by its pin or by
+  the prefix *learned* from the datagrams it sends. A datagram whose prefix matches no device
+  is dropped and counted (``unknown-prefix``).
 * **Serial to UDP**, by full RID. The gateway remembers which UDP address last sent each RID
   (a bounded LRU map whose entries expire after ``rid_ttl`` seconds of silence), and sends the
   device's datagrams for that RID there.
@@ -86,6 +90,10 @@ class Device:
     transport: SerialTransport
     #: The configured node id (``?node=``), or None.
     node: bytes | None
+    #: The node id the device announced in its HELLO, once routed to.
+    announced: bytes | None = None
+    #: Why the gateway refuses to route to this device (a node id conflict), or None.
+    refused: str | None = None
     learned: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
     #: (UDP address, expiry) of the client whose handshake is in progress.
     slot: tuple[Addr, float] | None = None
@@ -182,13 +190,49 @@ class Gateway:
             if device.node in self._by_prefix:
                 raise ConfigError(f"node id {device.node.hex()} is used by two devices")
             self._by_prefix[device.node] = device
-        else:
-            log.warning("%s: no node id (?node=HEX16); reachable only once it has sent "
-                        "a datagram under its prefix", transport.name)
         self.devices.append(device)
         transport.on_datagram = lambda data, _addr, d=device: self._on_serial(d, data)
         transport.on_reset = lambda reason, d=device: self._on_device_reset(d, reason)
+        if hasattr(transport, "on_hello"):
+            transport.on_hello = lambda hello, d=device: self._on_device_hello(d, hello)
         return device
+
+    def _on_device_hello(self, device: Device, hello: Any) -> None:
+        """Route to the node id a device announces (LINK.md §6.1), unless it conflicts."""
+        node: bytes | None = hello.node_id
+        if node is None or node == device.announced:
+            return  # a version 1 device (pin or learned prefix), or a repeat
+        if device.announced is not None and self._by_prefix.get(device.announced) is device \
+                and device.announced != device.node:
+            del self._by_prefix[device.announced]
+        device.announced = None
+        if device.node is not None and node != device.node:
+            reason = (f"{device.name}: the device announces node id {node.hex()} but the URL "
+                      f"pins node={device.node.hex()}; not routing to it")
+            self._refuse(device, reason, "node-mismatch")
+            return
+        owner = self._by_prefix.get(node)
+        if owner is not None and owner is not device and node not in owner.learned:
+            reason = (f"{device.name}: node id {node.hex()} is already used by {owner.name}; "
+                      "refusing the second device (give each device its own --node-id)")
+            self._refuse(device, reason, "duplicate-node")
+            return
+        if owner is not None and owner is not device:
+            # Only learned from traffic there: the announcement is authoritative.
+            owner.learned.pop(node, None)
+        device.learned.pop(node, None)
+        device.refused = None
+        device.announced = node
+        self._by_prefix[node] = device
+        log.info("%s: device announced node id %s; routing to it", device.name, node.hex())
+
+    def _refuse(self, device: Device, reason: str, drop: str) -> None:
+        device.refused = reason
+        self._drop(drop)
+        for prefix in [p for p, d in self._by_prefix.items() if d is device]:
+            del self._by_prefix[prefix]
+        device.learned.clear()
+        log.error("%s", reason)
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -207,6 +251,8 @@ class Gateway:
             "devices": {
                 d.name: {
                     "node": d.node.hex() if d.node else None,
+                    "announced": d.announced.hex() if d.announced else None,
+                    "refused": d.refused,
                     "learned": [p.hex() for p in d.learned],
                     "datagrams_in": d.datagrams_in,
                     "datagrams_out": d.datagrams_out,
@@ -307,7 +353,7 @@ class Gateway:
 
     def _learn(self, device: Device, prefix: bytes) -> None:
         owner = self._by_prefix.get(prefix)
-        if owner is device:
+        if owner is device or device.refused is not None:
             return
         if owner is not None:
             self._drop("prefix-conflict")  # another device owns it; routes by RID still work

@@ -244,9 +244,19 @@ def airtime(nbytes: int, baud: int | None) -> float:
 class SerialTransport(Transport):
     """PALISADE datagrams over one serial port. Create it with :meth:`open`."""
 
-    def __init__(self, spec: SerialSpec, *, name: str | None = None) -> None:
+    def __init__(self, spec: SerialSpec, *, name: str | None = None,
+                 node_id: bytes | None = None) -> None:
         super().__init__()
+        if node_id is not None and spec.node is not None and node_id != spec.node:
+            raise ConfigError(f"bad URL {spec.url!r}: node={spec.node.hex()} differs from the "
+                              f"node id {node_id.hex()} of this side")
         self.spec = spec
+        #: The node id this side announces in its HELLO (device role; LINK.md §6.1).
+        self.announce = (node_id if node_id is not None else spec.node) \
+            if spec.role == "device" else None
+        #: Called on the loop with every HELLO the peer sends (the gateway learns the node id
+        #: there), after the link state has been updated.
+        self.on_hello: Callable[[link.Hello], None] | None = None
         #: A short name for logs: the device path or URL.
         self.name = name or spec.device
         self._loop = asyncio.get_running_loop()
@@ -330,6 +340,7 @@ class SerialTransport(Transport):
         require: bool = True,
         hello_timeout: float | None = None,
         name: str | None = None,
+        node_id: bytes | None = None,
     ) -> SerialTransport:
         """Open the port named by ``url`` and exchange HELLOs.
 
@@ -340,9 +351,11 @@ class SerialTransport(Transport):
         ``hello=``: 2 s for a host, 0 for a device) for the peer's HELLO, so that the MTU is
         known before a session is configured; without an answer it returns anyway, and
         datagrams wait for the HELLO (LINK.md §6). Raises :class:`ConfigError` for a bad URL.
+        In the device role the HELLO announces ``node_id`` (or the URL's ``node=``; the two
+        must agree), so that a gateway routes to this side without being told.
         """
         spec = url if isinstance(url, SerialSpec) else SerialSpec.parse(url, role=role)
-        self = cls(spec, name=name)
+        self = cls(spec, name=name, node_id=node_id)
         self._start_threads()
         error = await asyncio.shield(self._first_open)
         if error is not None and require:
@@ -411,7 +424,14 @@ class SerialTransport(Transport):
 
     @property
     def node_id(self) -> bytes | None:
+        """The node id pinned by the URL (``node=``), or None."""
         return self.spec.node
+
+    @property
+    def peer_node_id(self) -> bytes | None:
+        """The node id the peer announced in its last HELLO (version 2), or None."""
+        peer = self._peer_hello
+        return None if peer is None else peer.node_id
 
     @property
     def connected(self) -> bool:
@@ -768,7 +788,7 @@ class SerialTransport(Transport):
     def _send_hello(self, *, asked: bool) -> None:
         """Send our HELLO; ``asked`` marks it as a question (host role) awaiting an answer."""
         self._send_control(link.encode_hello(link.LINK_VERSION, self.spec.mtu,
-                                             self.boot_counter))
+                                             self.boot_counter, self.announce))
         self.hellos_sent += 1
         now = self._loop.time()
         self._hello_sent_at = now
@@ -845,6 +865,8 @@ class SerialTransport(Transport):
         for fut in self._hello_waiters:
             if not fut.done():
                 fut.set_result(None)
+        if self.on_hello is not None:
+            self.on_hello(hello)
 
     def _on_pong(self, token: int) -> None:
         out = self._ping_outstanding

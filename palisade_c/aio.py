@@ -513,7 +513,9 @@ async def _open_transport(
         # Imported here: pyserial and its threads are only for those who use a serial link.
         from firmware_bridge.serial_link import SerialTransport
 
-        serial = await SerialTransport.open(url, role="device" if server else "host")
+        # A device announces its node id in the link HELLO, so a gateway routes to it.
+        serial = await SerialTransport.open(url, role="device" if server else "host",
+                                            node_id=config.node_id if server else None)
         try:
             return serial, serial.peer_address, link_config(config, serial)
         except BaseException:

@@ -10,10 +10,9 @@
     palisade serve serial:///dev/ttyGS0 --key dev.key --trust client.key.pub --echo \
         --node-id 0011223344556677
     palisade connect serial:///dev/ttyUSB0?baud=115200 --key client.key --trust dev.key.pub
-    palisade gateway --listen udp://0.0.0.0:4433 \
-        --serial 'serial:///dev/ttyUSB0?baud=115200&node=0011223344556677'
-    palisade connect udp://gateway:4433 --node-id 0011223344556677 --mtu 512 \
-        --link-bps 115200 --key client.key --trust dev.key.pub
+    palisade gateway --listen udp://0.0.0.0:4433 --serial 'serial:///dev/ttyUSB0?baud=115200'
+    palisade connect udp://gateway:4433 --node-id 0011223344556677 \
+        --key client.key --trust dev.key.pub
     palisade demo                                      # all of it on a virtual serial line
 
 Output contract (scripts and tests rely on it):
@@ -270,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     gateway_p.add_argument("--listen", required=True, metavar="URL",
                            help="UDP address for clients: udp://HOST:PORT")
     gateway_p.add_argument("--serial", required=True, action="append", metavar="URL",
-                           help="a device: serial:///dev/ttyUSB0?baud=115200&node=HEX16 "
-                           "(repeatable; node= is the device's --node-id)")
+                           help="a device: serial:///dev/ttyUSB0?baud=115200 (repeatable); "
+                           "the device announces its node id, node=HEX16 only pins it")
     gateway_p.set_defaults(func=_cmd_gateway)
 
     demo_p = sub.add_parser(
@@ -692,7 +691,7 @@ async def _gateway_main(args: argparse.Namespace) -> int:
     stop = _stop_on_signals()
     host, port = gateway.address
     devices = ", ".join(
-        f"{d.name} (node {d.node.hex() if d.node else 'learned'})" for d in gateway.devices
+        f"{d.name} (node {d.node.hex() if d.node else 'from its HELLO'})" for d in gateway.devices
     )
     print(f"palisade: gateway listening on udp://{_host_for_url(host)}:{port} for {devices}",
           file=sys.stderr, flush=True)

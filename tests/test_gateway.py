@@ -26,6 +26,7 @@ import palisade_c
 from firmware_bridge.gateway import Gateway
 from firmware_bridge.pty_link import PtyLink
 from palisade_c import hsrecord as hs
+from palisade_c import link
 from palisade_c.aio import HandshakeTimeoutError, Tunnel, connect, serve
 from palisade_c.config import Config
 from palisade_c.errors import ConfigError
@@ -62,6 +63,7 @@ class FakeSerial:
     sent: list[bytes] = field(default_factory=list)
     on_datagram: Any = None
     on_reset: Any = None
+    on_hello: Any = None
     peer_address: str = "dev"
     counters: dict[str, Any] = field(default_factory=dict)
 
@@ -209,6 +211,63 @@ def test_node_id_learned_from_the_device_and_reset_forgets_routes() -> None:
     run(main())
 
 
+def hello(node: bytes | None, boot: int = 1) -> link.Hello:
+    return link.parse_hello(link.encode_hello(link.LINK_VERSION, 512, boot, node))
+
+
+def test_routes_from_the_first_hello_that_announces_a_node_id() -> None:
+    async def main() -> None:
+        a, b = FakeSerial("a", None), FakeSerial("b", None)
+        gw, udp = make_gateway(a, b)
+        addr = ("10.0.0.1", 1)
+        a.on_hello(hello(NODE_A))
+        b.on_hello(hello(NODE_B))
+        udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, rid(NODE_A, 1)), addr)
+        udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, rid(NODE_B, 1)), addr)
+        assert len(a.sent) == 1 and len(b.sent) == 1
+        assert gw.counters["devices"]["a"]["announced"] == NODE_A.hex()
+        # A version 1 HELLO (no node id) changes nothing; a new id replaces the old one.
+        a.on_hello(hello(None))
+        udp.on_datagram(record(b"QP", 0, rid(NODE_A, 2)), addr)
+        assert len(a.sent) == 2
+        a.on_hello(hello(bytes(7) + b"\x01", boot=2))
+        udp.on_datagram(record(b"QP", 0, rid(NODE_A, 3)), addr)
+        assert len(a.sent) == 2 and gw.counters["drops"] == {"unknown-prefix": 1}
+
+    run(main())
+
+
+def test_a_pin_must_match_and_a_duplicate_node_id_is_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        a, b, c = FakeSerial("a", NODE_A), FakeSerial("b", None), FakeSerial("c", NODE_B)
+        gw, udp = make_gateway(a, b, c)
+        addr = ("10.0.0.1", 1)
+        b.on_hello(hello(NODE_A))  # a already has it, by its pin
+        c.on_hello(hello(NODE_A))  # pinned to B, announces A
+        udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, rid(NODE_A, 1)), addr)
+        udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, rid(NODE_B, 1)), addr)
+        assert len(a.sent) == 1 and b.sent == [] and c.sent == []
+        drops = gw.counters["drops"]
+        assert drops["duplicate-node"] == 1 and drops["node-mismatch"] == 1
+        assert "already used by a" in gw.counters["devices"]["b"]["refused"]
+        assert "pins node=" + NODE_B.hex() in gw.counters["devices"]["c"]["refused"]
+        # A refused device learns nothing from its own traffic either.
+        c.from_device(record(b"QP", 0, rid(NODE_B, 9)))
+        udp.on_datagram(record(b"QP", 0, rid(NODE_B, 9)), addr)
+        assert c.sent == []
+        # Reflashed with the right id: routed again.
+        c.on_hello(hello(NODE_B, boot=2))
+        udp.on_datagram(record(b"QP", 0, rid(NODE_B, 9)), addr)
+        assert len(c.sent) == 1 and gw.counters["devices"]["c"]["refused"] is None
+
+    with caplog.at_level("ERROR", logger="palisade_c.gateway"):
+        run(main())
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and "refusing the second device" in errors[0]
+
+
 def test_bad_gateway_configuration() -> None:
     async def main() -> None:
         with pytest.raises(ConfigError):
@@ -253,8 +312,8 @@ def test_two_devices_through_the_gateway() -> None:
                                    _tagging_echo(b"A:"))
             server_b = await serve(line_b.url("a"), device_cfg(dev_b, NODE_B),
                                    _tagging_echo(b"B:"))
-            gw = await Gateway.start("udp://127.0.0.1:0", [
-                line_a.url("b", node=NODE_A.hex()), line_b.url("b", node=NODE_B.hex())])
+            # No ?node=: each device announces its node id in its link HELLO.
+            gw = await Gateway.start("udp://127.0.0.1:0", [line_a.url("b"), line_b.url("b")])
             try:
                 for d in gw.devices:
                     assert await d.transport.wait_ready(5)
@@ -318,7 +377,7 @@ def test_cli_gateway_serve_and_connect(tmp_path: Path) -> None:
                                "--key", "device.key", "--trust", "client.key.pub",
                                ready="palisade: listening on serial://"))
             procs.append(start("gateway", "gateway", "--listen", f"udp://127.0.0.1:{port}",
-                               "--serial", line.url("b", node=node),
+                               "--serial", line.url("b"),
                                ready="palisade: gateway listening on udp://127.0.0.1"))
             result = subprocess.run(
                 [sys.executable, "-m", "palisade_c", "connect", f"udp://127.0.0.1:{port}",
