@@ -291,6 +291,12 @@ class Tunnel:
         return self._conn.peer_addr
 
     @property
+    def max_payload(self) -> int:
+        """The largest payload :meth:`send` accepts: one datagram of the path (its size as
+        configured, or as learned from a gateway) less the packet's headers and tag."""
+        return self._conn.max_payload
+
+    @property
     def counters(self) -> dict[str, Any]:
         """The connection's counters, plus data this tunnel dropped for a slow reader."""
         counters = self._conn.counters
@@ -322,8 +328,9 @@ class Tunnel:
         """Encrypt ``data`` as one packet on ``stream_id`` and send it now.
 
         Raises :class:`~palisade_c.errors.ConnectionClosedError` once the tunnel is closing or
-        closed, :class:`~palisade_c.errors.PacketTooLargeError` if ``data`` does not fit in
-        one datagram, and :class:`ValueError` for a stream id outside 0..253.
+        closed, :class:`~palisade_c.errors.PacketTooLargeError` if ``data`` is longer than
+        :attr:`max_payload` (the error carries it as ``max_payload``), and
+        :class:`ValueError` for a stream id outside 0..253.
         """
         if self._closing or self._closed.done():
             raise self._closed_error()

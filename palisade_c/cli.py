@@ -29,7 +29,8 @@ Output contract (scripts and tests rely on it):
   peer is escaped so that it cannot add lines or terminal control sequences.
 
 Exit codes: 0 success; 1 a runtime or configuration error (including replies still missing
-when ``connect`` gives up waiting); 2 a failed handshake (argparse also uses 2 for usage
+when ``connect`` gives up waiting, and lines too long for one datagram of the path, each
+reported and skipped); 2 a failed handshake (argparse also uses 2 for usage
 errors); 130 interrupted.
 """
 
@@ -570,7 +571,8 @@ async def _connect_main(args: argparse.Namespace) -> int:
     threading.Thread(target=_read_stdin, args=(loop, lines, stop), name="palisade-stdin",
                      daemon=True).start()
 
-    sent = received = lost = 0
+    sent = received = lost = skipped = 0
+    line_no = 0
     if tunnel.handshake is not None and tunnel.handshake.early_data_accepted:
         sent = 1  # the --early-data request is answered like a line
     stdin_done = False
@@ -580,16 +582,20 @@ async def _connect_main(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
 
     async def send_lines() -> None:
-        nonlocal sent, stdin_done
+        nonlocal sent, stdin_done, skipped, line_no
         while (line := await lines.get()) is not None:
             data = _strip_newline(line)
+            line_no += 1
             while True:
                 current = tunnel
                 try:
                     current.send(data)
-                except PacketTooLargeError:
-                    _error(f"line {sent + 1} does not fit in one datagram ({len(data)} bytes); "
-                           "skipped")
+                except PacketTooLargeError as exc:
+                    # The path's datagram size is a promise: say so, for every line, and
+                    # make the exit status show that not everything went out.
+                    skipped += 1
+                    _error(f"line {line_no} skipped: {len(data)} bytes, more than the "
+                           f"{exc.max_payload} bytes one datagram of this path carries")
                     break
                 except ConnectionClosedError:
                     if not can_reconnect:
@@ -663,6 +669,9 @@ async def _connect_main(args: argparse.Namespace) -> int:
         return gave_up
     if lost:
         _error(f"{lost} replies lost when the device restarted")
+        status = EXIT_ERROR
+    if skipped:
+        _error(f"{skipped} line(s) not sent: longer than the path's maximum payload")
         status = EXIT_ERROR
     if event.by_peer or event.error_code != 0:
         if event.error_code != 0 or received < sent:

@@ -56,6 +56,7 @@ from palisade_c.errors import (
     DecodeError,
     ErrorCode,
     HandshakeError,
+    PacketTooLargeError,
     StateError,
     code_name,
 )
@@ -477,12 +478,29 @@ cdef class Connection:
     cpdef next_event(self):
         return self._events.popleft() if self._events else None
 
+    @property
+    def max_payload(self):
+        """The largest ``send_data`` payload that fits in one datagram on the current path:
+        the datagram size (config, or what the path taught us) less headers and tag."""
+        return self.config.max_datagram_size - MIN_PACKET_LEN
+
     def send_data(self, data, stream_id=0):
-        """Encrypt ``data`` as one packet on ``stream_id`` (0..253)."""
+        """Encrypt ``data`` as one packet on ``stream_id`` (0..253).
+
+        Raises PacketTooLargeError (carrying ``max_payload``) when it would not fit in one
+        datagram of the path: the datagram size is a promise, never exceeded.
+        """
+        cdef Py_ssize_t n, room
         if not 0 <= stream_id <= MAX_APP_STREAM:
             raise ValueError(f"stream_id must be 0..{MAX_APP_STREAM}")
         if not self._fsm.established:
             raise StateError(f"cannot send in state {self.state}")
+        n = len(data) if type(data) is bytes else memoryview(data).nbytes
+        room = self.config.max_datagram_size - MIN_PACKET_LEN
+        if n > room:
+            raise PacketTooLargeError(
+                f"payload of {n} bytes exceeds the path's maximum payload of {room} bytes "
+                f"(datagrams of {self.config.max_datagram_size} bytes)", room)
         self._seal(data, stream_id)
         self._maybe_rekey(self._now)
 
