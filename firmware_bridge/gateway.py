@@ -30,9 +30,16 @@ security stays end to end between the UDP client and the device.
   gone: the gateway forgets their RIDs and the slot. The clients notice on their own (idle
   timeout); the gateway cannot tell them, since it holds no keys to speak for the device.
 
+* **Path notices.** A UDP client starts with 1200-byte datagrams and no idea of the serial
+  line behind us. So the gateway tells it, in a cleartext *PATH notice*
+  (:mod:`palisade_c.pathinfo`), the device's link MTU and baud rate: once per handshake (the
+  first record of each ClientHello RID) and whenever it drops a datagram too large for the
+  link (``too-large``). The client narrows its datagram size and stretches its timers from
+  it, never the other way (docs/protocol.md, "Gateway notices"); nobody types ``--mtu``.
+
 Memory is bounded: at most ``max_rids`` remembered RIDs, one slot and at most
-:data:`MAX_LEARNED_PREFIXES` learned prefixes per device. Datagrams larger than a device's link
-MTU are dropped (``too-large``) with a one-time hint that the client should use ``--mtu``.
+:data:`MAX_LEARNED_PREFIXES` learned prefixes per device, and :data:`MAX_NOTICED` RIDs
+remembered as already told.
 
 Like every relay, the gateway trusts the source address of the last datagram for a RID: a host
 that can send to the gateway can divert a session's replies (not read or forge them).
@@ -49,6 +56,7 @@ from typing import Any
 
 from firmware_bridge.serial_link import SerialSpec, SerialTransport, airtime
 from palisade_c import hsrecord as hs
+from palisade_c import pathinfo
 from palisade_c.errors import ConfigError
 from palisade_c.transport.base import Addr, estimate_handshake_bytes, parse_url
 from palisade_c.transport.udp import UdpTransport
@@ -71,6 +79,10 @@ DEFAULT_RID_TTL = 300.0
 MAX_LEARNED_PREFIXES = 8
 #: Floor of the handshake slot's lifetime; slow links get the handshake's airtime on top.
 SLOT_TIMEOUT = 3.0
+#: Hello RIDs remembered as already sent a PATH notice (oldest forgotten first).
+MAX_NOTICED = 1024
+#: At most one PATH notice per client address in this many seconds for too-large drops.
+NOTICE_INTERVAL = 0.1
 
 # Both headers are 30 bytes with the RID at the same offset (PROFILE §4); its first 8 bytes
 # are the steering prefix.
@@ -134,7 +146,9 @@ class Gateway:
         #: Full RID -> (UDP address, device, last use), least recently used first.
         self._rids: OrderedDict[bytes, tuple[Addr, Device, float]] = OrderedDict()
         self._drops: dict[str, int] = {}
-        self._warned_large: set[Addr] = set()
+        self._noticed: OrderedDict[bytes, None] = OrderedDict()
+        self._notice_times: OrderedDict[Addr, float] = OrderedDict()
+        self.notices_sent = 0
         self.udp_in = 0
         self.udp_out = 0
         self._closing = False
@@ -195,6 +209,9 @@ class Gateway:
         transport.on_reset = lambda reason, d=device: self._on_device_reset(d, reason)
         if hasattr(transport, "on_hello"):
             transport.on_hello = lambda hello, d=device: self._on_device_hello(d, hello)
+            # The HELLO may have arrived while the port was being opened, before we listened.
+            if transport.peer_hello is not None:
+                self._on_device_hello(device, transport.peer_hello)
         return device
 
     def _on_device_hello(self, device: Device, hello: Any) -> None:
@@ -247,6 +264,7 @@ class Gateway:
             "udp_in": self.udp_in,
             "udp_out": self.udp_out,
             "rids": len(self._rids),
+            "notices_sent": self.notices_sent,
             "drops": dict(self._drops),
             "devices": {
                 d.name: {
@@ -302,16 +320,24 @@ class Gateway:
         if device is None:
             self._drop("unknown-prefix")
             return
+        now = self._loop.time()
         if len(data) > device.transport.mtu:
             self._drop("too-large")
-            if addr not in self._warned_large and len(self._warned_large) < 64:
-                self._warned_large.add(addr)
-                log.warning("datagram of %d bytes from %s exceeds the link MTU %d of %s; "
-                            "start the client with --mtu %d", len(data), addr,
-                            device.transport.mtu, device.name, device.transport.mtu)
+            last = self._notice_times.get(addr)
+            if last is None or now - last >= NOTICE_INTERVAL:
+                self._notice_times[addr] = now
+                self._notice_times.move_to_end(addr)
+                if len(self._notice_times) > MAX_NOTICED:
+                    self._notice_times.popitem(last=False)
+                self._send_path_notice(device, data, addr)
             return
-        now = self._loop.time()
         if kind == _MAGIC_QH and data[3] in _HELLO_TYPES:
+            rid = bytes(data[_RID])
+            if rid not in self._noticed:
+                self._noticed[rid] = None
+                if len(self._noticed) > MAX_NOTICED:
+                    self._noticed.popitem(last=False)
+                self._send_path_notice(device, data, addr)
             slot = device.slot
             if slot is not None and slot[0] != addr and now < slot[1]:
                 self._drop("handshake-busy")
@@ -320,6 +346,17 @@ class Gateway:
         self._remember(bytes(data[_RID]), addr, device, now)
         device.datagrams_out += 1
         device.transport.send(data, device.transport.peer_address)
+
+    def _send_path_notice(self, device: Device, data: bytes, addr: Addr) -> None:
+        """Tell ``addr`` the path to ``device``: its link MTU and line speed (a hint the client
+        may only narrow itself with; never larger than what it asked to send, so a forged
+        source address gains an attacker no amplification)."""
+        notice = pathinfo.encode_path_notice(bytes(data[_RID]), min(device.transport.mtu,
+                                                                    0xFFFF),
+                                             device.transport.spec.baud)
+        if len(notice) <= len(data):
+            self.notices_sent += 1
+            self.udp.send(notice, addr)
 
     # -- serial -> UDP --------------------------------------------------------------------------
 

@@ -588,11 +588,22 @@ async def connect(
     # The core's own budget stretches with the link's airtime (a 9600-baud line needs ~17 s
     # for the handshake alone); waiting only handshake_timeout would give up before it does.
     bound = timeout if timeout is not None else conn.handshake_budget + CLOSE_GRACE
+    started = engine._loop.time()
     try:
-        conn.connect(peer, engine._loop.time(), ticket=ticket, early_data=early_data)
+        conn.connect(peer, started, ticket=ticket, early_data=early_data)
         engine.update()
-        async with asyncio.timeout(bound):
-            outcome = await asyncio.shield(engine.handshake)
+        while True:
+            try:
+                async with asyncio.timeout(started + bound - engine._loop.time()):
+                    outcome = await asyncio.shield(engine.handshake)
+                break
+            except TimeoutError:
+                # A gateway's PATH notice may have told the core the path is slow, and the
+                # core's budget grew with it (palisade_c.pathinfo): wait as long as it does.
+                grown = conn.handshake_budget + CLOSE_GRACE
+                if timeout is not None or grown <= bound:
+                    raise
+                bound = grown
     except TimeoutError:
         with contextlib.suppress(PalisadeError):
             conn.close()  # erases the half-done handshake's secrets

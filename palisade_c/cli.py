@@ -255,10 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default 5; 0: do not wait)")
     connect_p.add_argument("--mtu", type=_datagram_size, metavar="BYTES",
                            help="largest datagram to send (default 1200 on UDP; a serial "
-                           "link uses its own MTU): through a gateway, the device's link MTU")
+                           "link uses its own MTU; a gateway tells the client its device's "
+                           "link MTU, so this is only an override)")
     connect_p.add_argument("--link-bps", type=_bits_per_second, metavar="BPS",
-                           help="speed of the slowest hop, e.g. 115200 for a device behind a "
-                           "gateway: stretches the handshake timers (a serial URL knows it)")
+                           help="speed of the slowest hop, e.g. 115200: stretches the "
+                           "handshake timers (a serial URL knows it, a gateway tells it; "
+                           "this is only an override)")
     connect_p.set_defaults(func=_cmd_connect)
 
     gateway_p = sub.add_parser(

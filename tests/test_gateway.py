@@ -26,7 +26,7 @@ import palisade_c
 from firmware_bridge.gateway import Gateway
 from firmware_bridge.pty_link import PtyLink
 from palisade_c import hsrecord as hs
-from palisade_c import link
+from palisade_c import link, pathinfo
 from palisade_c.aio import HandshakeTimeoutError, Tunnel, connect, serve
 from palisade_c.config import Config
 from palisade_c.errors import ConfigError
@@ -64,6 +64,7 @@ class FakeSerial:
     on_datagram: Any = None
     on_reset: Any = None
     on_hello: Any = None
+    peer_hello: Any = None
     peer_address: str = "dev"
     counters: dict[str, Any] = field(default_factory=dict)
 
@@ -83,11 +84,16 @@ class FakeSerial:
 @dataclass
 class FakeUdp:
     sent: list[tuple[bytes, Any]] = field(default_factory=list)
+    #: Gateway notices (palisade_c.pathinfo), kept apart from the relayed datagrams.
+    notices: list[tuple[Any, Any]] = field(default_factory=list)
     on_datagram: Any = None
     local_address: tuple[str, int] = ("127.0.0.1", 9)
 
     def send(self, data: bytes, addr: Any) -> None:
-        self.sent.append((data, addr))
+        if pathinfo.is_notice(data):
+            self.notices.append((pathinfo.parse_notice(data), addr))
+        else:
+            self.sent.append((data, addr))
 
     def close(self) -> None:
         pass
@@ -176,6 +182,27 @@ def test_drops_are_counted() -> None:
     run(main())
 
 
+def test_clients_are_told_the_path_once_per_handshake_and_on_every_oversize_drop() -> None:
+    async def main() -> None:
+        a = FakeSerial("a", NODE_A, mtu=300, spec=_Spec(baud=9600))
+        gw, udp = make_gateway(a)
+        client = ("10.0.0.1", 1)
+        hello_rid = rid(NODE_A, 1)
+        for _ in range(3):  # fragments and retransmissions of one ClientHello
+            udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, hello_rid), client)
+        assert udp.notices == [(pathinfo.PathNotice(hello_rid, 300, 9600), client)]
+        udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, hello_rid, size=1200), client)
+        udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, hello_rid, size=1200), client)
+        assert len(udp.notices) == 2  # the second drop came too soon after the first
+        await asyncio.sleep(0.11)
+        udp.on_datagram(record(b"QP", 0, rid(NODE_A, 2), size=400), client)
+        assert udp.notices[-1] == (pathinfo.PathNotice(rid(NODE_A, 2), 300, 9600), client)
+        assert gw.counters["notices_sent"] == 3
+        assert gw.counters["drops"] == {"too-large": 3}
+
+    run(main())
+
+
 def test_rid_routes_are_bounded_and_expire() -> None:
     async def main() -> None:
         a = FakeSerial("a", NODE_A)
@@ -233,6 +260,16 @@ def test_routes_from_the_first_hello_that_announces_a_node_id() -> None:
         a.on_hello(hello(bytes(7) + b"\x01", boot=2))
         udp.on_datagram(record(b"QP", 0, rid(NODE_A, 3)), addr)
         assert len(a.sent) == 2 and gw.counters["drops"] == {"unknown-prefix": 1}
+
+    run(main())
+
+
+def test_a_hello_that_came_before_the_gateway_listened_still_counts() -> None:
+    async def main() -> None:
+        a = FakeSerial("a", None, peer_hello=hello(NODE_A))
+        gw, udp = make_gateway(a)
+        udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, rid(NODE_A, 1)), ("10.0.0.1", 1))
+        assert len(a.sent) == 1 and gw.counters["devices"]["a"]["announced"] == NODE_A.hex()
 
     run(main())
 

@@ -49,6 +49,7 @@ from collections.abc import Callable
 from typing import Any
 
 from palisade_c import frames as F
+from palisade_c import pathinfo
 from palisade_c import wire
 from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION
 from palisade_c.errors import (
@@ -385,6 +386,8 @@ cdef class Connection:
                 self._flush_amplification()
         elif raw[0] == 0x51 and raw[1] == 0x50:  # "QP"
             self._on_packet(raw, addr, now)
+        elif raw[0] == 0x51 and raw[1] == 0x4E:  # "QN": a gateway notice, only ever a hint
+            self._on_notice(raw, addr, now)
         else:
             self._drop("bad-magic")
 
@@ -1218,6 +1221,68 @@ cdef class Connection:
         self._migrate_nonces.add(nonce)
         # The candidate itself was set by _on_new_path when this packet arrived.
         return 0
+
+    # ------------------------------------------------------------------ gateway notices
+
+    def _on_notice(self, bytes raw, addr, double now):
+        """A cleartext gateway notice (palisade_c.pathinfo; docs/protocol.md, "Gateway
+        notices" [profile]). Unauthenticated, so it can only narrow the path or prompt a
+        check; accepted only from the peer's address and about our own RID."""
+        if not self.is_client:
+            self._drop("notice-unexpected")
+            return
+        try:
+            notice = pathinfo.parse_notice(raw)
+        except DecodeError:
+            self._drop("notice-malformed")
+            return
+        if addr != self.peer_addr or (notice.rid != self.rid and notice.rid != self._hello_rid):
+            self._drop("notice-unmatched")
+            return
+        if isinstance(notice, pathinfo.PathNotice):
+            self._on_path_notice(notice.max_datagram, notice.link_bps)
+        else:
+            self._on_reboot_notice(notice.boot_counter, now)
+
+    def _on_path_notice(self, int max_datagram, link_bps):
+        cdef Flight flight
+        cdef HandshakeRecord rec
+        old = self.config
+        cfg = pathinfo.narrow_config(old, max_datagram, link_bps)
+        if cfg is old:
+            return  # nothing smaller or slower than what we use: never raise on its word
+        old_budget = self._handshake_budget()
+        self.config = cfg
+        self._ack_delay = cfg.initial_rto / 4 + cfg.link_time(2 * cfg.max_datagram_size)
+        if self._has_hs_deadline:
+            self._hs_deadline += self._handshake_budget() - old_budget
+        self._log_event("path", {"max_datagram": cfg.max_datagram_size,
+                                 "link_bps": cfg.link_bits_per_second})
+        log.info("%s: path narrowed to %d-byte datagrams%s", self.name, cfg.max_datagram_size,
+                 f" at {cfg.link_bits_per_second:g} bit/s" if cfg.link_bits_per_second else "")
+        flight = self._flight
+        if flight is None or flight._rid != self.rid \
+                or max(len(r) for r in flight._records) <= cfg.max_datagram_size:
+            return
+        # Refragment the unacknowledged flight to the new size: its records are being dropped
+        # on the way. At most twice at once per session (each notice must narrow, but a forged
+        # stream of them must not make us resend a whole flight per notice); after that the
+        # smaller records wait for the retransmission timer.
+        message = bytearray(flight._msg_length)
+        for raw in flight._records:
+            rec = decode_ptr(<const unsigned char*>PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
+            message[rec.frag_offset:rec.frag_offset + len(rec.fragment)] = rec.fragment
+        # Kept in the instance dict: connection.pxd (shared by other modules) stays as it is.
+        resends = getattr(self, "_path_resends", 0)
+        if resends < 2:
+            setattr(self, "_path_resends", resends + 1)
+            self._send_message(flight._msg_type, flight._msg_seq, bytes(message))
+        else:
+            self._flight = Flight.from_message(flight._msg_type, self.rid, flight._msg_seq,
+                                               bytes(message), cfg.max_datagram_size)
+
+    def _on_reboot_notice(self, boot_counter, double now):
+        self._drop("notice-reboot-ignored")
 
     # ------------------------------------------------------------------ control frames
 
