@@ -60,6 +60,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import serial
+import serial.rfc2217
 
 from palisade_c import link
 from palisade_c.errors import ConfigError, DecodeError
@@ -137,6 +138,48 @@ def _policy(name: str, value: str, url: str) -> LinePolicy:
     raise ConfigError(f"bad URL {url!r}: {name} must be keep, on or off, not {value!r}")
 
 
+_PARITY = {
+    "n": serial.PARITY_NONE, "none": serial.PARITY_NONE,
+    "e": serial.PARITY_EVEN, "even": serial.PARITY_EVEN,
+    "o": serial.PARITY_ODD, "odd": serial.PARITY_ODD,
+    "m": serial.PARITY_MARK, "mark": serial.PARITY_MARK,
+    "s": serial.PARITY_SPACE, "space": serial.PARITY_SPACE,
+}
+_STOPBITS = {"1": serial.STOPBITS_ONE, "1.5": serial.STOPBITS_ONE_POINT_FIVE,
+             "2": serial.STOPBITS_TWO}
+
+
+def _flag(name: str, value: str, url: str) -> bool:
+    v = value.lower()
+    if v in _ON or v in _OFF:
+        return v in _ON
+    raise ConfigError(f"bad URL {url!r}: {name} must be 0 or 1, not {value!r}")
+
+
+def _line_options(params: dict[str, str], url: str) -> tuple[tuple[str, Any], ...]:
+    """The pyserial line settings a URL gives (rtscts, xonxoff, parity, bytesize, stopbits);
+    only those given, so that a handler that cannot change one is not asked to."""
+    out: list[tuple[str, Any]] = []
+    for name in ("rtscts", "xonxoff"):
+        if name in params:
+            out.append((name, _flag(name, params[name], url)))
+    if "parity" in params:
+        parity = _PARITY.get(params["parity"].lower())
+        if parity is None:
+            raise ConfigError(f"bad URL {url!r}: parity must be none, even, odd, mark or "
+                              f"space (or N, E, O, M, S), not {params['parity']!r}")
+        out.append(("parity", parity))
+    if "bytesize" in params:
+        out.append(("bytesize", _integer("bytesize", params["bytesize"], url, 5, 8)))
+    if "stopbits" in params:
+        stop = _STOPBITS.get(params["stopbits"])
+        if stop is None:
+            raise ConfigError(f"bad URL {url!r}: stopbits must be 1, 1.5 or 2, "
+                              f"not {params['stopbits']!r}")
+        out.append(("stopbits", stop))
+    return tuple(out)
+
+
 def _number(name: str, value: str, url: str, lo: float, hi: float) -> float:
     try:
         x = float(value)
@@ -161,7 +204,9 @@ class SerialSpec:
     """A checked serial URL: the device and every link parameter, with defaults applied.
 
     ``serial:///dev/ttyUSB0?baud=115200&node=0011223344556677&dtr=keep&rts=keep&hupcl=0
-    &mtu=512&ping=2&queue=32768&role=host&hello=2&boot=N`` (every parameter optional).
+    &mtu=512&ping=2&queue=32768&role=host&hello=2&boot=N`` (every parameter optional), plus
+    the line settings ``rtscts=0|1&xonxoff=0|1&parity=none|even|odd|mark|space&bytesize=5..8
+    &stopbits=1|1.5|2`` (pyserial's defaults, 8N1 without flow control, when absent).
     """
 
     url: str
@@ -184,6 +229,8 @@ class SerialSpec:
     hello: float = HELLO_WAIT
     #: Boot counter announced in the device role (random per transport when None).
     boot: int | None = None
+    #: Line settings given in the URL, as (pyserial attribute, value) pairs.
+    line: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def parse(cls, url: str, *, role: Role = "host") -> SerialSpec:
@@ -228,7 +275,12 @@ class SerialSpec:
                                                             else 0)), url, 0, 600),
             boot=(_integer("boot", params["boot"], url, 0, 0xFFFFFFFF)
                   if "boot" in params else None),
+            line=_line_options(params, url),
         )
+
+    def pyserial_options(self) -> dict[str, Any]:
+        """The line settings for ``serial.serial_for_url`` (only those the URL gave)."""
+        return dict(self.line)
 
     @property
     def is_device_path(self) -> bool:
@@ -363,7 +415,7 @@ class SerialTransport(Transport):
             await self.wait_closed()
             if isinstance(error, OSError):
                 raise error
-            raise OSError(f"cannot open {spec.device}: {error}") from error
+            raise OSError(f"cannot open {spec.device}: {type(error).__name__}: {error}") from error
         wait = spec.hello if hello_timeout is None else hello_timeout
         if wait > 0 and error is None:
             await self.wait_ready(wait)
@@ -580,7 +632,8 @@ class SerialTransport(Transport):
 
     def _open_port(self) -> Any:
         spec = self.spec
-        kwargs: dict[str, Any] = {"timeout": READ_TIMEOUT, "do_not_open": True}
+        kwargs: dict[str, Any] = {"timeout": READ_TIMEOUT, "do_not_open": True,
+                                  **spec.pyserial_options()}
         if spec.baud:
             kwargs["baudrate"] = spec.baud
         if spec.is_device_path and os.name == "posix":
@@ -588,8 +641,10 @@ class SerialTransport(Transport):
             kwargs["exclusive"] = True
         port = serial.serial_for_url(spec.device, **kwargs)
         # Bounded writes: a port that stops draining (flow control, a hung adapter) must not
-        # hold the writer thread forever.
-        port.write_timeout = max(2.0, 4 * airtime(WRITE_BATCH, spec.baud))
+        # hold the writer thread forever. pyserial's RFC 2217 client cannot do it (its open
+        # fails with NotImplementedError): there the TCP connection bounds a stuck write.
+        if not isinstance(port, serial.rfc2217.Serial):
+            port.write_timeout = max(2.0, 4 * airtime(WRITE_BATCH, spec.baud))
         for line, policy in (("dtr", spec.dtr), ("rts", spec.rts)):
             if policy == "keep":
                 # pyserial drives both lines when it opens the port; skip that so a board
@@ -598,13 +653,17 @@ class SerialTransport(Transport):
             else:
                 setattr(port, line, policy == "on")
         port.open()
-        self._set_hupcl(port)
+        if spec.is_device_path:
+            # Only a local tty has HUPCL; a network port's fileno() is a socket.
+            self._set_hupcl(port)
         return port
 
     def _set_hupcl(self, port: Any) -> None:
         try:
             import termios
-
+        except ImportError:
+            return  # not POSIX: there is no HUPCL to set
+        try:
             fd = port.fileno()
             attrs = termios.tcgetattr(fd)
             if self.spec.hupcl:
@@ -612,9 +671,9 @@ class SerialTransport(Transport):
             else:
                 attrs[2] &= ~termios.HUPCL
             termios.tcsetattr(fd, termios.TCSANOW, attrs)
-        except (ImportError, AttributeError, OSError, ValueError, TypeError,
+        except (AttributeError, OSError, ValueError, TypeError, termios.error,
                 serial.SerialException):
-            pass  # not a tty (a socket:// URL, Windows): there is no HUPCL to set
+            pass  # not a tty after all: there is no HUPCL to set
 
     def _run_io(self) -> None:
         """I/O thread: open (and re-open) the port, read, decode, hand frames to the loop."""
@@ -622,7 +681,10 @@ class SerialTransport(Transport):
         while not self._stop:
             try:
                 port = self._open_port()
-            except (OSError, ValueError, serial.SerialException) as exc:
+            except Exception as exc:
+                # Every failure, not only the expected ones: a handler that cannot do what we
+                # ask must fail open() at once, never end this thread and leave connect()
+                # waiting forever.
                 if not self._opened_once:
                     self._call_loop(self._report_first_open, exc)
                     if self._stop:
@@ -674,7 +736,7 @@ class SerialTransport(Transport):
                 return OSError("write failed")
             try:
                 data = port.read(port.in_waiting or 1)
-            except (OSError, serial.SerialException) as exc:
+            except Exception as exc:  # any failure of the port ends this session of it
                 return exc
             if not data:
                 continue
