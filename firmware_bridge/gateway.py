@@ -27,8 +27,11 @@ security stays end to end between the UDP client and the device.
   (``handshake-busy``) while the slot is held, and they simply retransmit: on a serial line,
   handshakes queue behind each other anyway. A slot whose device never answers expires.
 * **Resets.** When a device reboots (its link HELLO carries a new boot counter) its sessions are
-  gone: the gateway forgets their RIDs and the slot. The clients notice on their own (idle
-  timeout); the gateway cannot tell them, since it holds no keys to speak for the device.
+  gone: the gateway sends a cleartext *REBOOT notice* to the client of every session it routed
+  for that device, then forgets their RIDs and the slot. Holding no keys, it cannot speak for
+  the device, so a client takes the notice only as a reason to probe its session at once
+  (an authenticated round trip) and ends it only when the probe goes unanswered; a reboot
+  reaches clients in seconds instead of at their idle timeout.
 
 * **Path notices.** A UDP client starts with 1200-byte datagrams and no idea of the serial
   line behind us. So the gateway tells it, in a cleartext *PATH notice*
@@ -403,11 +406,17 @@ class Gateway:
         log.info("%s: learned node id %s", device.name, prefix.hex())
 
     def _on_device_reset(self, device: Device, reason: str) -> None:
-        stale = [rid for rid, (_a, d, _t) in self._rids.items() if d is device]
-        for rid in stale:
+        stale = [(rid, addr) for rid, (addr, d, _t) in self._rids.items() if d is device]
+        hello = getattr(device.transport, "peer_hello", None)
+        boot = hello.boot_counter if hello is not None else 0
+        for rid, addr in stale:
             del self._rids[rid]
+            # One small datagram per session the gateway routed: no amplification beyond the
+            # sessions the client itself opened.
+            self.notices_sent += 1
+            self.udp.send(pathinfo.encode_reboot_notice(rid, boot), addr)
         device.slot = None
-        log.warning("%s; forgot %d session route(s)", reason, len(stale))
+        log.warning("%s; told the clients of %d session route(s)", reason, len(stale))
 
     # -- closing --------------------------------------------------------------------------------
 

@@ -500,7 +500,8 @@ def _strip_newline(line: bytes) -> bytes:
 
 
 def _is_link_reset(event: ConnectionClosed) -> bool:
-    """True for the close the client engine makes when a serial device restarted."""
+    """True for the close the client makes when a device restarted: a serial link's new boot
+    counter, or a probe that a gateway's REBOOT notice prompted and nobody answered."""
     return not event.by_peer and event.error_code == ErrorCode.ErrorSessionNotFound
 
 
@@ -564,8 +565,9 @@ async def _connect_main(args: argparse.Namespace) -> int:
     if isinstance(opened, int):
         return opened
     tunnel = opened
-    # Over a serial link the device may reboot under the tunnel; then we connect again.
-    can_reconnect = _is_serial(args.url)
+    # A device may reboot under the tunnel, on a serial link or behind a gateway (whose
+    # REBOOT notice made the session probe itself and fail); then we connect again.
+    can_reconnect = True
 
     lines: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=STDIN_READ_AHEAD)
     stop = threading.Event()

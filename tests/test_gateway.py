@@ -29,7 +29,7 @@ from palisade_c import hsrecord as hs
 from palisade_c import link, pathinfo
 from palisade_c.aio import HandshakeTimeoutError, Tunnel, connect, serve
 from palisade_c.config import Config
-from palisade_c.errors import ConfigError
+from palisade_c.errors import ConfigError, ErrorCode
 from palisade_c.identity import Identity
 from palisade_c.transport.base import tune_for_link
 
@@ -232,8 +232,11 @@ def test_node_id_learned_from_the_device_and_reset_forgets_routes() -> None:
         udp.on_datagram(record(b"QP", 0, rid(NODE_A, 5)), addr)
         assert len(a.sent) == 1
         assert gw.route_for(rid(NODE_A, 5)) == addr
+        a.peer_hello = hello(NODE_A, boot=0x1234)
         a.on_reset("serial link reset: the device on a restarted")
         assert gw.route_for(rid(NODE_A, 5)) is None
+        # Its client is told, so that it probes the session at once.
+        assert udp.notices[-1] == (pathinfo.RebootNotice(rid(NODE_A, 5), 0x1234), addr)
 
     run(main())
 
@@ -375,6 +378,52 @@ def test_two_devices_through_the_gateway() -> None:
                 for server in (server_a, server_b):
                     server.close()
                     await server.wait_closed()
+
+    run(main())
+
+
+def test_a_device_restart_behind_the_gateway_reaches_its_client_in_seconds() -> None:
+    """The device reboots (same line, new boot counter): the gateway's REBOOT notice makes the
+    client probe its session, which the new device cannot answer, so the tunnel ends with
+    ErrorSessionNotFound in seconds (not at the 60 s idle timeout), and a new one works."""
+    dev, client_id = Identity.generate(), Identity.generate()
+    device_cfg = Config(identity=dev, trusted_peers=[client_id.public_key], node_id=NODE_A,
+                        close_drain_time=0.2)
+    client_cfg = Config(identity=client_id, trusted_peers=[dev.public_key], node_id=NODE_A,
+                        close_drain_time=0.2)
+
+    async def main() -> None:
+        with PtyLink(FAST) as line:
+            server = await serve(line.url("a", boot=1), device_cfg, _tagging_echo(b"1:"))
+            gw = await Gateway.start("udp://127.0.0.1:0", [line.url("b")])
+            try:
+                assert await gw.devices[0].transport.wait_ready(5)
+                host, port = gw.address
+                url = f"udp://{host}:{port}"
+                tunnel = await connect(url, client_cfg)
+                tunnel.send(b"x")
+                assert await tunnel.recv() == b"1:x"
+                # Power loss: the device dies without a word, then boots again.
+                line.unplug("a")
+                server.close()
+                await server.wait_closed()
+                line.replug("a")
+                server = await serve(line.url("a", boot=2), device_cfg, _tagging_echo(b"2:"))
+                restarted = asyncio.get_running_loop().time()
+                closed = await asyncio.wait_for(tunnel.wait_closed(), timeout=10)
+                took = asyncio.get_running_loop().time() - restarted
+                assert closed.error_code == ErrorCode.ErrorSessionNotFound, closed
+                assert took < 6, took
+                assert gw.counters["notices_sent"] >= 2  # a PATH and a REBOOT notice
+                again = await connect(url, client_cfg)
+                again.send(b"y")
+                assert await again.recv() == b"2:y"
+                await again.close()
+            finally:
+                gw.close()
+                await gw.wait_closed()
+                server.close()
+                await server.wait_closed()
 
     run(main())
 

@@ -18,7 +18,8 @@ from palisade_c import pathinfo
 from palisade_c.config import Config
 from palisade_c.connection import Connection
 from palisade_c.endpoint import ServerEndpoint
-from palisade_c.errors import DecodeError, PacketTooLargeError
+from palisade_c.errors import DecodeError, ErrorCode, PacketTooLargeError
+from palisade_c.events import ConnectionClosed
 from palisade_c.identity import Identity
 
 HEADERS_AND_TAG = 61  # PublicHeader + EncryptedHeader + AEAD tag (PROFILE §4)
@@ -202,3 +203,64 @@ def test_a_flood_of_forged_notices_cannot_multiply_the_traffic(ids: Ids) -> None
     resent = sum(len(d) for d, _ in client.datagrams_to_send(0.001))
     assert client.config.max_datagram_size == 1100
     assert resent <= 2 * first * 1.1  # two immediate refragmentations at most
+
+
+# --- REBOOT notices: a reason to probe, never to close -------------------------------------------
+
+
+def established_sim(ids: Ids) -> GatewaySim:
+    sim = gateway_sim(ids, 512, 115200)
+    sim.run(lambda: sim.client.established, 10.0)
+    sim.run(lambda: False, 1.0)  # let the ClientFinished flight and its ack cross
+    assert sim.client.established
+    return sim
+
+
+def closed_event(conn: Connection) -> ConnectionClosed | None:
+    while (event := conn.next_event()) is not None:
+        if isinstance(event, ConnectionClosed):
+            return event
+    return None
+
+
+def test_a_forged_reboot_notice_never_ends_a_live_session(ids: Ids) -> None:
+    sim = established_sim(ids)
+    client = sim.client
+    epoch = client.epoch
+    for _ in range(20):  # a stream of them costs one probe (one rekey), not twenty
+        client.receive_datagram(pathinfo.encode_reboot_notice(client.rid, 7), GATEWAY, sim.now)
+    requests = len(client.datagrams_to_send(sim.now))
+    assert requests == 1
+    sim.run(lambda: False, 10.0)
+    assert client.established and client.epoch == epoch + 1  # the probe was answered
+    # And the next notice probes again.
+    client.receive_datagram(pathinfo.encode_reboot_notice(client.rid, 8), GATEWAY, sim.now)
+    sim.run(lambda: False, 10.0)
+    assert client.established and client.epoch == epoch + 2
+
+
+def test_a_reboot_notice_ends_a_session_the_device_lost_within_seconds(ids: Ids) -> None:
+    sim = established_sim(ids)
+    client = sim.client
+    # The device restarts: a fresh endpoint that knows nothing of the session.
+    sim.server = ServerEndpoint(Config(identity=ids.server, trusted_peers=[ids.client.public_key],
+                                       rng=seeded_rng(5), max_datagram_size=512))
+    while client.next_event() is not None:
+        pass
+    told = sim.now
+    client.receive_datagram(pathinfo.encode_reboot_notice(client.rid, 9), GATEWAY, sim.now)
+    sim.run(lambda: client.closed, 20.0)
+    assert client.closed and sim.now - told < 4.0
+    event = closed_event(client)
+    assert event is not None and not event.by_peer
+    assert event.error_code == ErrorCode.ErrorSessionNotFound
+    assert "restarted" in event.reason
+
+
+def test_a_reboot_notice_mid_handshake_resends_the_flight(ids: Ids) -> None:
+    sim = gateway_sim(ids, 65535, None)
+    client = sim.client
+    first = client.datagrams_to_send(0.0)
+    client.receive_datagram(pathinfo.encode_reboot_notice(client.rid, 1), GATEWAY, 1.0)
+    assert [d for d, _ in client.datagrams_to_send(1.0)] == [d for d, _ in first]
+    assert not client.closed

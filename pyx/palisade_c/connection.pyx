@@ -117,6 +117,9 @@ MAX_MIGRATE_NONCES = 1024
 #: Bytes a full handshake puts on the wire (both directions, ML-KEM-768 + ML-DSA-65): what a
 #: slow link needs time for on top of the configured handshake timeout.
 HANDSHAKE_WIRE_BYTES = 16_500
+# Seconds a live peer has to answer the probe a gateway's REBOOT notice triggers (plus the
+# link's airtime); a session still silent then is gone [profile, docs/protocol.md §14.1].
+PROBE_TIMEOUT = 3.0
 #: Bytes of the reply each flight waits for. A flight's first retransmission timeout must
 #: cover the reply's airtime too, or on a slow link it fires while the reply is still arriving.
 _REPLY_BYTES = {
@@ -473,7 +476,16 @@ cdef class Connection:
                 self._idle_out()
                 return
             if self._has_rekey_deadline and now >= self._rekey_deadline:
-                self._retransmit_rekey(now)
+                if self._probe_failed(now):
+                    self._fail(ErrorCode.ErrorSessionNotFound,
+                               "the device behind the gateway restarted (no answer to the "
+                               "probe)", send=False)
+                    return
+                if self._rekey_next >= 0:
+                    self._retransmit_rekey(now)
+                    self._clamp_probe()
+                else:
+                    self._has_rekey_deadline = False  # only the probe's check was due
             self._maybe_rekey(now)
             if now >= self._last_send + <double>self.config.keepalive_interval:
                 self._seal(b"", _STREAM_KEEPALIVE)
@@ -1282,7 +1294,54 @@ cdef class Connection:
                                                bytes(message), cfg.max_datagram_size)
 
     def _on_reboot_notice(self, boot_counter, double now):
-        self._drop("notice-reboot-ignored")
+        """The gateway says the device restarted. Never a reason to end the session by itself
+        (anyone can send this): a reason to check at once. Mid-handshake, resend the flight
+        (rate-limited like any prompted resend); established, ask for a rekey, which a live
+        peer answers with an authenticated announcement within a round trip. If nothing
+        authenticated arrives by the probe deadline, the session is gone (§14.1)."""
+        cfg = self.config
+        if not self._fsm.established:
+            self._resend_flight(prompted=True)
+            return
+        if getattr(self, "_probe", None) is not None and not self._probe_failed(now) \
+                and getattr(self, "_probe", None) is not None:
+            return  # one probe at a time: a stream of notices costs one rekey
+        self._client_request_rekey()
+        if self._rekey_next < 0:
+            # No request could go out (our receiver is still switching epochs, which itself
+            # means the peer spoke moments ago): without a question there is no probe.
+            self._drop("probe-deferred")
+            return
+        self._log_event("probe", {"boot_counter": boot_counter})
+        log.info("%s: gateway reports a device restart (boot counter %#x); probing the "
+                 "session", self.name, boot_counter)
+        deadline = now + PROBE_TIMEOUT + 4 * cfg.link_time(cfg.max_datagram_size)
+        setattr(self, "_probe", (self._last_recv, deadline, boot_counter))
+        self._clamp_probe()
+
+    def _clamp_probe(self):
+        """Make the rekey timer (armed by the probe's request, or by a rekey in progress) fire
+        by the probe deadline at the latest: handle_timer checks the probe then."""
+        probe = getattr(self, "_probe", None)
+        if probe is not None and (not self._has_rekey_deadline
+                                  or self._rekey_deadline > probe[1]):
+            self._rekey_deadline = probe[1]
+            self._has_rekey_deadline = True
+
+    def _probe_failed(self, double now):
+        """True once a pending probe's deadline passed with nothing authenticated received
+        since it began; clears a probe that is answered or expired."""
+        probe = getattr(self, "_probe", None)
+        if probe is None:
+            return False
+        last_recv, deadline, boot_counter = probe
+        if self._last_recv > last_recv:
+            setattr(self, "_probe", None)  # the peer answered: the session lives
+            return False
+        if now < deadline:
+            return False
+        setattr(self, "_probe", None)
+        return True
 
     # ------------------------------------------------------------------ control frames
 
