@@ -518,7 +518,7 @@ async def _open_transport(
     scheme, host, port, _params = parse_url(url)
     if scheme in SERIAL_SCHEMES:
         # Imported here: pyserial and its threads are only for those who use a serial link.
-        from firmware_bridge.serial_link import SerialTransport
+        from palisade_c.transport.serial import SerialTransport
 
         # A device announces its node id in the link HELLO, so a gateway routes to it.
         serial = await SerialTransport.open(url, role="device" if server else "host",

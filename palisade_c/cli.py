@@ -51,7 +51,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from firmware_bridge.progress import HandshakeProgress, should_show
 from palisade_c.aio import HandshakeTimeoutError, Tunnel, connect, serve
 from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION, Config
 from palisade_c.connection import Connection
@@ -66,6 +65,7 @@ from palisade_c.errors import (
 from palisade_c.eventlog import JsonLinesLog
 from palisade_c.events import ConnectionClosed, DataReceived
 from palisade_c.identity import Identity
+from palisade_c.progress import HandshakeProgress, should_show
 from palisade_c.tickets import ClientTicketCache, SqliteTicketStore, TicketService
 from palisade_c.transport.base import (
     MAX_DATAGRAM_SIZE,
@@ -694,7 +694,7 @@ def _cmd_connect(args: argparse.Namespace) -> int:
 
 
 async def _gateway_main(args: argparse.Namespace) -> int:
-    from firmware_bridge.gateway import Gateway  # pyserial only for serial commands
+    from palisade_c.gateway import Gateway  # pyserial only for serial commands
 
     try:
         gateway = await Gateway.start(args.listen, args.serial)

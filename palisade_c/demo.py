@@ -7,11 +7,11 @@ uses:
 
 1. Two ephemeral identities (device and client) are generated and saved as key files in a
    temporary directory, then loaded back and pinned from the ``.pub`` files, as the CLI does.
-2. A :class:`~firmware_bridge.pty_link.PtyLink` makes a virtual serial line: two pty pairs
+2. A :class:`~palisade_c.transport.pty.PtyLink` makes a virtual serial line: two pty pairs
    joined by a pump paced to ``baud`` (bytes leave at ``baud / 10`` per second each way).
 3. The simulated device is :func:`palisade_c.aio.serve` on end ``a`` of the line (the serial
    transport in the device role) with an echo handler and the device's node id.
-4. The gateway (:class:`~firmware_bridge.gateway.Gateway`) listens on UDP on the loopback and
+4. The gateway (:class:`~palisade_c.gateway.Gateway`) listens on UDP on the loopback and
    owns end ``b``, routing by the node id (the RID steering prefix); it holds no keys.
 5. The client connects over UDP to the gateway, targeting the node id, with its datagram size
    and timers tuned to the serial hop. Its handshake progress is printed on stderr; then it
@@ -37,17 +37,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from firmware_bridge.gateway import Gateway
-from firmware_bridge.progress import HandshakeProgress
-from firmware_bridge.pty_link import PtyLink
 from palisade_c.aio import Tunnel, connect, serve
 from palisade_c.config import Config
 from palisade_c.connection import Connection
 from palisade_c.errors import PalisadeError, code_name
 from palisade_c.events import ConnectionClosed, DataReceived, EpochChanged
+from palisade_c.gateway import Gateway
 from palisade_c.identity import Identity
+from palisade_c.progress import HandshakeProgress
 from palisade_c.reassembly import LINK_BITS_PER_BYTE
 from palisade_c.transport.base import tune_for_link
+from palisade_c.transport.pty import PtyLink
 
 __all__ = ["DEMO_TIMEOUT", "DemoError", "DemoResult", "run", "run_demo", "summary_lines"]
 

@@ -1,9 +1,9 @@
-"""The UDP-to-serial gateway (firmware_bridge.gateway).
+"""The UDP-to-serial gateway (palisade_c.gateway).
 
 Two kinds of test: the routing table alone, with stand-in transports that record what they
 are given (every rule of the module docstring, deterministic, no I/O), and real tunnels from
 UDP clients on the loopback through the gateway to devices on virtual serial lines
-(firmware_bridge.pty_link), in process and through the ``palisade`` command line.
+(palisade_c.transport.pty), in process and through the ``palisade`` command line.
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ import pytest
 from aiohelpers import run_bounded
 
 import palisade_c
-from firmware_bridge.gateway import Gateway
-from firmware_bridge.pty_link import PtyLink
 from palisade_c import hsrecord as hs
 from palisade_c import link, pathinfo
 from palisade_c.aio import HandshakeTimeoutError, Tunnel, connect, serve
 from palisade_c.config import Config
 from palisade_c.errors import ConfigError, ErrorCode
+from palisade_c.gateway import Gateway
 from palisade_c.identity import Identity
 from palisade_c.transport.base import tune_for_link
+from palisade_c.transport.pty import PtyLink
 
 T = TypeVar("T")
 

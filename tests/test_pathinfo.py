@@ -79,7 +79,7 @@ STEP = 0.005
 class GatewaySim:
     """A client and a device server with a gateway in between that carries at most ``mtu``
     bytes per datagram towards the device and, with ``notices``, answers a datagram too
-    large with a PATH notice (as firmware_bridge.gateway does). Time advances in steps."""
+    large with a PATH notice (as palisade_c.gateway does). Time advances in steps."""
 
     client: Connection
     server: ServerEndpoint

@@ -23,11 +23,11 @@ import serial
 import serial.rfc2217
 from aiohelpers import run_bounded
 
-from firmware_bridge.serial_link import SerialSpec, SerialTransport
 from palisade_c.aio import Tunnel, connect, serve
 from palisade_c.config import Config
 from palisade_c.errors import ConfigError
 from palisade_c.identity import Identity
+from palisade_c.transport.serial import SerialSpec, SerialTransport
 
 # pyserial 3.5's RFC 2217 client still calls Thread.setDaemon/setName.
 pytestmark = pytest.mark.filterwarnings(

@@ -15,7 +15,7 @@ brackets (``udp://[::1]:4433``) or a DNS name; a query string carries transport 
 (``udp://0.0.0.0:4433?x=y``). :func:`parse_url` checks all of it up front so that a typo is a
 clear :class:`~palisade_c.errors.ConfigError` and not a confusing socket error later.
 
-Serial links (:mod:`firmware_bridge.serial_link`) are named ``serial:///dev/ttyUSB0?baud=115200``
+Serial links (:mod:`palisade_c.transport.serial`) are named ``serial:///dev/ttyUSB0?baud=115200``
 (``serial://COM3`` on Windows), or by one of pyserial's own URL forms (``loop://``,
 ``socket://HOST:PORT``, ``rfc2217://HOST:PORT``, ``spy://...``, ``hwgrep://...``), which are handed
 to ``serial.serial_for_url``. For those :func:`parse_url` returns the device (the path, or the
