@@ -193,7 +193,8 @@ class Gateway:
                 transport = await SerialTransport.open(spec, require=False, hello_timeout=0)
                 opened.append(transport)
                 if not transport.connected:
-                    log.warning("%s: not there yet; will keep trying", transport.name)
+                    log.warning("%s: cannot open it yet (%s); will keep trying", transport.name,
+                                transport.open_error)
         except BaseException:
             for t in opened:
                 t.close()

@@ -353,6 +353,8 @@ class SerialTransport(Transport):
         self._largest_promised = 0
         #: Round-trip time of the last answered PING, in seconds.
         self.rtt: float | None = None
+        #: Why the first attempt to open the port failed (None: it opened).
+        self.open_error: BaseException | None = None
         # Counters (see the counters property).
         self.frames_in = 0
         self.frames_out = 0
@@ -410,6 +412,7 @@ class SerialTransport(Transport):
         self = cls(spec, name=name, node_id=node_id)
         self._start_threads()
         error = await asyncio.shield(self._first_open)
+        self.open_error = error
         if error is not None and require:
             self.close()
             await self.wait_closed()
