@@ -128,3 +128,55 @@ def test_connect_through_a_gateway_with_nothing_but_the_node_id(
     # The first handshake went through: nothing waited for a 15 s timeout.
     assert elapsed < 10, elapsed
     assert codes == [0, 0]
+
+
+def test_connect_carries_on_after_the_device_restarts_behind_the_gateway(
+    tmp_path: Path, pty_pair: tuple[Path, Path]
+) -> None:
+    """The device process dies and starts again (a new boot counter): the gateway's REBOOT
+    notice makes the client probe its session, the probe fails within seconds, and connect
+    handshakes again and carries on, with nothing lost."""
+    dev, gw = pty_pair
+    for name in ("device", "client"):
+        ident = Identity.generate()
+        ident.save(tmp_path / f"{name}.key")
+        ident.save_public(tmp_path / f"{name}.key.pub")
+    port = free_udp_port()
+    procs = Procs(tmp_path)
+    device_args = ("serve", f"serial://{dev}", "--node-id", NODE, "--echo",
+                   "--key", "device.key", "--trust", "client.key.pub")
+    client_err = tmp_path / "client.err"
+    client: subprocess.Popen[bytes] | None = None
+    try:
+        device = procs.start("device", *device_args, ready="palisade: listening on serial://")
+        procs.start("gateway", "gateway", "--listen", f"udp://127.0.0.1:{port}",
+                    "--serial", f"serial://{gw}",
+                    ready="palisade: gateway listening on udp://127.0.0.1")
+        with client_err.open("wb") as err_file:
+            client = subprocess.Popen(
+                [sys.executable, "-m", "palisade_c", "connect", f"udp://127.0.0.1:{port}",
+                 "--node-id", NODE, "--key", "client.key", "--trust", "device.key.pub"],
+                cwd=tmp_path, env=env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=err_file)
+        assert client.stdin is not None and client.stdout is not None
+        client.stdin.write(b"before\n")
+        client.stdin.flush()
+        assert client.stdout.readline() == b"before\n"
+        device.kill()  # power loss: not a word to anyone
+        device.wait(timeout=5)
+        procs.procs.remove(device)
+        restarted = time.monotonic()
+        procs.start("device2", *device_args, ready="palisade: listening on serial://")
+        wait_for(lambda: "connecting again" in client_err.read_text(errors="replace"),
+                 "the client never noticed the restart", client, client_err, timeout=15)
+        noticed = time.monotonic() - restarted
+        client.stdin.write(b"after\n")
+        client.stdin.close()
+        assert client.stdout.readline() == b"after\n"
+        assert client.wait(timeout=20) == 0, client_err.read_text(errors="replace")
+        assert noticed < 8, noticed
+        assert "restarted" in client_err.read_text(errors="replace")
+    finally:
+        if client is not None and client.poll() is None:
+            client.kill()
+        procs.stop()
