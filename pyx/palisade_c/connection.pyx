@@ -477,9 +477,7 @@ cdef class Connection:
                 return
             if self._has_rekey_deadline and now >= self._rekey_deadline:
                 if self._probe_failed(now):
-                    self._fail(ErrorCode.ErrorSessionNotFound,
-                               "the device behind the gateway restarted (no answer to the "
-                               "probe)", send=False)
+                    self._probe_lost()
                     return
                 if self._rekey_next >= 0:
                     self._retransmit_rekey(now)
@@ -1303,9 +1301,12 @@ cdef class Connection:
         if not self._fsm.established:
             self._resend_flight(prompted=True)
             return
-        if getattr(self, "_probe", None) is not None and not self._probe_failed(now) \
-                and getattr(self, "_probe", None) is not None:
-            return  # one probe at a time: a stream of notices costs one rekey
+        if getattr(self, "_probe", None) is not None:
+            if self._probe_failed(now):  # due, and its timer has not run yet
+                self._probe_lost()
+                return
+            if getattr(self, "_probe", None) is not None:
+                return  # one probe at a time: a stream of notices costs one rekey
         self._client_request_rekey()
         if self._rekey_next < 0:
             # No request could go out (our receiver is still switching epochs, which itself
@@ -1327,6 +1328,11 @@ cdef class Connection:
                                   or self._rekey_deadline > probe[1]):
             self._rekey_deadline = probe[1]
             self._has_rekey_deadline = True
+
+    def _probe_lost(self):
+        self._fail(ErrorCode.ErrorSessionNotFound,
+                   "the device behind the gateway restarted (no answer to the probe)",
+                   send=False)
 
     def _probe_failed(self, double now):
         """True once a pending probe's deadline passed with nothing authenticated received
