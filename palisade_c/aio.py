@@ -293,6 +293,12 @@ class Tunnel:
         return self._conn.peer_addr
 
     @property
+    def max_payload(self) -> int:
+        """The largest payload :meth:`send` accepts: one datagram of the path (its size as
+        configured, or as learned from a gateway) less the packet's headers and tag."""
+        return self._conn.max_payload
+
+    @property
     def counters(self) -> dict[str, Any]:
         """The connection's counters, plus data this tunnel dropped for a slow reader."""
         counters = self._conn.counters
@@ -324,8 +330,9 @@ class Tunnel:
         """Encrypt ``data`` as one packet on ``stream_id`` and send it now.
 
         Raises :class:`~palisade_c.errors.ConnectionClosedError` once the tunnel is closing or
-        closed, :class:`~palisade_c.errors.PacketTooLargeError` if ``data`` does not fit in
-        one datagram, and :class:`ValueError` for a stream id outside 0..253.
+        closed, :class:`~palisade_c.errors.PacketTooLargeError` if ``data`` is longer than
+        :attr:`max_payload` (the error carries it as ``max_payload``), and
+        :class:`ValueError` for a stream id outside 0..253.
         """
         if self._closing or self._closed.done():
             raise self._closed_error()
@@ -514,9 +521,11 @@ async def _open_transport(
     scheme, host, port, _params = parse_url(url)
     if scheme in SERIAL_SCHEMES:
         # Imported here: pyserial and its threads are only for those who use a serial link.
-        from firmware_bridge.serial_link import SerialTransport
+        from palisade_c.transport.serial import SerialTransport
 
-        serial = await SerialTransport.open(url, role="device" if server else "host")
+        # A device announces its node id in the link HELLO, so a gateway routes to it.
+        serial = await SerialTransport.open(url, role="device" if server else "host",
+                                            node_id=config.node_id if server else None)
         try:
             return serial, serial.peer_address, link_config(config, serial)
         except BaseException:
@@ -584,11 +593,22 @@ async def connect(
     # The core's own budget stretches with the link's airtime (a 9600-baud line needs ~17 s
     # for the handshake alone); waiting only handshake_timeout would give up before it does.
     bound = timeout if timeout is not None else conn.handshake_budget + CLOSE_GRACE
+    started = engine._loop.time()
     try:
-        conn.connect(peer, engine._loop.time(), ticket=ticket, early_data=early_data)
+        conn.connect(peer, started, ticket=ticket, early_data=early_data)
         engine.update()
-        async with asyncio.timeout(bound):
-            outcome = await asyncio.shield(engine.handshake)
+        while True:
+            try:
+                async with asyncio.timeout(started + bound - engine._loop.time()):
+                    outcome = await asyncio.shield(engine.handshake)
+                break
+            except TimeoutError:
+                # A gateway's PATH notice may have told the core the path is slow, and the
+                # core's budget grew with it (palisade_c.pathinfo): wait as long as it does.
+                grown = conn.handshake_budget + CLOSE_GRACE
+                if timeout is not None or grown <= bound:
+                    raise
+                bound = grown
     except TimeoutError:
         with contextlib.suppress(PalisadeError):
             conn.close()  # erases the half-done handshake's secrets

@@ -10,10 +10,9 @@
     palisade serve serial:///dev/ttyGS0 --key dev.key --trust client.key.pub --echo \
         --node-id 0011223344556677
     palisade connect serial:///dev/ttyUSB0?baud=115200 --key client.key --trust dev.key.pub
-    palisade gateway --listen udp://0.0.0.0:4433 \
-        --serial 'serial:///dev/ttyUSB0?baud=115200&node=0011223344556677'
-    palisade connect udp://gateway:4433 --node-id 0011223344556677 --mtu 512 \
-        --link-bps 115200 --key client.key --trust dev.key.pub
+    palisade gateway --listen udp://0.0.0.0:4433 --serial 'serial:///dev/ttyUSB0?baud=115200'
+    palisade connect udp://gateway:4433 --node-id 0011223344556677 \
+        --key client.key --trust dev.key.pub
     palisade demo                                      # all of it on a virtual serial line
 
 Output contract (scripts and tests rely on it):
@@ -30,7 +29,8 @@ Output contract (scripts and tests rely on it):
   peer is escaped so that it cannot add lines or terminal control sequences.
 
 Exit codes: 0 success; 1 a runtime or configuration error (including replies still missing
-when ``connect`` gives up waiting); 2 a failed handshake (argparse also uses 2 for usage
+when ``connect`` gives up waiting, and lines too long for one datagram of the path, each
+reported and skipped); 2 a failed handshake (argparse also uses 2 for usage
 errors); 130 interrupted.
 """
 
@@ -52,7 +52,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from firmware_bridge.progress import HandshakeProgress, should_show
 from palisade_c.aio import HandshakeTimeoutError, Tunnel, connect, serve
 from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION, Config
 from palisade_c.connection import Connection
@@ -67,6 +66,7 @@ from palisade_c.errors import (
 from palisade_c.eventlog import JsonLinesLog
 from palisade_c.events import ConnectionClosed, DataReceived
 from palisade_c.identity import Identity
+from palisade_c.progress import HandshakeProgress, should_show
 from palisade_c.ridlayout import MAX_WORKERS, RidLayout
 from palisade_c.safetext import printable
 from palisade_c.ticketkeys import FileTicketKeyRing
@@ -307,10 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default 5; 0: do not wait)")
     connect_p.add_argument("--mtu", type=_datagram_size, metavar="BYTES",
                            help="largest datagram to send (default 1200 on UDP; a serial "
-                           "link uses its own MTU): through a gateway, the device's link MTU")
+                           "link uses its own MTU; a gateway tells the client its device's "
+                           "link MTU, so this is only an override)")
     connect_p.add_argument("--link-bps", type=_bits_per_second, metavar="BPS",
-                           help="speed of the slowest hop, e.g. 115200 for a device behind a "
-                           "gateway: stretches the handshake timers (a serial URL knows it)")
+                           help="speed of the slowest hop, e.g. 115200: stretches the "
+                           "handshake timers (a serial URL knows it, a gateway tells it; "
+                           "this is only an override)")
     connect_p.set_defaults(func=_cmd_connect)
 
     gateway_p = sub.add_parser(
@@ -322,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     gateway_p.add_argument("--listen", required=True, metavar="URL",
                            help="UDP address for clients: udp://HOST:PORT")
     gateway_p.add_argument("--serial", required=True, action="append", metavar="URL",
-                           help="a device: serial:///dev/ttyUSB0?baud=115200&node=HEX16 "
-                           "(repeatable; node= is the device's --node-id)")
+                           help="a device: serial:///dev/ttyUSB0?baud=115200 (repeatable); "
+                           "the device announces its node id, node=HEX16 only pins it")
     gateway_p.set_defaults(func=_cmd_gateway)
 
     demo_p = sub.add_parser(
@@ -616,7 +618,8 @@ def _strip_newline(line: bytes) -> bytes:
 
 
 def _is_link_reset(event: ConnectionClosed) -> bool:
-    """True for the close the client engine makes when a serial device restarted."""
+    """True for the close the client makes when a device restarted: a serial link's new boot
+    counter, or a probe that a gateway's REBOOT notice prompted and nobody answered."""
     return not event.by_peer and event.error_code == ErrorCode.ErrorSessionNotFound
 
 
@@ -680,8 +683,9 @@ async def _connect_main(args: argparse.Namespace) -> int:
     if isinstance(opened, int):
         return opened
     tunnel = opened
-    # Over a serial link the device may reboot under the tunnel; then we connect again.
-    can_reconnect = _is_serial(args.url)
+    # A device may reboot under the tunnel, on a serial link or behind a gateway (whose
+    # REBOOT notice made the session probe itself and fail); then we connect again.
+    can_reconnect = True
 
     lines: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=STDIN_READ_AHEAD)
     stop = threading.Event()
@@ -689,7 +693,8 @@ async def _connect_main(args: argparse.Namespace) -> int:
     threading.Thread(target=_read_stdin, args=(loop, lines, stop), name="palisade-stdin",
                      daemon=True).start()
 
-    sent = received = lost = 0
+    sent = received = lost = skipped = 0
+    line_no = 0
     if tunnel.handshake is not None and tunnel.handshake.early_data_accepted:
         sent = 1  # the --early-data request is answered like a line
     stdin_done = False
@@ -699,16 +704,20 @@ async def _connect_main(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
 
     async def send_lines() -> None:
-        nonlocal sent, stdin_done
+        nonlocal sent, stdin_done, skipped, line_no
         while (line := await lines.get()) is not None:
             data = _strip_newline(line)
+            line_no += 1
             while True:
                 current = tunnel
                 try:
                     current.send(data)
-                except PacketTooLargeError:
-                    _error(f"line {sent + 1} does not fit in one datagram ({len(data)} bytes); "
-                           "skipped")
+                except PacketTooLargeError as exc:
+                    # The path's datagram size is a promise: say so, for every line, and
+                    # make the exit status show that not everything went out.
+                    skipped += 1
+                    _error(f"line {line_no} skipped: {len(data)} bytes, more than the "
+                           f"{exc.max_payload} bytes one datagram of this path carries")
                     break
                 except ConnectionClosedError:
                     if not can_reconnect:
@@ -783,6 +792,9 @@ async def _connect_main(args: argparse.Namespace) -> int:
     if lost:
         _error(f"{lost} replies lost when the device restarted")
         status = EXIT_ERROR
+    if skipped:
+        _error(f"{skipped} line(s) not sent: longer than the path's maximum payload")
+        status = EXIT_ERROR
     if event.by_peer or event.error_code != 0:
         if event.error_code != 0 or received < sent:
             _error(f"connection closed by {'peer' if event.by_peer else 'us'}: "
@@ -800,7 +812,7 @@ def _cmd_connect(args: argparse.Namespace) -> int:
 
 
 async def _gateway_main(args: argparse.Namespace) -> int:
-    from firmware_bridge.gateway import Gateway  # pyserial only for serial commands
+    from palisade_c.gateway import Gateway  # pyserial only for serial commands
 
     try:
         gateway = await Gateway.start(args.listen, args.serial)
@@ -810,7 +822,7 @@ async def _gateway_main(args: argparse.Namespace) -> int:
     stop = _stop_on_signals()
     host, port = gateway.address
     devices = ", ".join(
-        f"{d.name} (node {d.node.hex() if d.node else 'learned'})" for d in gateway.devices
+        f"{d.name} (node {d.node.hex() if d.node else 'from its HELLO'})" for d in gateway.devices
     )
     print(f"palisade: gateway listening on udp://{_host_for_url(host)}:{port} for {devices}",
           file=sys.stderr, flush=True)

@@ -102,9 +102,17 @@ class SequenceExhaustedError(PalisadeError):
 
 
 class PacketTooLargeError(PalisadeError, ValueError):
-    """A payload does not fit in one packet."""
+    """A payload does not fit in one packet.
+
+    ``max_payload`` is the largest payload that does fit on the current path (None where the
+    limit is not a payload size, e.g. the record layer's own length field).
+    """
 
     code = ErrorCode.ErrorPacketTooLarge
+
+    def __init__(self, message: str, max_payload: int | None = None) -> None:
+        super().__init__(message)
+        self.max_payload = max_payload
 
 
 # --- decoding (raised by codecs, caught by the core) ----------------------------------------

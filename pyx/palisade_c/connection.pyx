@@ -49,6 +49,7 @@ from collections.abc import Callable
 from typing import Any
 
 from palisade_c import frames as F
+from palisade_c import pathinfo
 from palisade_c import wire
 from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION
 from palisade_c.errors import (
@@ -56,6 +57,7 @@ from palisade_c.errors import (
     DecodeError,
     ErrorCode,
     HandshakeError,
+    PacketTooLargeError,
     StateError,
     code_name,
 )
@@ -117,6 +119,9 @@ MAX_MIGRATE_NONCES = 1024
 #: Bytes a full handshake puts on the wire (both directions, ML-KEM-768 + ML-DSA-65): what a
 #: slow link needs time for on top of the configured handshake timeout.
 HANDSHAKE_WIRE_BYTES = 16_500
+# Seconds a live peer has to answer the probe a gateway's REBOOT notice triggers (plus the
+# link's airtime); a session still silent then is gone [profile, docs/protocol.md §14.1].
+PROBE_TIMEOUT = 3.0
 #: Bytes of the reply each flight waits for. A flight's first retransmission timeout must
 #: cover the reply's airtime too, or on a slow link it fires while the reply is still arriving.
 _REPLY_BYTES = {
@@ -409,6 +414,8 @@ cdef class Connection:
                 self._flush_amplification()
         elif raw[0] == 0x51 and raw[1] == 0x50:  # "QP"
             self._on_packet(raw, addr, now)
+        elif raw[0] == 0x51 and raw[1] == 0x4E:  # "QN": a gateway notice, only ever a hint
+            self._on_notice(raw, addr, now)
         else:
             self._drop("bad-magic")
 
@@ -500,7 +507,14 @@ cdef class Connection:
                 self._idle_out()
                 return
             if self._has_rekey_deadline and now >= self._rekey_deadline:
-                self._retransmit_rekey(now)
+                if self._probe_failed(now):
+                    self._probe_lost()
+                    return
+                if self._rekey_next >= 0:
+                    self._retransmit_rekey(now)
+                    self._clamp_probe()
+                else:
+                    self._has_rekey_deadline = False  # only the probe's check was due
             self._maybe_rekey(now)
             if now >= self._last_send + <double>self.config.keepalive_interval:
                 self._seal(b"", _STREAM_KEEPALIVE)
@@ -508,12 +522,29 @@ cdef class Connection:
     cpdef next_event(self):
         return self._events.popleft() if self._events else None
 
+    @property
+    def max_payload(self):
+        """The largest ``send_data`` payload that fits in one datagram on the current path:
+        the datagram size (config, or what the path taught us) less headers and tag."""
+        return self.config.max_datagram_size - MIN_PACKET_LEN
+
     def send_data(self, data, stream_id=0):
-        """Encrypt ``data`` as one packet on ``stream_id`` (0..253)."""
+        """Encrypt ``data`` as one packet on ``stream_id`` (0..253).
+
+        Raises PacketTooLargeError (carrying ``max_payload``) when it would not fit in one
+        datagram of the path: the datagram size is a promise, never exceeded.
+        """
+        cdef Py_ssize_t n, room
         if not 0 <= stream_id <= MAX_APP_STREAM:
             raise ValueError(f"stream_id must be 0..{MAX_APP_STREAM}")
         if not self._fsm.established:
             raise StateError(f"cannot send in state {self.state}")
+        n = len(data) if type(data) is bytes else memoryview(data).nbytes
+        room = self.config.max_datagram_size - MIN_PACKET_LEN
+        if n > room:
+            raise PacketTooLargeError(
+                f"payload of {n} bytes exceeds the path's maximum payload of {room} bytes "
+                f"(datagrams of {self.config.max_datagram_size} bytes)", room)
         self._seal(data, stream_id)
         self._maybe_rekey(self._now)
 
@@ -1290,6 +1321,123 @@ cdef class Connection:
         self._migrate_nonces[nonce] = None
         # The candidate itself was set by _on_new_path when this packet arrived.
         return 0
+
+    # ------------------------------------------------------------------ gateway notices
+
+    def _on_notice(self, bytes raw, addr, double now):
+        """A cleartext gateway notice (palisade_c.pathinfo; docs/protocol.md, "Gateway
+        notices" [profile]). Unauthenticated, so it can only narrow the path or prompt a
+        check; accepted only from the peer's address and about our own RID."""
+        if not self.is_client:
+            self._drop("notice-unexpected")
+            return
+        try:
+            notice = pathinfo.parse_notice(raw)
+        except DecodeError:
+            self._drop("notice-malformed")
+            return
+        if addr != self.peer_addr or (notice.rid != self.rid and notice.rid != self._hello_rid):
+            self._drop("notice-unmatched")
+            return
+        if isinstance(notice, pathinfo.PathNotice):
+            self._on_path_notice(notice.max_datagram, notice.link_bps)
+        else:
+            self._on_reboot_notice(notice.boot_counter, now)
+
+    def _on_path_notice(self, int max_datagram, link_bps):
+        cdef Flight flight
+        cdef HandshakeRecord rec
+        old = self.config
+        cfg = pathinfo.narrow_config(old, max_datagram, link_bps)
+        if cfg is old:
+            return  # nothing smaller or slower than what we use: never raise on its word
+        old_budget = self._handshake_budget()
+        self.config = cfg
+        self._ack_delay = cfg.initial_rto / 4 + cfg.link_time(2 * cfg.max_datagram_size)
+        if self._has_hs_deadline:
+            self._hs_deadline += self._handshake_budget() - old_budget
+        self._log_event("path", {"max_datagram": cfg.max_datagram_size,
+                                 "link_bps": cfg.link_bits_per_second})
+        log.info("%s: path narrowed to %d-byte datagrams%s", self.name, cfg.max_datagram_size,
+                 f" at {cfg.link_bits_per_second:g} bit/s" if cfg.link_bits_per_second else "")
+        flight = self._flight
+        if flight is None or flight._rid != self.rid \
+                or max(len(r) for r in flight._records) <= cfg.max_datagram_size:
+            return
+        # Refragment the unacknowledged flight to the new size: its records are being dropped
+        # on the way. At most twice at once per session (each notice must narrow, but a forged
+        # stream of them must not make us resend a whole flight per notice); after that the
+        # smaller records wait for the retransmission timer.
+        message = bytearray(flight._msg_length)
+        for raw in flight._records:
+            rec = decode_ptr(<const unsigned char*>PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
+            message[rec.frag_offset:rec.frag_offset + len(rec.fragment)] = rec.fragment
+        # Kept in the instance dict: connection.pxd (shared by other modules) stays as it is.
+        resends = getattr(self, "_path_resends", 0)
+        if resends < 2:
+            setattr(self, "_path_resends", resends + 1)
+            self._send_message(flight._msg_type, flight._msg_seq, bytes(message))
+        else:
+            self._flight = Flight.from_message(flight._msg_type, self.rid, flight._msg_seq,
+                                               bytes(message), cfg.max_datagram_size)
+
+    def _on_reboot_notice(self, boot_counter, double now):
+        """The gateway says the device restarted. Never a reason to end the session by itself
+        (anyone can send this): a reason to check at once. Mid-handshake, resend the flight
+        (rate-limited like any prompted resend); established, ask for a rekey, which a live
+        peer answers with an authenticated announcement within a round trip. If nothing
+        authenticated arrives by the probe deadline, the session is gone (§14.1)."""
+        cfg = self.config
+        if not self._fsm.established:
+            self._resend_flight(prompted=True)
+            return
+        if getattr(self, "_probe", None) is not None:
+            if self._probe_failed(now):  # due, and its timer has not run yet
+                self._probe_lost()
+                return
+            if getattr(self, "_probe", None) is not None:
+                return  # one probe at a time: a stream of notices costs one rekey
+        self._client_request_rekey()
+        if self._rekey_next < 0:
+            # No request could go out (our receiver is still switching epochs, which itself
+            # means the peer spoke moments ago): without a question there is no probe.
+            self._drop("probe-deferred")
+            return
+        self._log_event("probe", {"boot_counter": boot_counter})
+        log.info("%s: gateway reports a device restart (boot counter %#x); probing the "
+                 "session", self.name, boot_counter)
+        deadline = now + PROBE_TIMEOUT + 4 * cfg.link_time(cfg.max_datagram_size)
+        setattr(self, "_probe", (self._last_recv, deadline, boot_counter))
+        self._clamp_probe()
+
+    def _clamp_probe(self):
+        """Make the rekey timer (armed by the probe's request, or by a rekey in progress) fire
+        by the probe deadline at the latest: handle_timer checks the probe then."""
+        probe = getattr(self, "_probe", None)
+        if probe is not None and (not self._has_rekey_deadline
+                                  or self._rekey_deadline > probe[1]):
+            self._rekey_deadline = probe[1]
+            self._has_rekey_deadline = True
+
+    def _probe_lost(self):
+        self._fail(ErrorCode.ErrorSessionNotFound,
+                   "the device behind the gateway restarted (no answer to the probe)",
+                   send=False)
+
+    def _probe_failed(self, double now):
+        """True once a pending probe's deadline passed with nothing authenticated received
+        since it began; clears a probe that is answered or expired."""
+        probe = getattr(self, "_probe", None)
+        if probe is None:
+            return False
+        last_recv, deadline, boot_counter = probe
+        if self._last_recv > last_recv:
+            setattr(self, "_probe", None)  # the peer answered: the session lives
+            return False
+        if now < deadline:
+            return False
+        setattr(self, "_probe", None)
+        return True
 
     # ------------------------------------------------------------------ control frames
 
