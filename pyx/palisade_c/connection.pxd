@@ -93,6 +93,7 @@ cdef class Connection:
     cpdef list datagrams_to_send(self, now=*)
     cpdef object get_timer(self)
     cpdef handle_timer(self, double now)
+    cdef int _service_timers(self, double now) except -1
     cpdef next_event(self)
 
     # plumbing

@@ -432,13 +432,29 @@ cdef class Connection:
         return best if found else None
 
     cpdef handle_timer(self, double now):
-        """Run whatever is due at ``now``: retransmissions, timeouts, keepalives, commits."""
+        """Run whatever is due at ``now``: retransmissions, timeouts, keepalives, commits.
+
+        Invariant: every deadline ``get_timer()`` reports is serviced here in every state, so
+        afterwards ``get_timer()`` is None or later than ``now``. A shell that trusts it would
+        otherwise call again at once, forever. Should a bug break it anyway, the session ends
+        with ErrorInternal (counted as ``timer-stalled``) rather than spin its caller."""
+        cdef object after
+        self._service_timers(now)
+        after = self.get_timer()
+        if after is not None and <double>after <= now:
+            self._drop("timer-stalled")
+            log.error("%s: deadline %.6f did not advance past %.6f in %s; closing", self.name,
+                      <double>after, now, self.state)
+            self._fail(ErrorCode.ErrorInternal, "internal error: timer did not advance",
+                       send=True)
+
+    cdef int _service_timers(self, double now) except -1:
         self._now = now
         if self._fsm.closed:
-            return
+            return 0
         if self._has_hs_deadline and now >= self._hs_deadline:
             self._fail(ErrorCode.ErrorHandshakeTimeout, "handshake timed out", send=False)
-            return
+            return 0
         if self._has_ack_deadline and now >= self._ack_deadline:
             self._send_pending_ack()
         if self._flight_timer.due(now):
@@ -447,32 +463,38 @@ cdef class Connection:
             elif not self._fsm.established:
                 self._fail(ErrorCode.ErrorHandshakeTimeout, "no answer to the handshake",
                            send=False)
-                return
+                return 0
             else:
                 # Established on our side, yet the server never acknowledged CF nor sent one
                 # authenticated packet (either clears the flight): the session never formed.
                 self._fail(ErrorCode.ErrorHandshakeTimeout,
                            "server never confirmed the handshake", send=False)
-                return
+                return 0
         if self._has_drain_deadline and now >= self._drain_deadline:
             self._has_drain_deadline = False
             self._finish_close()
-            return
+            return 0
         if self._has_close_resend_at and now >= self._close_resend_at:
             self._resend_close()
+        if self._has_rekey_deadline and now >= self._rekey_deadline:
+            # Reported in every state, so serviced in every state: a rekey only makes sense
+            # on an established session; anywhere else its timer just stops.
+            if self._fsm.established and self.record is not None and not self.record.erased:
+                self._retransmit_rekey(now)
+            else:
+                self._has_rekey_deadline = False
         if self.record is None or self.record.erased:
-            return
+            return 0
         self.record.handle_timer(now)
         self._after_epoch_activity(now)
         if self._fsm.established:
             if now >= self._last_recv + <double>self.config.idle_timeout:
                 self._idle_out()
-                return
-            if self._has_rekey_deadline and now >= self._rekey_deadline:
-                self._retransmit_rekey(now)
+                return 0
             self._maybe_rekey(now)
             if now >= self._last_send + <double>self.config.keepalive_interval:
                 self._seal(b"", _STREAM_KEEPALIVE)
+        return 0
 
     cpdef next_event(self):
         return self._events.popleft() if self._events else None
@@ -502,6 +524,7 @@ cdef class Connection:
         self._close_frame = F.encode_close(error_code, False, reason)
         self._send_frame(self._close_frame)
         self._fire("close")
+        self._has_rekey_deadline = False  # a closing session finishes no rekey
         self._drain_deadline = self._now + <double>self.config.close_drain_time
         self._has_drain_deadline = True
         self._close_resend_at = self._now + <double>self.config.close_drain_time / 3
@@ -1434,6 +1457,7 @@ cdef class Connection:
         if not self._fire("peer_close"):
             return 0
         self._close_info = (code, reason, True)
+        self._has_rekey_deadline = False  # a closing session finishes no rekey
         self._log_event("peer-close", {"code": code})
         self._send_frame(F.encode_close(0, False, ""))  # answer, so the peer can finish
         self._drain_deadline = self._now + <double>self.config.close_drain_time

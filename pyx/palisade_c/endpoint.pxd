@@ -28,3 +28,4 @@ cdef class ServerEndpoint:
     cdef Connection _accept(self, bytes rid, object addr, double now)
     cdef void _send_retry(self, bytes rid, object addr, double now)
     cdef void _collect(self, Connection conn)
+    cdef void _evict_stalled(self, Connection conn, double now)

@@ -29,12 +29,13 @@ the timer heap cost no attribute lookups per datagram.
 cimport cython
 
 import heapq
+import logging
 from collections import deque
 from typing import NamedTuple
 
 from palisade_c import hsrecord as hs
 from palisade_c.config import PLUS_RESUMPTION
-from palisade_c.errors import DecodeError
+from palisade_c.errors import DecodeError, ErrorCode
 from palisade_c.reassembly import CookieIssuer
 from palisade_c.tickets import TicketService
 
@@ -48,6 +49,8 @@ from palisade_c.hsrecord cimport (
 )
 
 COOKIE_LIFETIME = 30.0
+
+log = logging.getLogger("palisade_c.endpoint")
 
 _heappush = heapq.heappush
 _heappop = heapq.heappop
@@ -161,6 +164,11 @@ cdef class ServerEndpoint:
         return heap[0][0] if heap else None
 
     def handle_timer(self, double now):
+        """Run every session whose deadline is due. Each is visited at most once per call: a
+        session that still reports a deadline at or before ``now`` after its own
+        ``handle_timer(now)`` breaks the timer invariant (a core bug); it is closed with
+        ErrorInternal and counted under ``timer-stalled`` instead of being polled again, so
+        one session can never hold the whole server in this loop."""
         cdef list heap = self._timers
         cdef Connection conn
         while heap and heap[0][0] <= now:
@@ -170,6 +178,28 @@ cdef class ServerEndpoint:
             self._deadlines[conn] = None
             conn.handle_timer(now)
             self._collect(conn)
+            after = self._deadlines.get(conn)
+            if after is not None and after <= now:
+                self._evict_stalled(conn, now)
+
+    cdef void _evict_stalled(self, Connection conn, double now):
+        self._drop("timer-stalled")
+        log.error("%s: deadline did not advance past %.6f; session closed", conn.name, now)
+        try:
+            conn._fail(int(ErrorCode.ErrorInternal), "internal error: timer did not advance",
+                       True)
+        except Exception:  # noqa: BLE001 - a broken session must not take the server with it
+            log.exception("%s: closing a stalled session failed", conn.name)
+        self._collect(conn)
+        if not conn._fsm.closed:
+            # It would not even close: forget it all the same, so it is never polled again.
+            self._deadlines.pop(conn, None)
+            self._half_open.discard(conn)
+            self._busy.discard(conn)
+            for k in (conn._hello_rid, conn.rid):
+                if self._by_rid.get(k) is conn:
+                    del self._by_rid[k]
+            self._sessions.pop(conn, None)
 
     def next_event(self):
         return self._events.popleft() if self._events else None
