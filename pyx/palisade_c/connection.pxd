@@ -22,6 +22,7 @@ cdef class Connection:
     cdef object _event_log
     cdef object _rand
     cdef double _now
+    cdef int _stale_mask                    # deadlines armed from a stale _now (_STALE_*)
     cdef list _out                          # (datagram, addr) pairs not yet collected
     cdef object _events                     # deque of Event
     cdef public object peer_addr
@@ -94,6 +95,8 @@ cdef class Connection:
     cpdef object get_timer(self)
     cpdef handle_timer(self, double now)
     cdef int _service_timers(self, double now) except -1
+    cdef int _fresh(self, double now) except -1
+    cdef int _api_clock(self, object now) except -1
     cpdef next_event(self)
 
     # plumbing

@@ -144,6 +144,14 @@ cdef object _REFUSED = FragmentStatus.REFUSED
 cdef object _COMPLETE = FragmentStatus.COMPLETE
 cdef int _DEBUG = logging.DEBUG
 
+# Deadlines an application call armed from a stale clock (it was given no ``now``): they are
+# re-based by the next call that carries a time (_fresh).
+cdef int _STALE_DRAIN = 1
+cdef int _STALE_CLOSE_RESEND = 2
+cdef int _STALE_REKEY = 4
+cdef int _STALE_EPOCH = 8
+cdef int _STALE_SEND = 16
+
 
 cdef inline bint _is_finished(int msg_type) noexcept:
     return msg_type == MSG_CLIENT_FINISHED or msg_type == MSG_CLIENT_FINISHED_RESUME
@@ -169,6 +177,7 @@ cdef class Connection:
         self._event_log = event_log
         self._rand = config.jitter
         self._now = 0.0
+        self._stale_mask = 0
         self._out = []
         self._events = deque()
         self.peer_addr = None
@@ -366,7 +375,7 @@ cdef class Connection:
         """Feed one datagram from the transport. Never raises for anything in ``data``."""
         cdef bytes raw
         cdef Py_ssize_t n
-        self._now = now
+        self._fresh(now)
         if self._fsm.closed:
             self._drop("closed")
             return
@@ -388,7 +397,12 @@ cdef class Connection:
             self._drop("bad-magic")
 
     cpdef list datagrams_to_send(self, now=None):
-        """Everything queued for the transport, in order. Clears the queue."""
+        """Everything queued for the transport, in order. Clears the queue.
+
+        With ``now``, deadlines that an application call armed without a time are re-based
+        on it first (see :meth:`close`)."""
+        if now is not None:
+            self._fresh(now)
         out, self._out = self._out, []
         return out
 
@@ -449,7 +463,7 @@ cdef class Connection:
                        send=True)
 
     cdef int _service_timers(self, double now) except -1:
-        self._now = now
+        self._fresh(now)
         if self._fsm.closed:
             return 0
         if self._has_hs_deadline and now >= self._hs_deadline:
@@ -499,21 +513,63 @@ cdef class Connection:
     cpdef next_event(self):
         return self._events.popleft() if self._events else None
 
-    def send_data(self, data, stream_id=0):
-        """Encrypt ``data`` as one packet on ``stream_id`` (0..253)."""
+    def send_data(self, data, stream_id=0, now=None):
+        """Encrypt ``data`` as one packet on ``stream_id`` (0..253).
+
+        ``now`` (optional, like every application call here): the present time. A call
+        without it arms any deadline (a rekey this packet triggers) from the last time the
+        connection saw, and the next call that carries a time re-bases it."""
         if not 0 <= stream_id <= MAX_APP_STREAM:
             raise ValueError(f"stream_id must be 0..{MAX_APP_STREAM}")
         if not self._fsm.established:
             raise StateError(f"cannot send in state {self.state}")
+        cdef long long rekey_before = self._rekey_next
+        self._api_clock(now)
         self._seal(data, stream_id)
         self._maybe_rekey(self._now)
+        if now is None:
+            self._stale_mask |= _STALE_SEND
+            if self._rekey_next != rekey_before:
+                self._stale_mask |= _STALE_REKEY | _STALE_EPOCH
 
-    def close(self, error_code=0, reason=""):
-        """Soft close: send CTRL_CLOSE(hard=0), drain for a bounded time, then CLOSED."""
+    cdef int _fresh(self, double now) except -1:
+        """A call carrying the present time: re-base what was armed without one, so every
+        deadline counts from when its call really happened (at the latest, from now)."""
+        cdef int mask = self._stale_mask
+        cdef double delta = now - self._now
+        self._stale_mask = 0
+        if mask and delta > 0:
+            if mask & _STALE_DRAIN and self._has_drain_deadline:
+                self._drain_deadline += delta
+            if mask & _STALE_CLOSE_RESEND and self._has_close_resend_at:
+                self._close_resend_at += delta
+            if mask & _STALE_REKEY and self._has_rekey_deadline:
+                self._rekey_deadline += delta
+            if mask & _STALE_EPOCH and self.record is not None and not self.record.erased:
+                self.record.epochs.rebase(self._now, now)
+            if mask & _STALE_SEND and self._last_send == self._now:
+                self._last_send = now
+        self._now = now
+        return 0
+
+    cdef int _api_clock(self, object now) except -1:
+        """An application call with a time takes it. One without marks, once it has armed
+        them, the deadlines it armed in ``_stale_mask``; the next call with a time re-bases
+        exactly those (a deadline some earlier timed call set stays as it was)."""
+        if now is not None:
+            self._fresh(now)
+        return 0
+
+    def close(self, error_code=0, reason="", now=None):
+        """Soft close: send CTRL_CLOSE(hard=0), drain for a bounded time, then CLOSED.
+
+        The drain counts from ``now``; without it, from the next call that carries a time
+        (``datagrams_to_send(now)``, ``handle_timer(now)``, ``receive_datagram``)."""
         if not 0 <= error_code <= 0xFFFF:
             raise ValueError("error_code must fit in u16")
         if self._fsm.closed or self._fsm.name.endswith(("_CLOSING", "_ABORT", "_IDLE")):
             return
+        self._api_clock(now)
         if self.record is None:
             # No keys: nothing to drain and no authenticated way to tell the peer.
             if self._fire("close"):
@@ -529,15 +585,22 @@ cdef class Connection:
         self._has_drain_deadline = True
         self._close_resend_at = self._now + <double>self.config.close_drain_time / 3
         self._has_close_resend_at = True
+        if now is None:
+            self._stale_mask |= _STALE_DRAIN | _STALE_CLOSE_RESEND | _STALE_SEND
 
-    def request_rekey(self):
-        """Ask for new keys now (client: a request; server: an announcement)."""
+    def request_rekey(self, now=None):
+        """Ask for new keys now (client: a request; server: an announcement). ``now`` as
+        for :meth:`close`."""
         if not self._fsm.established or self.record is None:
             raise StateError(f"cannot rekey in state {self.state}")
+        cdef long long rekey_before = self._rekey_next
+        self._api_clock(now)
         if self.is_client:
             self._client_request_rekey()
         else:
             self._server_start_rekey(self._now)
+        if now is None and self._rekey_next != rekey_before:
+            self._stale_mask |= _STALE_REKEY | _STALE_EPOCH | _STALE_SEND
 
     # ------------------------------------------------------------------ internals: plumbing
 
@@ -1142,16 +1205,20 @@ cdef class Connection:
     cdef bint _migration(self) noexcept:
         return (self.plus_features & _PLUS_MIGRATION) != 0
 
-    def migrate(self):
+    def migrate(self, now=None):
         """Client: announce that our address changed (soft migration, spec §13.2).
 
         Call after the transport moved to its new address; the next packet carries
-        CTRL_MIGRATE from there, and the server validates the new path before using it."""
+        CTRL_MIGRATE from there, and the server validates the new path before using it.
+        ``now`` as for :meth:`close`."""
         if not self.is_client or not self._fsm.established or self.record is None:
             raise StateError("migrate() is for an established client")
         if not self._migration():
             raise StateError("migration was not negotiated (PALISADE-PLUS feature 0x02)")
+        self._api_clock(now)
         self._send_frame(F.encode_migrate(self.config.rng(32), self.record.epoch))
+        if now is None:
+            self._stale_mask |= _STALE_SEND
 
     cdef int _on_new_path(self, addr, Py_ssize_t size, double now) except -1:
         """Server: an authenticated packet came from an address other than the primary path:

@@ -204,11 +204,11 @@ cdef class ServerEndpoint:
     def next_event(self):
         return self._events.popleft() if self._events else None
 
-    def close(self, int error_code=0, str reason="server shutting down"):
-        """Soft-close every session."""
+    def close(self, int error_code=0, str reason="server shutting down", now=None):
+        """Soft-close every session; their drains count from ``now`` (see Connection.close)."""
         cdef Connection conn
         for conn in list(self._sessions):
-            conn.close(error_code, reason)
+            conn.close(error_code, reason, now)
             self._collect(conn)
 
     # -- internals --------------------------------------------------------------------------------

@@ -352,6 +352,14 @@ cdef class EpochMachine:
     def handle_timer(self, double now) -> None:
         self.poll(now)
 
+    def rebase(self, double old, double new) -> None:
+        """Move the clocks that were started at ``old`` (a stale time an application call
+        used) to ``new``, the first fresh time seen since."""
+        if self._first_next_at == old:
+            self._first_next_at = new
+        if self._tx_installed_at == old:
+            self._tx_installed_at = new
+
     @property
     def rx_state_name(self) -> str:
         return RX_STATE_NAMES[self.rx_state]
