@@ -79,6 +79,9 @@ cdef class Connection:
     cdef bint _has_rekey_deadline
     cdef double _rekey_deadline
     cdef double _rekey_interval
+    cdef int _rekey_attempt                 # announcements armed for this rekey (server)
+    cdef double _rekey_started              # when this rekey began (its budget counts from it)
+    cdef unsigned int _abandons_seen        # the epoch machine's abandons we acted on
     cdef long long _reported_epoch
     # Counters.
     cdef readonly long long packets_in
@@ -163,6 +166,8 @@ cdef class Connection:
     cdef int _server_start_rekey(self, double now) except -1
     cdef int _arm_rekey_timer(self, double now) except -1
     cdef int _retransmit_rekey(self, double now) except -1
+    cdef double _rekey_budget(self)
+    cdef int _on_abandoned(self, double now) except -1
     cdef int _on_rekey_frame(self, ControlFrame frame, Record rec, double now) except -1
     cdef int _on_rekey_evidence(self, double now) except -1
     cdef int _after_epoch_activity(self, double now) except -1

@@ -127,6 +127,10 @@ _REPLY_BYTES = {
 }
 #: Largest application stream id; 0xFE and 0xFF are keepalive and dummy.
 MAX_APP_STREAM = 0xFD
+#: Times the server arms and announces one epoch before the rekey counts as failed and the
+#: session closes with ErrorRekeyTimeout [profile]. Each attempt lasts at most
+#: max_transition_time; between attempts the back-off doubles from rekey_retransmit.
+REKEY_ATTEMPTS = 4
 MAX_ERROR_DETAIL = 200
 
 EventLog = Callable[[dict[str, Any]], None]
@@ -139,6 +143,7 @@ cdef int _PLUS_MIGRATION = PLUS_MIGRATION
 cdef Py_ssize_t _MAX_EARLY_PACKETS = MAX_EARLY_PACKETS
 cdef Py_ssize_t _MAX_MIGRATE_NONCES = MAX_MIGRATE_NONCES
 cdef Py_ssize_t _MAX_ERROR_DETAIL = MAX_ERROR_DETAIL
+cdef int _REKEY_ATTEMPTS = REKEY_ATTEMPTS
 cdef object _MALFORMED = FragmentStatus.MALFORMED
 cdef object _REFUSED = FragmentStatus.REFUSED
 cdef object _COMPLETE = FragmentStatus.COMPLETE
@@ -235,6 +240,9 @@ cdef class Connection:
         self._rekey_next = -1
         self._has_rekey_deadline = False
         self._rekey_interval = config.rekey_retransmit
+        self._rekey_attempt = 0
+        self._rekey_started = 0.0
+        self._abandons_seen = 0
         self._reported_epoch = 0
         # Counters.
         self.packets_in = 0
@@ -440,6 +448,8 @@ cdef class Connection:
                         self._last_send + <double>cfg.keepalive_interval)
                 if self._rekey_next < 0:  # the age trigger waits while a rekey runs
                     t = min(t, self._epoch_started + <double>cfg.rekey_after_seconds)
+                else:  # and a running rekey has a budget
+                    t = min(t, self._rekey_started + self._rekey_budget())
                 if not found or t < best:
                     best = t
                     found = True
@@ -500,10 +510,19 @@ cdef class Connection:
         if self.record is None or self.record.erased:
             return 0
         self.record.handle_timer(now)
+        if self.record.epochs.abandons != self._abandons_seen:
+            self._on_abandoned(now)
+            if self._fsm.closed:
+                return 0
         self._after_epoch_activity(now)
         if self._fsm.established:
             if now >= self._last_recv + <double>self.config.idle_timeout:
                 self._idle_out()
+                return 0
+            if self._rekey_next >= 0 and now >= self._rekey_started + self._rekey_budget():
+                # Whatever the path did to it, a rekey ends in bounded time (docs §9).
+                self._fail(ErrorCode.ErrorRekeyTimeout,
+                           f"rekey to epoch {self._rekey_next} did not complete", send=True)
                 return 0
             self._maybe_rekey(now)
             if now >= self._last_send + <double>self.config.keepalive_interval:
@@ -545,6 +564,8 @@ cdef class Connection:
                 self._close_resend_at += delta
             if mask & _STALE_REKEY and self._has_rekey_deadline:
                 self._rekey_deadline += delta
+            if mask & _STALE_REKEY and self._rekey_next >= 0 and self._rekey_started == self._now:
+                self._rekey_started = now
             if mask & _STALE_EPOCH and self.record is not None and not self.record.erased:
                 self.record.epochs.rebase(self._now, now)
             if mask & _STALE_SEND and self._last_send == self._now:
@@ -1385,6 +1406,7 @@ cdef class Connection:
         if not self._fire("rekey_request"):
             return 0
         self._rekey_next = self.record.epoch + 1
+        self._rekey_started = self._now
         self._send_frame(F.encode_rekey(self._rekey_next, F.REKEY_REQUEST))
         self._arm_rekey_timer(self._now)
         return 0
@@ -1402,6 +1424,8 @@ cdef class Connection:
         if self._fsm.name == "S_ESTABLISHED" and not self._fire("rekey_request"):
             return 0
         self._rekey_next = record.arm_next_epoch(now)
+        self._rekey_started = now
+        self._rekey_attempt = 1
         self._log_event("rekey-announce", {"next_epoch": self._rekey_next})
         self._send_frame(F.encode_rekey(self._rekey_next, F.REKEY_ANNOUNCE))
         self._arm_rekey_timer(now)
@@ -1414,11 +1438,60 @@ cdef class Connection:
         return 0
 
     cdef int _retransmit_rekey(self, double now) except -1:
-        assert self.record is not None and self._rekey_next >= 0
+        cdef RecordLayer record = self.record
+        assert record is not None and self._rekey_next >= 0
+        epochs = record.epochs
         kind = F.REKEY_REQUEST if self.is_client else F.REKEY_ANNOUNCE
+        if not self.is_client:
+            if epochs.rx_state_name == "STEADY" and epochs.epoch + 1 == self._rekey_next:
+                # The back-off after an abandoned attempt ran out: arm the same epoch again
+                # and announce it afresh (a new attempt, with a new transition bound).
+                self._rekey_attempt += 1
+                record.arm_next_epoch(now, self._rekey_next)
+                self._log_event("rekey-retry", {"next_epoch": self._rekey_next,
+                                                "attempt": self._rekey_attempt})
+                self._send_frame(F.encode_rekey(self._rekey_next, F.REKEY_ANNOUNCE))
+                self._arm_rekey_timer(now)
+                return 0
+            if not epochs.install_pending:
+                # Installed on the client's evidence; its sender has not shown it finished
+                # its transition yet (no key_phase 0 packet on the new epoch). Repeat our
+                # ack on the new epoch: receiving one is what lets it finish (docs §9).
+                if epochs.next_phase0_seen or epochs.rx_state_name == "STEADY":
+                    self._has_rekey_deadline = False
+                    return 0
+                kind = F.REKEY_ACK
         self._send_frame(F.encode_rekey(self._rekey_next, kind))
         self._rekey_interval = min(self._rekey_interval * 2, <double>self.config.max_rto)
         self._rekey_deadline = now + self._rekey_interval
+        self._has_rekey_deadline = True
+        return 0
+
+    cdef double _rekey_budget(self):
+        """Longest a rekey may run, from request or announcement to both sides committed:
+        every attempt at its longest (2 transition times) plus the longest back-off."""
+        cfg = self.config
+        return _REKEY_ATTEMPTS * (2 * <double>cfg.max_transition_time
+                                  + max(<double>cfg.max_rto, <double>cfg.rekey_retransmit))
+
+    cdef int _on_abandoned(self, double now) except -1:
+        """Server: an attempt ended with no sign that the client moved. Its keys are gone;
+        retry after a back-off, or give up after REKEY_ATTEMPTS attempts (docs §9)."""
+        cdef double backoff
+        self._abandons_seen = self.record.epochs.abandons
+        self._log_event("rekey-abandoned", {"next_epoch": self._rekey_next,
+                                            "attempt": self._rekey_attempt})
+        if self.is_client or self._rekey_next < 0 or not self._fsm.established:
+            self._has_rekey_deadline = False
+            return 0
+        if self._rekey_attempt >= _REKEY_ATTEMPTS:
+            self._fail(ErrorCode.ErrorRekeyTimeout,
+                       f"peer never moved to epoch {self._rekey_next} "
+                       f"in {self._rekey_attempt} attempts", send=True)
+            return 0
+        backoff = min(<double>self.config.rekey_retransmit * (1 << (self._rekey_attempt - 1)),
+                      <double>self.config.max_rto)
+        self._rekey_deadline = now + backoff
         self._has_rekey_deadline = True
         return 0
 
@@ -1428,8 +1501,13 @@ cdef class Connection:
         next_epoch, kind = F.decode_rekey(frame)
         epochs = record.epochs
         if self.is_client:
-            if kind == F.REKEY_ACK and next_epoch == epochs.next_epoch:
-                return 0  # the server installed the new epoch; the packet itself is the proof
+            if kind == F.REKEY_ACK and next_epoch == epochs.send_epoch:
+                # The server installed the epoch we send on. Opening this packet ended our
+                # key_phase hint; answer, so the server sees a key_phase 0 packet from us even
+                # if we have nothing else to send (it commits on those, docs §9). The server
+                # repeats its ack only until it sees one, so this cannot ping-pong.
+                self._send_frame(F.encode_rekey(next_epoch, F.REKEY_ACK))
+                return 0
             if kind != F.REKEY_ANNOUNCE:
                 self._drop("unexpected-rekey")
                 return 0
@@ -1453,6 +1531,8 @@ cdef class Connection:
             # epoch so the server learns we can open it.
             record.arm_next_epoch(now, next_epoch)
             record.install_next_epoch(now)
+            if self._rekey_next < 0:
+                self._rekey_started = now  # the server's rekey: our budget starts here
             self._rekey_next = next_epoch
             self._has_rekey_deadline = False
             self._log_event("rekey-armed", {"next_epoch": next_epoch})
@@ -1478,13 +1558,19 @@ cdef class Connection:
     cdef int _on_rekey_evidence(self, double now) except -1:
         """The peer is on the new epoch. The server may now install its sender (PROFILE §6)."""
         assert self.record is not None
-        if not self.is_client and self.record.epochs.install_pending:
+        epochs = self.record.epochs
+        if self.is_client:
+            self._has_rekey_deadline = False
+            return 0
+        if epochs.install_pending:
             self.record.install_next_epoch(now)
             self._log_event("rekey-installed", {"epoch": self.record.send_epoch})
-            # Show the client at once that we moved, so its transition clock starts even if
-            # the application has nothing to send.
+            # Show the client at once that we moved: the first packet it opens on the new
+            # epoch ends its key_phase hint, even if the application has nothing to send. The
+            # ack is repeated (the rekey timer) until the client's key_phase 0 packets arrive.
             self._send_frame(F.encode_rekey(self.record.send_epoch, F.REKEY_ACK))
-        if self.is_client or not self.record.epochs.install_pending:
+            self._arm_rekey_timer(now)
+        if epochs.next_phase0_seen or epochs.rx_state_name == "STEADY":
             self._has_rekey_deadline = False
         return 0
 
@@ -1497,6 +1583,7 @@ cdef class Connection:
         if epoch != self._reported_epoch and record.send_epoch == epoch:
             self._reported_epoch = epoch
             self._rekey_next = -1
+            self._rekey_attempt = 0
             self._has_rekey_deadline = False
             self._epoch_started = now
             self._epoch_bytes = 0
