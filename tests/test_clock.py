@@ -121,3 +121,16 @@ def test_server_shutdown_long_after_the_last_datagram_drains_in_full(
     assert session2.state == "S_CLOSING"
     t2 = pair2.server.get_timer()
     assert t2 is not None and t2 >= last2 + 40.0 + 0.4 - 1e-9
+
+
+def test_an_application_call_on_a_server_session_counts_from_the_endpoints_next_time(
+        ids: tuple[Identity, Identity]) -> None:
+    pair = make_pair(*_configs(ids, rekey_retransmit=0.5, idle_timeout=600.0,
+                               keepalive_interval=100.0))
+    session = pair.handshake()
+    pair.run(duration=0.1)
+    last = pair.link.now
+    session.request_rekey()  # no time: the session last saw `last`
+    pair.server.datagrams_to_send(last + 50.0)
+    t = pair.server.get_timer()
+    assert t is not None and t >= last + 50.0 + 0.5 - 1e-9

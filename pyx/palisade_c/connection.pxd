@@ -22,7 +22,7 @@ cdef class Connection:
     cdef object _event_log
     cdef object _rand
     cdef double _now
-    cdef int _stale_mask                    # deadlines armed from a stale _now (_STALE_*)
+    cdef readonly int _stale_mask           # deadlines armed from a stale _now (_STALE_*)
     cdef list _out                          # (datagram, addr) pairs not yet collected
     cdef object _events                     # deque of Event
     cdef public object peer_addr

@@ -149,9 +149,15 @@ cdef class ServerEndpoint:
         self._collect(conn)
 
     def datagrams_to_send(self, now=None):
+        cdef Connection conn
         # Only sessions that queued something since the last call (on_wakeup) are visited.
         while self._busy:
-            self._collect(self._busy.pop())
+            conn = self._busy.pop()
+            if now is not None and conn._stale_mask:
+                # An application call on the session armed deadlines without a time: they
+                # count from now (Connection.datagrams_to_send does the same).
+                conn._fresh(now)
+            self._collect(conn)
         out, self._out = self._out, []
         return out
 
