@@ -82,6 +82,8 @@ cdef class Connection:
     cdef int _rekey_attempt                 # announcements armed for this rekey (server)
     cdef double _rekey_started              # when this rekey began (its budget counts from it)
     cdef unsigned int _abandons_seen        # the epoch machine's abandons we acted on
+    cdef double _rtt_sample                 # handshake round trip (hello sent -> reply whole)
+    cdef double _flight_started_at          # first send of the current flight (not resends)
     cdef long long _reported_epoch
     # Counters.
     cdef readonly long long packets_in

@@ -243,6 +243,8 @@ cdef class Connection:
         self._rekey_attempt = 0
         self._rekey_started = 0.0
         self._abandons_seen = 0
+        self._rtt_sample = 0.0
+        self._flight_started_at = 0.0
         self._reported_epoch = 0
         # Counters.
         self.packets_in = 0
@@ -724,7 +726,7 @@ cdef class Connection:
         self._flight_timer._scale_for_link(airtime_bytes, self.config.link_bits_per_second)
         for rec in flight._records:
             self._send_raw(rec, None, handshake=True)
-        self._flight_sent_at = self._now
+        self._flight_sent_at = self._flight_started_at = self._now
         self._flight_timer._start(self._now)
         return 0
 
@@ -916,6 +918,7 @@ cdef class Connection:
         result = self._client_hs.result
         assert result is not None
         self._fire("sh_verified")
+        self._rtt_sample = now - self._flight_started_at  # before CF restarts the flight clock
         self._send_message(MSG_CLIENT_FINISHED, 1, cf)
         self._install_keys(result, now)
         return 0
@@ -935,6 +938,7 @@ cdef class Connection:
         result = resume.result
         assert result is not None
         self._fire("resume_accepted")
+        self._rtt_sample = now - self._flight_started_at
         self._send_message(MSG_CLIENT_FINISHED_RESUME, 1, cfr)
         if self._early is not None:
             self._early.erase()  # 1-RTT keys from here on
@@ -1098,6 +1102,7 @@ cdef class Connection:
             self._fail(exc.code, exc.detail, send=True)
             return 0
         self._fire("fin_received")
+        self._rtt_sample = now - self._flight_started_at
         ack = HandshakeAck(rec.msg_type, rec.msg_seq, [(0, len(message))])
         self._send_raw(ack.to_record(self.rid), None, handshake=True)
         self._flight = None
@@ -1119,6 +1124,11 @@ cdef class Connection:
             max_transition_time=cfg.max_transition_time,
         )
         wipe(result.master_secret)  # the record layer derived what it needs and kept no copy
+        # A rekey attempt must outlast a few round trips of this path, or a long path would
+        # never show its evidence in time (docs §5.1). The handshake gave one sample.
+        self.record.epochs.transition_bound = max(
+            <double>cfg.max_transition_time,
+            3 * min(max(self._rtt_sample, 0.0), <double>cfg.max_rto))
         self.resumption_secret = result.resumption_secret
         self.peer_fingerprint = result.peer_fingerprint
         self.plus_features = result.plus_features
@@ -1433,6 +1443,10 @@ cdef class Connection:
 
     cdef int _arm_rekey_timer(self, double now) except -1:
         self._rekey_interval = self.config.rekey_retransmit
+        if not self.is_client:
+            # At least four announcements (or acks) fit in one attempt (docs §9).
+            self._rekey_interval = min(self._rekey_interval,
+                                       self.record.epochs.transition_bound / 4)
         self._rekey_deadline = now + self._rekey_interval
         self._has_rekey_deadline = True
         return 0
@@ -1463,6 +1477,8 @@ cdef class Connection:
                 kind = F.REKEY_ACK
         self._send_frame(F.encode_rekey(self._rekey_next, kind))
         self._rekey_interval = min(self._rekey_interval * 2, <double>self.config.max_rto)
+        if not self.is_client:
+            self._rekey_interval = min(self._rekey_interval, epochs.transition_bound / 4)
         self._rekey_deadline = now + self._rekey_interval
         self._has_rekey_deadline = True
         return 0
@@ -1471,7 +1487,7 @@ cdef class Connection:
         """Longest a rekey may run, from request or announcement to both sides committed:
         every attempt at its longest (2 transition times) plus the longest back-off."""
         cfg = self.config
-        return _REKEY_ATTEMPTS * (2 * <double>cfg.max_transition_time
+        return _REKEY_ATTEMPTS * (2 * <double>self.record.epochs.transition_bound
                                   + max(<double>cfg.max_rto, <double>cfg.rekey_retransmit))
 
     cdef int _on_abandoned(self, double now) except -1:

@@ -53,6 +53,7 @@ cdef class EpochMachine:
     cdef bytes _rx_dir
     cdef readonly uint32_t commit_threshold
     cdef readonly double max_transition_time
+    cdef public double transition_bound    # max_transition_time, or more on a long path
     cdef readonly uint32_t replay_window
     cdef readonly uint64_t tx_seq
     cdef readonly uint32_t packets_on_next

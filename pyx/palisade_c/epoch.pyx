@@ -22,7 +22,8 @@ compared against keys that were armed by an authenticated control frame.
 Timing (seed §3 "maxTransitionTime exceeded", docs/protocol.md §5 [profile, changed]):
 
 * The transition clock starts when the epoch is armed, so TRANSITION is bounded from arming by
-  ``max_transition_time`` (T). What happens at the bound depends on the evidence: with packets
+  ``transition_bound`` (T: ``max_transition_time``, which the session may stretch to a few
+  round trips of its path, never shorten). What happens at the bound depends on the evidence: with packets
   on the new epoch including a key_phase = 0 one, commit at T; with packets on it but none with
   key_phase = 0 yet, commit at 2T; with none at all, an announcing side whose sender has not
   moved *abandons* the epoch (``abandon_next_epoch``: keys erased, STEADY on the old epoch, the
@@ -173,6 +174,7 @@ cdef class EpochMachine:
         self.replay_window = replay_window
         self.commit_threshold = commit_threshold
         self.max_transition_time = max_transition_time
+        self.transition_bound = max_transition_time
         self._tx_dir = DIR_C2S if is_client else DIR_S2C
         self._rx_dir = DIR_S2C if is_client else DIR_C2S
         cdef uint32_t first_epoch = EARLY_EPOCH if early else 0
@@ -326,10 +328,10 @@ cdef class EpochMachine:
             return _NO_TIME
         if self.next_epoch_seen:
             if self._phase0_on_next > 0:
-                return self._armed_at + self.max_transition_time
-            return self._armed_at + 2 * self.max_transition_time
+                return self._armed_at + self.transition_bound
+            return self._armed_at + 2 * self.transition_bound
         if self.tx_pending is not None:
-            return self._armed_at + self.max_transition_time  # abandon
+            return self._armed_at + self.transition_bound  # abandon
         return _NO_TIME  # our sender moved already: the session bounds the wait
 
     # -- per-packet hooks used by the record layer ---------------------------------------------
