@@ -954,6 +954,11 @@ class Sim:
     def server_maybe_rekey(self) -> None:
         e = self.s.epochs
         if self.announcing is not None:
+            if e.rx_state_name == "STEADY" and e.epoch + 1 == self.announcing:
+                # Nothing on the new epoch within the bound: the machine abandoned it
+                # (docs §5.1). Arm the same epoch again, as the session's retry does.
+                self.s.arm_next_epoch(now=self.now, expected_epoch=self.announcing)
+                self.last_announce = -1.0
             if self.now - self.last_announce >= 0.05:  # retransmit until evidence arrives
                 self.last_announce = self.now
                 self.send(False, self.s.seal(rekey_frame(self.announcing, KIND_ANNOUNCE),

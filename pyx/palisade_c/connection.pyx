@@ -128,8 +128,9 @@ _REPLY_BYTES = {
 #: Largest application stream id; 0xFE and 0xFF are keepalive and dummy.
 MAX_APP_STREAM = 0xFD
 #: Times the server arms and announces one epoch before the rekey counts as failed and the
-#: session closes with ErrorRekeyTimeout [profile]. Each attempt lasts at most
-#: max_transition_time; between attempts the back-off doubles from rekey_retransmit.
+#: session closes with ErrorRekeyTimeout [profile]. Each attempt lasts at most the epoch
+#: machine's transition bound (docs §5.1); between attempts the back-off doubles from
+#: rekey_retransmit, up to max_rto.
 REKEY_ATTEMPTS = 4
 MAX_ERROR_DETAIL = 200
 
