@@ -337,7 +337,7 @@ class Tunnel:
         if self._closing or self._closed.done():
             raise self._closed_error()
         try:
-            self._conn.send_data(bytes(data), stream_id)
+            self._conn.send_data(bytes(data), stream_id, now=self._engine._loop.time())
         except StateError:
             # The peer started a close (or the session died) since our last look.
             if not self._conn.established:
@@ -349,7 +349,7 @@ class Tunnel:
         """Start an epoch change now (a client asks; the server announces)."""
         if self._closing or self._closed.done():
             raise self._closed_error()
-        self._conn.request_rekey()
+        self._conn.request_rekey(now=self._engine._loop.time())
         self._engine.update()
 
     async def migrate(self) -> None:
@@ -367,7 +367,7 @@ class Tunnel:
             peer[0], peer[1], max_datagram_size=old.max_datagram_size,
             buffer_bytes=self._conn.config.socket_buffer_bytes)
         self._engine.swap_transport(new)
-        self._conn.migrate()
+        self._conn.migrate(now=self._engine._loop.time())
         self._engine.update()
 
     # -- receiving --------------------------------------------------------------------------------
@@ -421,7 +421,9 @@ class Tunnel:
         Returns the close event (which may be the peer's, if it closed first).
         """
         if not self._closed.done():
-            self._conn.close(error_code, reason)  # ValueError for a code outside u16
+            # ValueError for a code outside u16. The drain counts from now, not from the
+            # last datagram this side received (issue 10, item 5).
+            self._conn.close(error_code, reason, now=self._engine._loop.time())
             self._closing = True
             self._engine.update()
             bound = self._conn.config.close_drain_time + CLOSE_GRACE
@@ -508,7 +510,8 @@ class _ClientEngine(_Engine):
         the session now, with ``ErrorSessionNotFound``, so the caller can connect again."""
         if self._stopped or self.connection.closed:
             return
-        self.connection.close(int(ErrorCode.ErrorSessionNotFound), reason)
+        self.connection.close(int(ErrorCode.ErrorSessionNotFound), reason,
+                              now=self._loop.time())
         self.update()
 
 
@@ -678,7 +681,7 @@ class _ServerEngine(_Engine):
             tunnel._on_event(early)
         if self.closing:
             # Finished its handshake while we shut down: close it rather than serve it.
-            conn.close(0, "server shutting down")
+            conn.close(0, "server shutting down", now=self._loop.time())
             return
         log.debug("%s: established with %s at %s", conn.name, event.peer_fingerprint[:16],
                   conn.peer_addr)
@@ -759,7 +762,7 @@ class Server:
         engine = self._engine
         try:
             engine.closing = True
-            engine.endpoint.close()
+            engine.endpoint.close(now=engine._loop.time())
             engine.update()
             bound = self._config.close_drain_time + CLOSE_GRACE
             tunnels = list(engine.tunnels.values())

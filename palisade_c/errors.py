@@ -45,6 +45,7 @@ class ErrorCode(IntEnum):
     ErrorSessionLimitExceeded = 0x0202
     # Session [profile]
     ErrorIdleTimeout = 0x0203
+    ErrorRekeyTimeout = 0x0204
     # Data plane [spec 0x0300, 0x0301, 0x0305; profile for the rest]
     ErrorAEADDecryptFailed = 0x0300
     ErrorInvalidEpoch = 0x0301
