@@ -12,7 +12,7 @@ several frames at once). The machine is shared and noisy, so the ratio (ours / r
 measured here, interleaved, best of several rounds) is the figure to track.
 
 Handshake over a paced pty: a full PALISADE handshake between a server on one end of a virtual
-serial line (firmware_bridge.pty_link: two pty pairs joined by a pump paced to ``--baud``,
+serial line (palisade_c.transport.pty: two pty pairs joined by a pump paced to ``--baud``,
 115200 by default) and a client on the other, both through the real serial transport, against
 its wire time: the handshake's bytes x 10 / baud, as if the line carried one direction at a
 time. It is a yardstick, not a hard floor: the line is full duplex, so acks crossing while a
@@ -133,11 +133,11 @@ async def _pty_handshakes(baud: int, count: int, *, resume: bool = False
     ``resume``: PLUS resumption, each connect spending the ticket the previous session
     earned (the first, full handshake that earns the first ticket is not measured)."""
     _unshadow_pyserial()
-    from firmware_bridge.pty_link import PtyLink
     from palisade_c.aio import Tunnel, connect, serve
     from palisade_c.config import Config
     from palisade_c.connection import Connection
     from palisade_c.identity import Identity
+    from palisade_c.transport.pty import PtyLink
 
     loop = asyncio.get_running_loop()
     server_id, client_id = Identity.generate(), Identity.generate()

@@ -1,15 +1,16 @@
-"""The serial side of palisade-c: PALISADE over UART/USB-CDC links to constrained devices.
+"""The firmware side of palisade-c's serial links: the portable C99 link codec in
+``firmware_bridge/c/`` (compiled into :mod:`palisade_c.link`, and copied into device firmware)
+and ``firmware_bridge/LINK.md``, which specifies the link for firmware authors.
 
-* :mod:`firmware_bridge.serial_link`: the serial transport (framing from the shared C codec in
-  ``firmware_bridge/c/``, exposed as :mod:`palisade_c.link`), used by ``palisade connect`` and
-  ``palisade serve`` for ``serial://`` URLs.
-* :mod:`firmware_bridge.gateway`: relays PALISADE datagrams between UDP peers and serial
-  devices by the RID steering prefix, without holding any session key.
-* :mod:`firmware_bridge.pty_link`: a virtual serial line (two pseudo-terminals joined by a pump
-  paced to a baud rate, optionally noisy), for tests and ``palisade demo``.
-* :mod:`firmware_bridge.progress`: handshake progress on slow links.
+The Python side lives in palisade_c, which never imports this package:
 
-``firmware_bridge/LINK.md`` specifies the link for firmware authors.
+* :mod:`palisade_c.transport.serial`: the serial transport, beside UDP in the transport layer;
+* :mod:`palisade_c.gateway`: the UDP-to-serial relay;
+* :mod:`palisade_c.transport.pty`: a virtual serial line for tests and ``palisade demo``;
+* :mod:`palisade_c.progress`: handshake progress on slow links.
+
+``firmware_bridge.serial_link``, ``.gateway``, ``.pty_link`` and ``.progress`` remain as
+aliases of those modules for existing code.
 """
 
 from __future__ import annotations

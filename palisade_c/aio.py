@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -302,6 +303,12 @@ class Tunnel:
         return self._conn.peer_addr
 
     @property
+    def max_payload(self) -> int:
+        """The largest payload :meth:`send` accepts: one datagram of the path (its size as
+        configured, or as learned from a gateway) less the packet's headers and tag."""
+        return self._conn.max_payload
+
+    @property
     def counters(self) -> dict[str, Any]:
         """The connection's counters, plus data this tunnel dropped for a slow reader."""
         counters = self._conn.counters
@@ -333,13 +340,14 @@ class Tunnel:
         """Encrypt ``data`` as one packet on ``stream_id`` and send it now.
 
         Raises :class:`~palisade_c.errors.ConnectionClosedError` once the tunnel is closing or
-        closed, :class:`~palisade_c.errors.PacketTooLargeError` if ``data`` does not fit in
-        one datagram, and :class:`ValueError` for a stream id outside 0..253.
+        closed, :class:`~palisade_c.errors.PacketTooLargeError` if ``data`` is longer than
+        :attr:`max_payload` (the error carries it as ``max_payload``), and
+        :class:`ValueError` for a stream id outside 0..253.
         """
         if self._closing or self._closed.done():
             raise self._closed_error()
         try:
-            self._conn.send_data(bytes(data), stream_id)
+            self._conn.send_data(bytes(data), stream_id, now=self._engine._loop.time())
         except StateError:
             # The peer started a close (or the session died) since our last look.
             if not self._conn.established:
@@ -351,7 +359,7 @@ class Tunnel:
         """Start an epoch change now (a client asks; the server announces)."""
         if self._closing or self._closed.done():
             raise self._closed_error()
-        self._conn.request_rekey()
+        self._conn.request_rekey(now=self._engine._loop.time())
         self._engine.update()
 
     async def migrate(self) -> None:
@@ -369,7 +377,7 @@ class Tunnel:
             peer[0], peer[1], max_datagram_size=old.max_datagram_size,
             buffer_bytes=self._conn.config.socket_buffer_bytes)
         self._engine.swap_transport(new)
-        self._conn.migrate()
+        self._conn.migrate(now=self._engine._loop.time())
         self._engine.update()
 
     # -- receiving --------------------------------------------------------------------------------
@@ -423,7 +431,9 @@ class Tunnel:
         Returns the close event (which may be the peer's, if it closed first).
         """
         if not self._closed.done():
-            self._conn.close(error_code, reason)  # ValueError for a code outside u16
+            # ValueError for a code outside u16. The drain counts from now, not from the
+            # last datagram this side received (issue 10, item 5).
+            self._conn.close(error_code, reason, now=self._engine._loop.time())
             self._closing = True
             self._engine.update()
             bound = self._conn.config.close_drain_time + CLOSE_GRACE
@@ -510,12 +520,13 @@ class _ClientEngine(_Engine):
         the session now, with ``ErrorSessionNotFound``, so the caller can connect again."""
         if self._stopped or self.connection.closed:
             return
-        self.connection.close(int(ErrorCode.ErrorSessionNotFound), reason)
+        self.connection.close(int(ErrorCode.ErrorSessionNotFound), reason,
+                              now=self._loop.time())
         self.update()
 
 
 async def _open_transport(
-    url: str, config: Config, *, server: bool
+    url: str, config: Config, *, server: bool, sock: socket.socket | None = None
 ) -> tuple[Transport, Addr, Config]:
     """The transport ``url`` names, the peer's address (clients) and ``config`` adjusted to
     the link: a serial link's MTU and speed (see :func:`~palisade_c.transport.base.link_config`).
@@ -523,9 +534,11 @@ async def _open_transport(
     scheme, host, port, _params = parse_url(url)
     if scheme in SERIAL_SCHEMES:
         # Imported here: pyserial and its threads are only for those who use a serial link.
-        from firmware_bridge.serial_link import SerialTransport
+        from palisade_c.transport.serial import SerialTransport
 
-        serial = await SerialTransport.open(url, role="device" if server else "host")
+        # A device announces its node id in the link HELLO, so a gateway routes to it.
+        serial = await SerialTransport.open(url, role="device" if server else "host",
+                                            node_id=config.node_id if server else None)
         try:
             return serial, serial.peer_address, link_config(config, serial)
         except BaseException:
@@ -534,7 +547,7 @@ async def _open_transport(
             raise
     if server:
         udp = await UdpTransport.bind(host, port, max_datagram_size=config.max_datagram_size,
-                                      buffer_bytes=config.socket_buffer_bytes)
+                                      buffer_bytes=config.socket_buffer_bytes, sock=sock)
         return udp, None, config
     if port == 0:
         raise ConfigError(f"bad URL {url!r}: a server port cannot be 0")
@@ -593,11 +606,22 @@ async def connect(
     # The core's own budget stretches with the link's airtime (a 9600-baud line needs ~17 s
     # for the handshake alone); waiting only handshake_timeout would give up before it does.
     bound = timeout if timeout is not None else conn.handshake_budget + CLOSE_GRACE
+    started = engine._loop.time()
     try:
-        conn.connect(peer, engine._loop.time(), ticket=ticket, early_data=early_data)
+        conn.connect(peer, started, ticket=ticket, early_data=early_data)
         engine.update()
-        async with asyncio.timeout(bound):
-            outcome = await asyncio.shield(engine.handshake)
+        while True:
+            try:
+                async with asyncio.timeout(started + bound - engine._loop.time()):
+                    outcome = await asyncio.shield(engine.handshake)
+                break
+            except TimeoutError:
+                # A gateway's PATH notice may have told the core the path is slow, and the
+                # core's budget grew with it (palisade_c.pathinfo): wait as long as it does.
+                grown = conn.handshake_budget + CLOSE_GRACE
+                if timeout is not None or grown <= bound:
+                    raise
+                bound = grown
     except TimeoutError:
         with contextlib.suppress(PalisadeError):
             conn.close()  # erases the half-done handshake's secrets
@@ -668,7 +692,7 @@ class _ServerEngine(_Engine):
             tunnel._on_event(early)
         if self.closing:
             # Finished its handshake while we shut down: close it rather than serve it.
-            conn.close(0, "server shutting down")
+            conn.close(0, "server shutting down", now=self._loop.time())
             return
         log.debug("%s: established with %s at %s", conn.name, event.peer_fingerprint[:16],
                   conn.peer_addr)
@@ -749,7 +773,7 @@ class Server:
         engine = self._engine
         try:
             engine.closing = True
-            engine.endpoint.close()
+            engine.endpoint.close(now=engine._loop.time())
             engine.update()
             bound = self._config.close_drain_time + CLOSE_GRACE
             tunnels = list(engine.tunnels.values())
@@ -802,7 +826,7 @@ class Server:
 
 
 async def serve(url: str, config: Config, handler: Handler, *,
-                event_log: EventLog | None = None) -> Server:
+                event_log: EventLog | None = None, sock: socket.socket | None = None) -> Server:
     """Listen on ``url`` (``udp://HOST:PORT``; port 0 picks a free port), or serve the peer
     on a serial link (``serial:///dev/ttyGS0``: this side plays the device).
 
@@ -810,8 +834,10 @@ async def serve(url: str, config: Config, handler: Handler, *,
     task running ``handler(tunnel)``. When the handler returns, the tunnel is closed softly;
     if it raises, the tunnel is closed with ``ErrorInternal``. Raises :class:`OSError` when
     the address cannot be bound and :class:`~palisade_c.errors.ConfigError` for a bad URL.
+    ``sock``: serve on this bound UDP socket instead of binding one (a worker process of
+    ``palisade serve --workers``).
     """
-    transport, _peer, config = await _open_transport(url, config, server=True)
+    transport, _peer, config = await _open_transport(url, config, server=True, sock=sock)
     engine = _ServerEngine(ServerEndpoint(config, event_log=event_log), transport, handler)
     server = Server(engine, config)
     log.debug("serving on %s", transport.local_address)

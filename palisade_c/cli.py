@@ -10,10 +10,9 @@
     palisade serve serial:///dev/ttyGS0 --key dev.key --trust client.key.pub --echo \
         --node-id 0011223344556677
     palisade connect serial:///dev/ttyUSB0?baud=115200 --key client.key --trust dev.key.pub
-    palisade gateway --listen udp://0.0.0.0:4433 \
-        --serial 'serial:///dev/ttyUSB0?baud=115200&node=0011223344556677'
-    palisade connect udp://gateway:4433 --node-id 0011223344556677 --mtu 512 \
-        --link-bps 115200 --key client.key --trust dev.key.pub
+    palisade gateway --listen udp://0.0.0.0:4433 --serial 'serial:///dev/ttyUSB0?baud=115200'
+    palisade connect udp://gateway:4433 --node-id 0011223344556677 \
+        --key client.key --trust dev.key.pub
     palisade demo                                      # all of it on a virtual serial line
 
 Output contract (scripts and tests rely on it):
@@ -30,7 +29,8 @@ Output contract (scripts and tests rely on it):
   peer is escaped so that it cannot add lines or terminal control sequences.
 
 Exit codes: 0 success; 1 a runtime or configuration error (including replies still missing
-when ``connect`` gives up waiting); 2 a failed handshake (argparse also uses 2 for usage
+when ``connect`` gives up waiting, and lines too long for one datagram of the path, each
+reported and skipped); 2 a failed handshake (argparse also uses 2 for usage
 errors); 130 interrupted.
 """
 
@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import warnings
@@ -51,7 +52,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from firmware_bridge.progress import HandshakeProgress, should_show
 from palisade_c.aio import HandshakeTimeoutError, Tunnel, connect, describe_stall, serve
 from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION, Config
 from palisade_c.connection import Connection
@@ -66,12 +66,16 @@ from palisade_c.errors import (
 from palisade_c.eventlog import JsonLinesLog
 from palisade_c.events import ConnectionClosed, DataReceived
 from palisade_c.identity import Identity
+from palisade_c.progress import HandshakeProgress, should_show
+from palisade_c.ridlayout import MAX_WORKERS, RidLayout
 from palisade_c.safetext import printable
-from palisade_c.tickets import ClientTicketCache, SqliteTicketStore, TicketService
+from palisade_c.ticketkeys import FileTicketKeyRing
+from palisade_c.tickets import ClientTicketCache, SqliteTicketStore, TicketService, TicketStore
 from palisade_c.transport.base import (
     MAX_DATAGRAM_SIZE,
     MIN_DATAGRAM_SIZE,
     SERIAL_SCHEMES,
+    parse_url,
     tune_for_link,
 )
 
@@ -178,6 +182,23 @@ def _socket_buffer(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int:
+    n = _count(text)
+    if not 1 <= n <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"workers must be 1..{MAX_WORKERS}")
+    return n
+
+
+def _host_id(text: str) -> int:
+    try:
+        n = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= n <= 0xFFFF:
+        raise argparse.ArgumentTypeError("a host id is 0..65535")
+    return n
+
+
 def _is_serial(url: str) -> bool:
     return url.partition("://")[0].lower() in SERIAL_SCHEMES
 
@@ -248,6 +269,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--ticket-db", metavar="FILE",
                          help="SQLite file remembering used resumption tickets, so that a "
                          "replayed ticket stays refused across restarts (implies --plus)")
+    # Scale-out (docs/architecture.md, "Workers"); the --worker-* options are internal.
+    serve_p.add_argument("--workers", type=_workers, default=1, metavar="N",
+                         help="serve with N processes sharing the port, each datagram steered "
+                         "by its RID to the process holding its session (default 1)")
+    serve_p.add_argument("--host-id", type=_host_id, default=None, metavar="N",
+                         help="this host's id (0..65535) in the RIDs it issues, for a load "
+                         "balancer in front of several hosts")
+    serve_p.add_argument("--ticket-key", metavar="FILE",
+                         help="ticket key ring file (0600, created if missing, rotated in "
+                         "place): tickets survive restarts and open on every worker and host "
+                         "sharing FILE (implies --plus)")
+    serve_p.add_argument("--ticket-store", metavar="URL",
+                         help="shared single-use ticket store, redis://HOST:PORT/DB (needs "
+                         "the redis extra; fails closed; implies --plus)")
+    serve_p.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
+    serve_p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     serve_p.set_defaults(func=_cmd_serve)
 
     connect_p = sub.add_parser(
@@ -270,10 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default 5; 0: do not wait)")
     connect_p.add_argument("--mtu", type=_datagram_size, metavar="BYTES",
                            help="largest datagram to send (default 1200 on UDP; a serial "
-                           "link uses its own MTU): through a gateway, the device's link MTU")
+                           "link uses its own MTU; a gateway tells the client its device's "
+                           "link MTU, so this is only an override)")
     connect_p.add_argument("--link-bps", type=_bits_per_second, metavar="BPS",
-                           help="speed of the slowest hop, e.g. 115200 for a device behind a "
-                           "gateway: stretches the handshake timers (a serial URL knows it)")
+                           help="speed of the slowest hop, e.g. 115200: stretches the "
+                           "handshake timers (a serial URL knows it, a gateway tells it; "
+                           "this is only an override)")
     connect_p.set_defaults(func=_cmd_connect)
 
     gateway_p = sub.add_parser(
@@ -285,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     gateway_p.add_argument("--listen", required=True, metavar="URL",
                            help="UDP address for clients: udp://HOST:PORT")
     gateway_p.add_argument("--serial", required=True, action="append", metavar="URL",
-                           help="a device: serial:///dev/ttyUSB0?baud=115200&node=HEX16 "
-                           "(repeatable; node= is the device's --node-id)")
+                           help="a device: serial:///dev/ttyUSB0?baud=115200 (repeatable); "
+                           "the device announces its node id, node=HEX16 only pins it")
     gateway_p.set_defaults(func=_cmd_gateway)
 
     demo_p = sub.add_parser(
@@ -334,18 +373,31 @@ def _event_log(args: argparse.Namespace) -> JsonLinesLog | None:
     return sink
 
 
+def _plus_requested(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "plus", False) or getattr(args, "ticket_db", None)
+                or getattr(args, "ticket_file", None) or getattr(args, "ticket_key", None)
+                or getattr(args, "ticket_store", None))
+
+
 def _make_config(args: argparse.Namespace, **extra: Any) -> Config:
     identity = _load_identity(args.key)
-    plus = bool(getattr(args, "plus", False) or getattr(args, "ticket_db", None)
-                or getattr(args, "ticket_file", None))
+    plus = _plus_requested(args)
     if plus:
         extra.setdefault("plus_features", PLUS_RESUMPTION | PLUS_MIGRATION)
     buffer = getattr(args, "socket_buffer", None)
     if buffer is not None:
         extra["socket_buffer_bytes"] = buffer or None
-    if getattr(args, "ticket_db", None):
-        extra["tickets"] = TicketService(bytes.fromhex(identity.fingerprint),
-                                         SqliteTicketStore(args.ticket_db))
+    ticket_key, store_url = getattr(args, "ticket_key", None), getattr(args, "ticket_store", None)
+    if getattr(args, "ticket_db", None) or ticket_key or store_url:
+        fp = bytes.fromhex(identity.fingerprint)
+        store: TicketStore | None = None
+        if store_url:
+            from palisade_c.ticketstore_redis import RedisTicketStore
+            store = RedisTicketStore(store_url)
+        elif getattr(args, "ticket_db", None):
+            store = SqliteTicketStore(args.ticket_db)
+        keys = FileTicketKeyRing(ticket_key, fp) if ticket_key else None
+        extra["tickets"] = TicketService(fp, store, keys=keys)
     config = Config(
         identity=identity,
         trusted_peers=list(args.trust),
@@ -421,8 +473,15 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def _serve_main(args: argparse.Namespace) -> int:
-    config = _make_config(args)
+async def _serve_main(args: argparse.Namespace, sock: socket.socket | None = None,
+                      cookie_secret: bytes | None = None) -> int:
+    extra: dict[str, Any] = {}
+    if sock is not None or args.host_id is not None:
+        # Routing fields in every session RID this process issues (docs/protocol.md §3.3).
+        extra["rid_layout"] = RidLayout(0, args.host_id or 0, args.worker_index)
+    if cookie_secret is not None:
+        extra["cookie_secret"] = cookie_secret
+    config = _make_config(args, **extra)
     body = _echo if args.echo else _sink
 
     async def handler(tunnel: Tunnel) -> None:
@@ -433,7 +492,7 @@ async def _serve_main(args: argparse.Namespace) -> int:
         await body(tunnel)
 
     try:
-        server = await serve(args.url, config, handler, event_log=_event_log(args))
+        server = await serve(args.url, config, handler, event_log=_event_log(args), sock=sock)
     except OSError as exc:
         what = "open" if _is_serial(args.url) else "listen on"
         _error(f"cannot {what} {args.url}: {exc.strerror or exc}")
@@ -457,7 +516,48 @@ async def _serve_main(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.worker_fd is not None:
+        # A worker of `serve --workers`: its socket is inherited, its cookie key on stdin.
+        from palisade_c.workers import die_with_parent
+
+        die_with_parent()
+        secret = bytes.fromhex(sys.stdin.readline().strip())
+        sock = socket.socket(fileno=args.worker_fd)
+        return asyncio.run(_serve_main(args, sock, secret))
+    if args.workers > 1:
+        if _is_serial(args.url):
+            _error("--workers needs a udp:// URL")
+            return EXIT_ERROR
+        # A bad key, trust or ticket option: one message here, not one per worker restart.
+        checked = _make_config(args)
+        if checked.tickets is not None and isinstance(checked.tickets.store, SqliteTicketStore):
+            checked.tickets.store.close()
+        status = _serve_workers(args)
+        if status is not None:
+            return status
     return asyncio.run(_serve_main(args))
+
+
+def _serve_workers(args: argparse.Namespace) -> int | None:
+    """Run the worker supervisor; None when the kernel cannot steer (one worker then)."""
+    from palisade_c.workers import Supervisor, open_group
+
+    _, host, port, _ = parse_url(args.url)
+    try:
+        socks = open_group(host, port, args.workers)
+    except OSError as exc:
+        _error(f"cannot listen on {args.url}: {exc.strerror or exc}")
+        return EXIT_ERROR
+    if socks is None:
+        return None
+    supervisor = Supervisor(socks, args._argv, plus=_plus_requested(args),
+                            has_ticket_key=bool(args.ticket_key),
+                            has_store=bool(args.ticket_db or args.ticket_store))
+
+    async def run() -> int:
+        return await supervisor.run(_stop_on_signals())
+
+    return asyncio.run(run())
 
 
 # -- connect ------------------------------------------------------------------------------------
@@ -518,7 +618,8 @@ def _strip_newline(line: bytes) -> bytes:
 
 
 def _is_link_reset(event: ConnectionClosed) -> bool:
-    """True for the close the client engine makes when a serial device restarted."""
+    """True for the close the client makes when a device restarted: a serial link's new boot
+    counter, or a probe that a gateway's REBOOT notice prompted and nobody answered."""
     return not event.by_peer and event.error_code == ErrorCode.ErrorSessionNotFound
 
 
@@ -583,8 +684,9 @@ async def _connect_main(args: argparse.Namespace) -> int:
     if isinstance(opened, int):
         return opened
     tunnel = opened
-    # Over a serial link the device may reboot under the tunnel; then we connect again.
-    can_reconnect = _is_serial(args.url)
+    # A device may reboot under the tunnel, on a serial link or behind a gateway (whose
+    # REBOOT notice made the session probe itself and fail); then we connect again.
+    can_reconnect = True
 
     lines: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=STDIN_READ_AHEAD)
     stop = threading.Event()
@@ -592,7 +694,8 @@ async def _connect_main(args: argparse.Namespace) -> int:
     threading.Thread(target=_read_stdin, args=(loop, lines, stop), name="palisade-stdin",
                      daemon=True).start()
 
-    sent = received = lost = 0
+    sent = received = lost = skipped = 0
+    line_no = 0
     if tunnel.handshake is not None and tunnel.handshake.early_data_accepted:
         sent = 1  # the --early-data request is answered like a line
     stdin_done = False
@@ -602,16 +705,20 @@ async def _connect_main(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
 
     async def send_lines() -> None:
-        nonlocal sent, stdin_done
+        nonlocal sent, stdin_done, skipped, line_no
         while (line := await lines.get()) is not None:
             data = _strip_newline(line)
+            line_no += 1
             while True:
                 current = tunnel
                 try:
                     current.send(data)
-                except PacketTooLargeError:
-                    _error(f"line {sent + 1} does not fit in one datagram ({len(data)} bytes); "
-                           "skipped")
+                except PacketTooLargeError as exc:
+                    # The path's datagram size is a promise: say so, for every line, and
+                    # make the exit status show that not everything went out.
+                    skipped += 1
+                    _error(f"line {line_no} skipped: {len(data)} bytes, more than the "
+                           f"{exc.max_payload} bytes one datagram of this path carries")
                     break
                 except ConnectionClosedError:
                     if not can_reconnect:
@@ -686,6 +793,9 @@ async def _connect_main(args: argparse.Namespace) -> int:
     if lost:
         _error(f"{lost} replies lost when the device restarted")
         status = EXIT_ERROR
+    if skipped:
+        _error(f"{skipped} line(s) not sent: longer than the path's maximum payload")
+        status = EXIT_ERROR
     if event.by_peer or event.error_code != 0:
         if event.error_code != 0 or received < sent:
             _error(f"connection closed by {'peer' if event.by_peer else 'us'}: "
@@ -703,7 +813,7 @@ def _cmd_connect(args: argparse.Namespace) -> int:
 
 
 async def _gateway_main(args: argparse.Namespace) -> int:
-    from firmware_bridge.gateway import Gateway  # pyserial only for serial commands
+    from palisade_c.gateway import Gateway  # pyserial only for serial commands
 
     try:
         gateway = await Gateway.start(args.listen, args.serial)
@@ -713,7 +823,7 @@ async def _gateway_main(args: argparse.Namespace) -> int:
     stop = _stop_on_signals()
     host, port = gateway.address
     devices = ", ".join(
-        f"{d.name} (node {d.node.hex() if d.node else 'learned'})" for d in gateway.devices
+        f"{d.name} (node {d.node.hex() if d.node else 'from its HELLO'})" for d in gateway.devices
     )
     print(f"palisade: gateway listening on udp://{_host_for_url(host)}:{port} for {devices}",
           file=sys.stderr, flush=True)
@@ -748,6 +858,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # for worker processes
     _setup_logging(bool(getattr(args, "verbose", False)))
     try:
         status: int = args.func(args)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from palisade_c.errors import ConfigError
 from palisade_c.identity import Identity, TrustEntry, TrustStore
 from palisade_c.reassembly import LINK_BITS_PER_BYTE
+from palisade_c.ridlayout import RidLayout
 from palisade_c.tickets import TicketService
 from palisade_c.transport.base import MAX_DATAGRAM_SIZE, MIN_DATAGRAM_SIZE
 from palisade_c.wire import PLUS_MIGRATION, PLUS_RESUMPTION, PLUS_SHAPING
@@ -89,6 +90,13 @@ class Config:
     migration_packets: int = 3
     migration_window: float = 5.0
 
+    # scale-out (docs/protocol.md §3.3): None keeps the 14 random bytes of a session RID.
+    #: Server: routing fields (config, host and worker id) written into session RIDs.
+    rid_layout: RidLayout | None = None
+    #: Server: the Retry cookie key, shared by worker processes so that any of them can check
+    #: a cookie another issued (None: a fresh random key per endpoint).
+    cookie_secret: bytes | None = field(default=None, repr=False)
+
     rng: RandomSource = field(default=os.urandom, repr=False)
 
     def __post_init__(self) -> None:
@@ -119,6 +127,8 @@ class Config:
             raise ConfigError("max_sessions and max_half_open must be at least 1")
         if self.max_early_buffer_bytes < 0:
             raise ConfigError("max_early_buffer_bytes must not be negative")
+        if self.cookie_secret is not None and len(self.cookie_secret) != 32:
+            raise ConfigError("cookie_secret must be 32 bytes")
         if self.amplification_factor < 1:
             raise ConfigError("amplification_factor must be at least 1")
         self.trust = TrustStore(self.trusted_peers)

@@ -7,14 +7,16 @@ uses:
 
 1. Two ephemeral identities (device and client) are generated and saved as key files in a
    temporary directory, then loaded back and pinned from the ``.pub`` files, as the CLI does.
-2. A :class:`~firmware_bridge.pty_link.PtyLink` makes a virtual serial line: two pty pairs
+2. A :class:`~palisade_c.transport.pty.PtyLink` makes a virtual serial line: two pty pairs
    joined by a pump paced to ``baud`` (bytes leave at ``baud / 10`` per second each way).
 3. The simulated device is :func:`palisade_c.aio.serve` on end ``a`` of the line (the serial
    transport in the device role) with an echo handler and the device's node id.
-4. The gateway (:class:`~firmware_bridge.gateway.Gateway`) listens on UDP on the loopback and
-   owns end ``b``, routing by the node id (the RID steering prefix); it holds no keys.
-5. The client connects over UDP to the gateway, targeting the node id, with its datagram size
-   and timers tuned to the serial hop. Its handshake progress is printed on stderr; then it
+4. The gateway (:class:`~palisade_c.gateway.Gateway`) listens on UDP on the loopback and
+   owns end ``b``, routing by the node id (the RID steering prefix) that the device announces
+   in its link HELLO; it holds no keys.
+5. The client connects over UDP to the gateway, targeting the node id and nothing else: the
+   gateway's PATH notice tells it the serial hop's datagram size and speed, and its
+   fragmentation and timers follow. Its handshake progress is printed on stderr; then it
    echoes ``messages`` messages, asks for a rekey, echoes once more under the new keys, and
    closes.
 
@@ -37,17 +39,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from firmware_bridge.gateway import Gateway
-from firmware_bridge.progress import HandshakeProgress
-from firmware_bridge.pty_link import PtyLink
 from palisade_c.aio import Tunnel, connect, serve
 from palisade_c.config import Config
 from palisade_c.connection import Connection
 from palisade_c.errors import PalisadeError, code_name
 from palisade_c.events import ConnectionClosed, DataReceived, EpochChanged
+from palisade_c.gateway import Gateway
 from palisade_c.identity import Identity
+from palisade_c.progress import HandshakeProgress
 from palisade_c.reassembly import LINK_BITS_PER_BYTE
-from palisade_c.transport.base import tune_for_link
+from palisade_c.transport.pty import PtyLink
 
 __all__ = ["DEMO_TIMEOUT", "DemoError", "DemoResult", "run", "run_demo", "summary_lines"]
 
@@ -153,27 +154,30 @@ async def run_demo(
                             trusted_peers=[str(work / "device.key.pub")], node_id=node)
 
         with PtyLink(baud, directory=work / "line") as line:
-            established: asyncio.Future[float] = loop.create_future()
+            # When the device has keys, and the handshake bytes it received and sent: what
+            # crossed the serial line (the client's first, too large flight never did: the
+            # gateway dropped it and told the client the path's datagram size).
+            established: asyncio.Future[tuple[float, int, int]] = loop.create_future()
 
             async def device(tunnel: Tunnel) -> None:
                 if not established.done():
-                    established.set_result(loop.time())
+                    conn = tunnel.connection
+                    established.set_result((loop.time(), conn.hs_bytes_in, conn.hs_bytes_out))
                 async for data in tunnel:
                     tunnel.send(data)
 
             server = await serve(line.url("a"), device_cfg, device)
             gateway: Gateway | None = None
             try:
-                gateway = await Gateway.start("udp://127.0.0.1:0",
-                                              [line.url("b", node=node.hex())])
+                gateway = await Gateway.start("udp://127.0.0.1:0", [line.url("b")])
                 host, port = gateway.address
                 result.gateway = f"udp://{host}:{port}"
                 link = gateway.devices[0].transport
                 if not await link.wait_ready(STEP_TIMEOUT):
                     raise DemoError("the gateway got no HELLO from the device")
-                # Through the gateway the serial hop is the narrowest: its MTU and its speed.
-                cfg = tune_for_link(client_cfg, link.mtu, float(baud))
-                await _client(result, cfg, established, progress)
+                # No --mtu, no --link-bps: the gateway tells the client the serial hop's MTU and
+                # speed (a PATH notice), which are the narrowest and slowest of the path.
+                await _client(result, client_cfg, established, progress)
                 # What crossed the serial hop, counted by the gateway's end of it.
                 result.bytes_client_to_device = link.datagram_bytes_out
                 result.bytes_device_to_client = link.datagram_bytes_in
@@ -193,7 +197,7 @@ async def run_demo(
 async def _client(
     result: DemoResult,
     config: Config,
-    established: asyncio.Future[float],
+    established: asyncio.Future[tuple[float, int, int]],
     stream: TextIO | None,
 ) -> None:
     loop = asyncio.get_running_loop()
@@ -212,13 +216,13 @@ async def _client(
     result.client_handshake_time = loop.time() - started
     try:
         async with asyncio.timeout(STEP_TIMEOUT):
-            both = await asyncio.shield(established)
+            both, device_in, device_out = await asyncio.shield(established)
     except TimeoutError:
         raise DemoError("the device never completed its side of the handshake") from None
     result.handshake_time = max(both, started + result.client_handshake_time) - started
     conn = tunnel.connection
-    result.handshake_bytes_out = conn.hs_bytes_out
-    result.handshake_bytes_in = conn.hs_bytes_in
+    result.handshake_bytes_out = device_in
+    result.handshake_bytes_in = device_out
     try:
         epochs: list[int] = []
         for i in range(result.messages):

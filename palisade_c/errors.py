@@ -45,6 +45,7 @@ class ErrorCode(IntEnum):
     ErrorSessionLimitExceeded = 0x0202
     # Session [profile]
     ErrorIdleTimeout = 0x0203
+    ErrorRekeyTimeout = 0x0204
     # Data plane [spec 0x0300, 0x0301, 0x0305; profile for the rest]
     ErrorAEADDecryptFailed = 0x0300
     ErrorInvalidEpoch = 0x0301
@@ -102,9 +103,17 @@ class SequenceExhaustedError(PalisadeError):
 
 
 class PacketTooLargeError(PalisadeError, ValueError):
-    """A payload does not fit in one packet."""
+    """A payload does not fit in one packet.
+
+    ``max_payload`` is the largest payload that does fit on the current path (None where the
+    limit is not a payload size, e.g. the record layer's own length field).
+    """
 
     code = ErrorCode.ErrorPacketTooLarge
+
+    def __init__(self, message: str, max_payload: int | None = None) -> None:
+        super().__init__(message)
+        self.max_payload = max_payload
 
 
 # --- decoding (raised by codecs, caught by the core) ----------------------------------------

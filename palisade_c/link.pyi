@@ -4,7 +4,7 @@ from typing import Final, NamedTuple, TypeAlias, final
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
-LINK_VERSION: Final = 1
+LINK_VERSION: Final = 2
 DEFAULT_MTU: Final = 512
 MIN_MTU: Final = 64
 MAX_PAYLOAD: Final = 65535
@@ -18,10 +18,13 @@ CTL_HELLO: Final = 0x01
 CTL_PING: Final = 0x02
 CTL_PONG: Final = 0x03
 
+NODE_ID_LEN: Final = 8
+
 class Hello(NamedTuple):
     version: int
     mtu: int
     boot_counter: int
+    node_id: bytes | None = None
 
 def encode_frame(channel: int, data: Buffer) -> bytes: ...
 def encoded_max(payload_len: int) -> int: ...
@@ -48,7 +51,9 @@ class FrameDecoder:
     def short_frames(self) -> int: ...
     def counters(self) -> dict[str, int]: ...
 
-def encode_hello(version: int, mtu: int, boot_counter: int) -> bytes: ...
+def encode_hello(
+    version: int, mtu: int, boot_counter: int, node_id: bytes | None = None
+) -> bytes: ...
 def parse_hello(payload: Buffer) -> Hello: ...
 def encode_ping(token: int) -> bytes: ...
 def encode_pong(token: int) -> bytes: ...

@@ -21,8 +21,10 @@ open; older ones, or tickets sealed by another server (its fingerprint is in the
 Single use: a ticket_id is claimed at most once, atomically, in a :class:`TicketStore` that
 remembers it until the ticket would have expired anyway. :class:`SqliteTicketStore` is the
 embedded default, so a server restart does not reopen replays; :class:`MemoryTicketStore` is
-for tests and single-process deployments; a fleet can implement the same two methods over a
-shared store (for example Redis ``SET NX PX``).
+for tests and single-process deployments; a fleet shares
+:class:`palisade_c.ticketstore_redis.RedisTicketStore` (Redis ``SET NX PX``, fail closed). Keys
+that outlive a process, shared by workers and hosts, live in a file
+(:class:`palisade_c.ticketkeys.FileTicketKeyRing`).
 
 Ticket time is wall-clock time (tickets outlive processes), taken from an injectable clock;
 nothing here reads ``time`` unless no clock is given.
@@ -41,6 +43,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -149,6 +152,19 @@ class TicketKeyRing:
             return TicketInner.decode(plain)
         except (InvalidTag, ValueError):
             return None
+
+
+class SealingKeys(Protocol):
+    """What :class:`TicketService` needs of a key ring: :class:`TicketKeyRing` (in memory) or
+    :class:`palisade_c.ticketkeys.FileTicketKeyRing` (a file shared by workers and hosts)."""
+
+    def seal(self, inner: TicketInner) -> bytes: ...
+
+    def open(self, ticket: bytes) -> TicketInner | None: ...
+
+
+class TicketStoreUnavailable(Exception):
+    """A shared store could not answer (in time): the claim is refused, never assumed."""
 
 
 # -- the single-use store -------------------------------------------------------------------
@@ -261,13 +277,14 @@ class TicketService:
     def __init__(self, server_fingerprint: bytes, store: TicketStore | None = None, *,
                  lifetime: int = DEFAULT_LIFETIME, max_early_data: int = DEFAULT_MAX_EARLY_DATA,
                  rotate_every: float = 3600.0, rng: Callable[[int], bytes] = os.urandom,
-                 clock: Clock = time.time) -> None:
+                 clock: Clock = time.time, keys: SealingKeys | None = None) -> None:
         if not 1 <= lifetime <= 7 * 24 * 3600:
             raise ConfigError("ticket lifetime must be 1 s .. 7 days")
         if not 0 <= max_early_data <= 1 << 20:
             raise ConfigError("max_early_data must be 0 .. 1 MiB")
-        self.keys = TicketKeyRing(server_fingerprint, rotate_every=rotate_every, rng=rng,
-                                  clock=clock)
+        # ``keys``: a shared ring (--ticket-key); else one in memory for this process.
+        self.keys: SealingKeys = keys if keys is not None else TicketKeyRing(
+            server_fingerprint, rotate_every=rotate_every, rng=rng, clock=clock)
         self.store = store if store is not None else MemoryTicketStore()
         self.lifetime = lifetime
         self.max_early_data = max_early_data
@@ -303,7 +320,11 @@ class TicketService:
         now = self.clock()
         if now >= inner.expires_at or inner.issued_at > now + 60:
             return None, "expired"
-        if not self.store.claim(inner.ticket_id, inner.expires_at, now):
+        try:
+            claimed = self.store.claim(inner.ticket_id, inner.expires_at, now)
+        except TicketStoreUnavailable:
+            return None, "store-unavailable"  # fail closed: the client does a full handshake
+        if not claimed:
             return None, "replayed"
         return inner, ""
 

@@ -168,6 +168,23 @@ def test_connect_echoes_stdin_lines(keys: Keys, echo_server: EchoServer, workdir
     assert result.stderr == ""
 
 
+def test_connect_reports_every_line_too_long_for_the_path_and_exits_non_zero(
+    keys: Keys, echo_server: EchoServer, workdir: Path
+) -> None:
+    # --mtu 512 on plain UDP: 451 bytes of payload fit one datagram; 452 and 2000 do not.
+    lines = ["a" * 451, "b" * 2000, "short", "c" * 452]
+    result = palisade("connect", echo_server.url, "--key", keys.key("client"), "--mtu", "512",
+                      "--trust", keys.pub("server"), "--timeout", "5", cwd=workdir,
+                      stdin="\n".join(lines) + "\n")
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines() == [lines[0], "short"]
+    errors = result.stderr.splitlines()
+    assert errors[0] == ("palisade: line 2 skipped: 2000 bytes, more than the 451 bytes one "
+                         "datagram of this path carries")
+    assert errors[1].startswith("palisade: line 4 skipped: 452 bytes")
+    assert errors[2:] == ["palisade: 2 line(s) not sent: longer than the path's maximum payload"]
+
+
 def test_verbose_server_logs_a_one_line_summary_on_close(
     keys: Keys, echo_server: EchoServer, workdir: Path
 ) -> None:

@@ -114,6 +114,7 @@ def test_rx_transition_table_is_exactly_the_spec_table() -> None:
         ("TRANSITION", "commit_epoch_transition"): "STEADY",
         ("TRANSITION", "key_phase=0"): "TRANSITION",
         ("TRANSITION", "key_phase=1"): "TRANSITION",
+        ("TRANSITION", "abandon_next_epoch"): "STEADY",  # [profile, changed] docs §5.1
     }
 
 
@@ -177,11 +178,13 @@ def test_row_steady_forged_rekey_arms_nothing() -> None:
 
 @pytest.mark.parametrize("threshold", [1, 2, 5, 16])
 def test_row_transition_commit_threshold_reached(threshold: int) -> None:
-    """TRANSITION + packetsOnNextEpoch >= commitThreshold -> STEADY (CommitEpochTransition)."""
+    """TRANSITION + packetsOnNextEpoch >= commitThreshold -> STEADY (CommitEpochTransition).
+    The packets counted are key_phase 0 ones: the peer's sender has finished its transition."""
     c, s = pair(commit_threshold=threshold)
     s.arm_next_epoch()
     c.arm_next_epoch()
     c.install_next_epoch()
+    c.complete_transition()
     for i in range(threshold - 1):
         r = s.open(c.seal(b"n%d" % i))
         assert r is not None and r.epoch == 1
@@ -215,80 +218,120 @@ def test_threshold_counts_only_authenticated_new_epoch_packets() -> None:
 
 
 def test_row_transition_timeout_handle_timer() -> None:
-    """TRANSITION + timeout -> STEADY. Deviation: the clock starts at the first packet
-    authenticated on the new epoch, not at arming (docs/protocol.md §5.1)."""
+    """TRANSITION + timeout -> STEADY. The clock starts at arming (seed §3 "maxTransitionTime
+    exceeded"); with a key_phase 0 packet on the new epoch seen, commit at T after arming."""
     c, s = pair(max_transition_time=2.0)
-    s.arm_next_epoch(now=0.0)
-    assert s.get_timer() is None
-    s.handle_timer(1000.0)  # long after arming: nothing, the clock has not started
-    assert s.epochs.rx_state_name == "TRANSITION"
+    s.arm_next_epoch(now=1000.0)
+    assert s.get_timer() == pytest.approx(1002.0)  # nothing seen yet: the abandon deadline
     old_sender = RecordLayer(MASTER, True, RID)
-    assert s.open(old_sender.seal(b"old"), now=1001.0) is not None  # old epoch: no clock
-    assert s.get_timer() is None
+    assert s.open(old_sender.seal(b"old"), now=1000.5) is not None  # old epoch: no change
+    assert s.get_timer() == pytest.approx(1002.0)
     c.arm_next_epoch()
     c.install_next_epoch()
-    assert s.open(c.seal(b"first on new"), now=1010.0) is not None
+    assert s.open(c.seal(b"first on new, key_phase 1"), now=1001.0) is not None
     assert s.epochs.next_epoch_seen
-    assert s.get_timer() == pytest.approx(1012.0)
-    assert s.open(c.seal(b"second"), now=1011.0) is not None  # does not restart the clock
-    assert s.get_timer() == pytest.approx(1012.0)
-    s.handle_timer(1011.999)
+    # Only key_phase 1 seen: the peer's sender may still use it, so allow twice as long.
+    assert s.get_timer() == pytest.approx(1004.0)
+    c.complete_transition()
+    assert s.open(c.seal(b"second, key_phase 0"), now=1001.5) is not None
+    assert s.get_timer() == pytest.approx(1002.0)
+    s.handle_timer(1001.999)
     assert s.epochs.rx_state_name == "TRANSITION"
-    s.handle_timer(1012.0)
+    s.handle_timer(1002.0)
     assert s.epochs.rx_state_name == "STEADY"
     assert (s.epoch, s.epochs.next_epoch) == (1, None)
     assert s.get_timer() is None
     # The old epoch's keys are gone.
-    expect_drop(s, old_sender.seal(b"late old"), "ErrorInvalidEpoch", now=1013.0)
+    expect_drop(s, old_sender.seal(b"late old"), "ErrorInvalidEpoch", now=1003.0)
 
 
 def test_row_transition_timeout_opportunistic_in_open() -> None:
     """The timeout is also enforced while processing packets (opportunistic check)."""
     c, s = pair(max_transition_time=2.0, commit_threshold=1000)
     old_sender = RecordLayer(MASTER, True, RID)
-    s.arm_next_epoch(now=0.0)
+    s.arm_next_epoch(now=9.0)
     c.arm_next_epoch()
     c.install_next_epoch()
     c.complete_transition()  # key_phase 0 on epoch 1 from now on
     assert s.open(c.seal(b"first"), now=10.0) is not None
-    assert s.open(old_sender.seal(b"old, in time"), now=11.9) is not None
+    assert s.open(old_sender.seal(b"old, in time"), now=10.9) is not None
     assert s.epochs.rx_state_name == "TRANSITION"
-    # At 12.5 the transition has expired: the check runs before decryption.
-    expect_drop(s, old_sender.seal(b"old, too late"), "ErrorInvalidEpoch", now=12.5)
+    # At 11.5 the transition has expired: the check runs before decryption.
+    expect_drop(s, old_sender.seal(b"old, too late"), "ErrorInvalidEpoch", now=11.5)
     assert s.epochs.rx_state_name == "STEADY" and s.epoch == 1
-    r = s.open(c.seal(b"new"), now=12.6)
+    r = s.open(c.seal(b"new"), now=11.6)
     assert r is not None and r.epoch == 1
 
 
-def test_transition_clock_starts_once_time_is_known() -> None:
-    """The transition must stay bounded in time (seed §3: "MUST NOT remain in TRANSITION
-    indefinitely"; docs/protocol.md §5.1: bounded by max_transition_time once the peer has
-    demonstrably moved).
-
-    BUG: ``on_authenticated`` starts the clock only on the *first* packet authenticated on the
-    next epoch (``next_epoch_seen``), storing ``now`` even when it is the "no time" value -1.0
-    (``open()``/``open_many()`` called without ``now``). Every later packet sees
-    ``next_epoch_seen`` already set, so the clock is never started for this transition even when
-    later calls do pass ``now``: ``get_timer()`` stays None and, below the packet threshold,
-    the receiver stays in TRANSITION (holding the old epoch's keys) forever.
-    """
+def test_transition_clock_runs_from_arming_whatever_the_packets_carry() -> None:
+    """The transition stays bounded in time (seed §3: "MUST NOT remain in TRANSITION
+    indefinitely") even when packets on the new epoch are opened without a time (a batch path):
+    the clock started when the epoch was armed."""
     c, s = pair(max_transition_time=2.0, commit_threshold=1000)
     s.arm_next_epoch(now=0.0)
     c.arm_next_epoch()
     c.install_next_epoch()
     assert s.open_many([c.seal(b"first, from a batch path without a clock")])[0] is not None
-    assert s.open(c.seal(b"second, with a clock"), now=10.0) is not None
-    assert s.get_timer() is not None
-    s.handle_timer(10.0 + 2.0)
+    assert s.open(c.seal(b"second, with a clock"), now=1.0) is not None
+    assert s.get_timer() == pytest.approx(4.0)
+    s.handle_timer(4.0)
     assert s.epochs.rx_state_name == "STEADY" and s.epoch == 1
 
 
-def test_transition_without_new_epoch_packets_never_times_out() -> None:
-    _, s = pair(max_transition_time=0.5)
+def test_transition_without_new_epoch_packets_is_abandoned_at_its_bound() -> None:
+    """[profile, changed] docs §5.1: an announcing side that sees nothing on the armed epoch
+    within max_transition_time of arming abandons it (never commits to keys the peer lacks).
+    The same epoch can be armed again later, with the same keys."""
+    c, s = pair(max_transition_time=0.5)
     s.arm_next_epoch(now=0.0)
-    for t in (0.5, 1.0, 100.0, 1e6):
-        s.handle_timer(t)
+    assert s.get_timer() == pytest.approx(0.5)
+    s.handle_timer(0.499)
     assert s.epochs.rx_state_name == "TRANSITION"
+    rx_next = s.epochs.key_buffers()["rx_next"]
+    s.handle_timer(0.5)
+    e = s.epochs
+    assert (e.rx_state_name, e.epoch, e.next_epoch, e.abandons) == ("STEADY", 0, None, 1)
+    assert not e.install_pending and set(e.key_buffers()) == {"rx_cur", "tx_cur"}
+    assert rx_next == bytearray(32)  # erased
+    assert s.get_timer() is None
+    for t in (1.0, 100.0, 1e6):
+        s.handle_timer(t)
+    assert s.epochs.rx_state_name == "STEADY"
+    # Epoch 0 still works; the retry arms epoch 1 again and the client's epoch-1 keys open it.
+    old = RecordLayer(MASTER, True, RID)
+    assert s.open(old.seal(b"still epoch 0"), now=2.0) is not None
+    assert s.arm_next_epoch(now=2.0, expected_epoch=1) == 1
+    c.arm_next_epoch()
+    c.install_next_epoch()
+    r = s.open(c.seal(b"on epoch 1"), now=2.1)
+    assert r is not None and r.epoch == 1
+
+
+def test_a_side_whose_sender_moved_never_abandons() -> None:
+    """The client arms and installs at once; it cannot go back, so its epoch machine sets no
+    abandon deadline (the session bounds its wait, docs §9) and refuses an explicit abandon."""
+    c, _ = pair(max_transition_time=0.5)
+    c.arm_next_epoch(now=0.0)
+    c.install_next_epoch(now=0.0)
+    assert c.get_timer() is None
+    c.handle_timer(1e6)
+    assert c.epochs.rx_state_name == "TRANSITION"
+    with pytest.raises(EpochStateError):
+        c.abandon_next_epoch()
+
+
+def test_evidence_forbids_abandoning() -> None:
+    c, s = pair(max_transition_time=0.5, commit_threshold=100)
+    s.arm_next_epoch(now=0.0)
+    c.arm_next_epoch()
+    c.install_next_epoch()
+    assert s.open(c.seal(b"evidence"), now=0.1) is not None
+    with pytest.raises(EpochStateError):
+        s.abandon_next_epoch()
+    s.handle_timer(0.5)  # key_phase 1 only: the bound is 2T
+    assert s.epochs.rx_state_name == "TRANSITION"
+    s.handle_timer(1.0)
+    assert s.epochs.rx_state_name == "STEADY" and s.epoch == 1
 
 
 def test_row_steady_key_phase0_decrypts_normally() -> None:
@@ -370,20 +413,25 @@ def test_row_transition_key_phase1_on_current_epoch_uses_alternate_key() -> None
 
 @pytest.mark.parametrize("threshold", [1, 4, 16])
 def test_row_transition_key_phase1_next_keys_count_and_commit(threshold: int) -> None:
-    """TRANSITION + key_phase=1 -> decrypt with next keys, RecordPacketOnNextEpoch, commit at
-    the threshold."""
+    """TRANSITION + key_phase=1 -> decrypt with next keys, RecordPacketOnNextEpoch. Toward
+    the commit count only key_phase 0 packets: a key_phase 1 packet says the peer's sender is
+    still in its transition, and committing then would strand the rest of them."""
     c, s = pair(commit_threshold=threshold)
     s.arm_next_epoch()
     c.arm_next_epoch()
     c.install_next_epoch()
-    sent_phase1 = 0
-    for i in range(threshold):
+    for i in range(threshold + 3):
         pkt = c.seal(b"%d" % i)
-        sent_phase1 += bool(pkt[3] & 0x04)
-        assert s.epochs.rx_state_name == "TRANSITION"
+        assert pkt[3] & 0x04
         r = s.open(pkt)
         assert r is not None and r.epoch == 1
-    assert sent_phase1 >= 1
+    assert s.epochs.rx_state_name == "TRANSITION"
+    assert s.epochs.packets_on_next == threshold + 3 and not s.epochs.next_phase0_seen
+    c.complete_transition()
+    for i in range(threshold):
+        assert s.epochs.rx_state_name == "TRANSITION"
+        r = s.open(c.seal(b"p0 %d" % i))
+        assert r is not None and r.epoch == 1
     assert s.epochs.rx_state_name == "STEADY"
     assert s.epoch == 1
 
@@ -394,15 +442,17 @@ def test_window_of_new_epoch_survives_commit() -> None:
     s.arm_next_epoch()
     c.arm_next_epoch()
     c.install_next_epoch()
-    pkts = [c.seal(b"%d" % i) for i in range(6)]
-    for p in pkts[:4]:
+    pkts = [c.seal(b"%d" % i) for i in range(2)]
+    c.complete_transition()
+    pkts += [c.seal(b"%d" % i) for i in range(2, 8)]
+    for p in pkts[:6]:
         assert s.open(p) is not None
     assert s.epochs.rx_state_name == "STEADY"
-    for p in pkts[:4]:
+    for p in pkts[:6]:
         # key_phase 1 packets are refused by a STEADY receiver before the window is consulted
         expect_drop(s, p, "ErrorInvalidKeyPhase" if p[3] & 0x04 else "replay")
-    assert [bool(p[3] & 0x04) for p in pkts[:4]] == [True, True, False, False]
-    assert s.open(pkts[5]) is not None and s.open(pkts[4]) is not None  # reordered: fine
+    assert [bool(p[3] & 0x04) for p in pkts[:6]] == [True, True, False, False, False, False]
+    assert s.open(pkts[7]) is not None and s.open(pkts[6]) is not None  # reordered: fine
 
 
 def test_independent_replay_windows_per_epoch() -> None:
@@ -459,41 +509,50 @@ def test_row_complete_sets_key_phase_back_to_0() -> None:
     assert r is not None and (r.epoch, r.seq) == (1, 1)
 
 
-@pytest.mark.parametrize("threshold", [1, 2, 3, 16, 17])
-def test_sender_completes_after_half_threshold(threshold: int) -> None:
-    """[profile] the sender clears key_phase after commit_threshold // 2 packets (at least 1)."""
-    c, _ = pair(commit_threshold=threshold)
-    c.arm_next_epoch()
-    c.install_next_epoch()
-    flags = [c.seal(b"x")[3] & 0x04 for _ in range(threshold + 2)]
-    n1 = max(1, threshold // 2)
-    assert flags == [0x04] * n1 + [0] * (threshold + 2 - n1)
-    assert c.epochs.tx_state_name == "STEADY"
-
-
-def test_sender_completes_after_half_transition_time() -> None:
-    c, _ = pair(max_transition_time=2.0, commit_threshold=1000)
-    c.arm_next_epoch()
-    c.install_next_epoch(now=5.0)
-    assert c.get_timer() == pytest.approx(6.0)
-    c.handle_timer(5.999)
-    assert c.epochs.key_phase == 1
-    c.handle_timer(6.0)
-    assert c.epochs.key_phase == 0 and c.epochs.tx_state_name == "STEADY"
-    assert c.send_epoch == 1 and c.get_timer() is None  # (its receiver has no clock running)
-
-
-def test_get_timer_is_the_earliest_deadline() -> None:
-    c, s = pair(max_transition_time=4.0, commit_threshold=1000)
+@pytest.mark.parametrize("threshold", [1, 2, 16, 1000])
+def test_sender_completes_on_the_peers_first_packet_on_its_epoch(threshold: int) -> None:
+    """[profile, changed] docs §5.2: the sender clears key_phase when it opens a packet the
+    peer sent on the sender's epoch (the peer installed it), never after a local count: the
+    peer's threshold is not ours to know."""
+    c, s = pair(commit_threshold=threshold)
     s.arm_next_epoch()
     c.arm_next_epoch()
     c.install_next_epoch()
-    assert s.open(c.seal(b"x"), now=10.0) is not None  # server rx deadline 14.0
-    s.install_next_epoch(now=11.0)                       # server tx deadline 13.0
-    assert s.get_timer() == pytest.approx(13.0)
-    s.handle_timer(13.0)
-    assert s.epochs.tx_state_name == "STEADY" and s.epochs.rx_state_name == "TRANSITION"
+    flags = [c.seal(b"x")[3] & 0x04 for _ in range(threshold + 2)]
+    assert flags == [0x04] * (threshold + 2)
+    assert s.open(c.seal(b"ack")) is not None
+    # The server installs on that evidence; the peer is on the epoch already, so no hint.
+    s.install_next_epoch()
+    assert s.epochs.tx_state_name == "STEADY" and s.epochs.key_phase == 0
+    assert c.open(s.seal(b"down")) is not None
+    assert c.epochs.tx_state_name == "STEADY"
+    assert not c.seal(b"now phase 0")[3] & 0x04
+
+
+def test_no_local_clock_ends_the_senders_hint() -> None:
+    c, _ = pair(max_transition_time=2.0, commit_threshold=1000)
+    c.arm_next_epoch()
+    c.install_next_epoch(now=5.0)
+    assert c.get_timer() is None
+    c.handle_timer(1e6)
+    assert c.epochs.key_phase == 1
+
+
+def test_get_timer_follows_the_evidence() -> None:
+    c, s = pair(max_transition_time=4.0, commit_threshold=1000)
+    s.arm_next_epoch(now=10.0)
+    assert s.get_timer() == pytest.approx(14.0)          # abandon, if nothing comes
+    c.arm_next_epoch()
+    c.install_next_epoch()
+    assert s.open(c.seal(b"x"), now=11.0) is not None   # key_phase 1: commit by 18.0
+    assert s.get_timer() == pytest.approx(18.0)
+    s.install_next_epoch(now=11.0)                       # no sender deadline
+    assert s.get_timer() == pytest.approx(18.0)
+    c.complete_transition()
+    assert s.open(c.seal(b"y"), now=12.0) is not None   # key_phase 0: commit by 14.0
     assert s.get_timer() == pytest.approx(14.0)
+    s.handle_timer(13.99)
+    assert s.epochs.rx_state_name == "TRANSITION"
     s.handle_timer(14.0)
     assert s.epochs.rx_state_name == "STEADY" and s.get_timer() is None
 
@@ -577,6 +636,7 @@ def test_arm_before_sender_installed_previous_epoch_raises() -> None:
     s.arm_next_epoch()
     c.arm_next_epoch()
     c.install_next_epoch()
+    c.complete_transition()
     for _ in range(16):
         s.open(c.seal(b"x"))
     assert s.epochs.rx_state_name == "STEADY" and s.epoch == 1
@@ -588,9 +648,8 @@ def test_arm_before_sender_installed_previous_epoch_raises() -> None:
         s.arm_next_epoch(expected_epoch=2)
     assert snapshot(s) == before
     s.install_next_epoch()
-    with pytest.raises(EpochStateError):
-        s.arm_next_epoch()  # installed, but the sender's transition is not finished
-    s.complete_transition()
+    # The peer already sends on epoch 1, so the sender's transition is over at once.
+    assert s.epochs.tx_state_name == "STEADY"
     assert s.arm_next_epoch() == 2
 
 
@@ -621,7 +680,8 @@ def test_arm_then_install_is_atomic_on_receiving_side() -> None:
     for _ in range(16):
         assert c.open(s.seal(b"down")) is not None  # client receiver commits epoch 1
     s.commit_epoch_transition()  # server commits (e.g. its own transition timer expired)
-    assert c.epochs.rx_state_name == "STEADY" and c.epochs.tx_state_name == "TRANSITION"
+    # The client's first packet from the server on epoch 1 ended its key_phase hint.
+    assert c.epochs.rx_state_name == "STEADY" and c.epochs.tx_state_name == "STEADY"
     # Epoch 2 announced; the client tries to do both steps.
     s.arm_next_epoch(expected_epoch=2)
     rec = c.open(s.seal(rekey_frame(2, KIND_ANNOUNCE), control=True))
@@ -643,6 +703,8 @@ def test_higher_epoch_in_header_never_promotes() -> None:
     before = snapshot(s)
     reasons: dict[str, int] = {}
     for i in range(50):  # far more than the threshold, phase 1 and then phase 0 packets
+        if i == 2:
+            c.complete_transition()
         pkt = c.seal(b"%d" % i)
         reason = "ErrorInvalidKeyPhase" if pkt[3] & 0x04 else "ErrorInvalidEpoch"
         expect_drop(s, pkt, reason)
@@ -689,13 +751,14 @@ def test_old_epoch_packets_rejected_after_commit() -> None:
 @pytest.mark.parametrize("how", ["explicit", "threshold", "timer", "timer_in_open"])
 def test_old_receive_key_zeroed_after_commit(how: str) -> None:
     c, s = pair(commit_threshold=3, max_transition_time=1.0)
-    s.arm_next_epoch()
+    s.arm_next_epoch(now=0.0)
     bufs = s.epochs.key_buffers()
     old_rx, next_rx = bufs["rx_cur"], bufs["rx_next"]
     next_copy = bytes(next_rx)
     assert any(old_rx) and any(next_rx)
     c.arm_next_epoch()
     c.install_next_epoch()
+    c.complete_transition()
     if how == "explicit":
         s.commit_epoch_transition()
     elif how == "threshold":
@@ -737,6 +800,8 @@ def test_all_superseded_keys_zeroed_over_many_epochs() -> None:
         s.install_next_epoch()
         for _ in range(2):
             c.open(s.seal(b"y"))
+        for _ in range(2):  # the client's hint ended with the server's first packet
+            s.open(c.seal(b"z"))
         c.complete_transition() if c.epochs.tx_state_name == "TRANSITION" else None
         s.complete_transition() if s.epochs.tx_state_name == "TRANSITION" else None
         assert (c.epoch, s.epoch, c.send_epoch, s.send_epoch) == (n, n, n, n)
@@ -889,6 +954,11 @@ class Sim:
     def server_maybe_rekey(self) -> None:
         e = self.s.epochs
         if self.announcing is not None:
+            if e.rx_state_name == "STEADY" and e.epoch + 1 == self.announcing:
+                # Nothing on the new epoch within the bound: the machine abandoned it
+                # (docs §5.1). Arm the same epoch again, as the session's retry does.
+                self.s.arm_next_epoch(now=self.now, expected_epoch=self.announcing)
+                self.last_announce = -1.0
             if self.now - self.last_announce >= 0.05:  # retransmit until evidence arrives
                 self.last_announce = self.now
                 self.send(False, self.s.seal(rekey_frame(self.announcing, KIND_ANNOUNCE),

@@ -1,9 +1,9 @@
-"""The UDP-to-serial gateway (firmware_bridge.gateway).
+"""The UDP-to-serial gateway (palisade_c.gateway).
 
 Two kinds of test: the routing table alone, with stand-in transports that record what they
 are given (every rule of the module docstring, deterministic, no I/O), and real tunnels from
 UDP clients on the loopback through the gateway to devices on virtual serial lines
-(firmware_bridge.pty_link), in process and through the ``palisade`` command line.
+(palisade_c.transport.pty), in process and through the ``palisade`` command line.
 """
 
 from __future__ import annotations
@@ -23,14 +23,15 @@ import pytest
 from aiohelpers import run_bounded
 
 import palisade_c
-from firmware_bridge.gateway import Gateway
-from firmware_bridge.pty_link import PtyLink
 from palisade_c import hsrecord as hs
+from palisade_c import link, pathinfo
 from palisade_c.aio import HandshakeTimeoutError, Tunnel, connect, serve
 from palisade_c.config import Config
-from palisade_c.errors import ConfigError
+from palisade_c.errors import ConfigError, ErrorCode
+from palisade_c.gateway import Gateway
 from palisade_c.identity import Identity
 from palisade_c.transport.base import tune_for_link
+from palisade_c.transport.pty import PtyLink
 
 T = TypeVar("T")
 
@@ -62,6 +63,8 @@ class FakeSerial:
     sent: list[bytes] = field(default_factory=list)
     on_datagram: Any = None
     on_reset: Any = None
+    on_hello: Any = None
+    peer_hello: Any = None
     peer_address: str = "dev"
     counters: dict[str, Any] = field(default_factory=dict)
 
@@ -81,11 +84,16 @@ class FakeSerial:
 @dataclass
 class FakeUdp:
     sent: list[tuple[bytes, Any]] = field(default_factory=list)
+    #: Gateway notices (palisade_c.pathinfo), kept apart from the relayed datagrams.
+    notices: list[tuple[Any, Any]] = field(default_factory=list)
     on_datagram: Any = None
     local_address: tuple[str, int] = ("127.0.0.1", 9)
 
     def send(self, data: bytes, addr: Any) -> None:
-        self.sent.append((data, addr))
+        if pathinfo.is_notice(data):
+            self.notices.append((pathinfo.parse_notice(data), addr))
+        else:
+            self.sent.append((data, addr))
 
     def close(self) -> None:
         pass
@@ -174,6 +182,27 @@ def test_drops_are_counted() -> None:
     run(main())
 
 
+def test_clients_are_told_the_path_once_per_handshake_and_on_every_oversize_drop() -> None:
+    async def main() -> None:
+        a = FakeSerial("a", NODE_A, mtu=300, spec=_Spec(baud=9600))
+        gw, udp = make_gateway(a)
+        client = ("10.0.0.1", 1)
+        hello_rid = rid(NODE_A, 1)
+        for _ in range(3):  # fragments and retransmissions of one ClientHello
+            udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, hello_rid), client)
+        assert udp.notices == [(pathinfo.PathNotice(hello_rid, 300, 9600), client)]
+        udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, hello_rid, size=1200), client)
+        udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, hello_rid, size=1200), client)
+        assert len(udp.notices) == 2  # the second drop came too soon after the first
+        await asyncio.sleep(0.11)
+        udp.on_datagram(record(b"QP", 0, rid(NODE_A, 2), size=400), client)
+        assert udp.notices[-1] == (pathinfo.PathNotice(rid(NODE_A, 2), 300, 9600), client)
+        assert gw.counters["notices_sent"] == 3
+        assert gw.counters["drops"] == {"too-large": 3}
+
+    run(main())
+
+
 def test_rid_routes_are_bounded_and_expire() -> None:
     async def main() -> None:
         a = FakeSerial("a", NODE_A)
@@ -203,10 +232,80 @@ def test_node_id_learned_from_the_device_and_reset_forgets_routes() -> None:
         udp.on_datagram(record(b"QP", 0, rid(NODE_A, 5)), addr)
         assert len(a.sent) == 1
         assert gw.route_for(rid(NODE_A, 5)) == addr
+        a.peer_hello = hello(NODE_A, boot=0x1234)
         a.on_reset("serial link reset: the device on a restarted")
         assert gw.route_for(rid(NODE_A, 5)) is None
+        # Its client is told, so that it probes the session at once.
+        assert udp.notices[-1] == (pathinfo.RebootNotice(rid(NODE_A, 5), 0x1234), addr)
 
     run(main())
+
+
+def hello(node: bytes | None, boot: int = 1) -> link.Hello:
+    return link.parse_hello(link.encode_hello(link.LINK_VERSION, 512, boot, node))
+
+
+def test_routes_from_the_first_hello_that_announces_a_node_id() -> None:
+    async def main() -> None:
+        a, b = FakeSerial("a", None), FakeSerial("b", None)
+        gw, udp = make_gateway(a, b)
+        addr = ("10.0.0.1", 1)
+        a.on_hello(hello(NODE_A))
+        b.on_hello(hello(NODE_B))
+        udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, rid(NODE_A, 1)), addr)
+        udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, rid(NODE_B, 1)), addr)
+        assert len(a.sent) == 1 and len(b.sent) == 1
+        assert gw.counters["devices"]["a"]["announced"] == NODE_A.hex()
+        # A version 1 HELLO (no node id) changes nothing; a new id replaces the old one.
+        a.on_hello(hello(None))
+        udp.on_datagram(record(b"QP", 0, rid(NODE_A, 2)), addr)
+        assert len(a.sent) == 2
+        a.on_hello(hello(bytes(7) + b"\x01", boot=2))
+        udp.on_datagram(record(b"QP", 0, rid(NODE_A, 3)), addr)
+        assert len(a.sent) == 2 and gw.counters["drops"] == {"unknown-prefix": 1}
+
+    run(main())
+
+
+def test_a_hello_that_came_before_the_gateway_listened_still_counts() -> None:
+    async def main() -> None:
+        a = FakeSerial("a", None, peer_hello=hello(NODE_A))
+        gw, udp = make_gateway(a)
+        udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, rid(NODE_A, 1)), ("10.0.0.1", 1))
+        assert len(a.sent) == 1 and gw.counters["devices"]["a"]["announced"] == NODE_A.hex()
+
+    run(main())
+
+
+def test_a_pin_must_match_and_a_duplicate_node_id_is_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        a, b, c = FakeSerial("a", NODE_A), FakeSerial("b", None), FakeSerial("c", NODE_B)
+        gw, udp = make_gateway(a, b, c)
+        addr = ("10.0.0.1", 1)
+        b.on_hello(hello(NODE_A))  # a already has it, by its pin
+        c.on_hello(hello(NODE_A))  # pinned to B, announces A
+        udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, rid(NODE_A, 1)), addr)
+        udp.on_datagram(record(b"QH", hs.MSG_CLIENT_HELLO, rid(NODE_B, 1)), addr)
+        assert len(a.sent) == 1 and b.sent == [] and c.sent == []
+        drops = gw.counters["drops"]
+        assert drops["duplicate-node"] == 1 and drops["node-mismatch"] == 1
+        assert "already used by a" in gw.counters["devices"]["b"]["refused"]
+        assert "pins node=" + NODE_B.hex() in gw.counters["devices"]["c"]["refused"]
+        # A refused device learns nothing from its own traffic either.
+        c.from_device(record(b"QP", 0, rid(NODE_B, 9)))
+        udp.on_datagram(record(b"QP", 0, rid(NODE_B, 9)), addr)
+        assert c.sent == []
+        # Reflashed with the right id: routed again.
+        c.on_hello(hello(NODE_B, boot=2))
+        udp.on_datagram(record(b"QP", 0, rid(NODE_B, 9)), addr)
+        assert len(c.sent) == 1 and gw.counters["devices"]["c"]["refused"] is None
+
+    with caplog.at_level("ERROR", logger="palisade_c.gateway"):
+        run(main())
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and "refusing the second device" in errors[0]
 
 
 def test_bad_gateway_configuration() -> None:
@@ -253,8 +352,8 @@ def test_two_devices_through_the_gateway() -> None:
                                    _tagging_echo(b"A:"))
             server_b = await serve(line_b.url("a"), device_cfg(dev_b, NODE_B),
                                    _tagging_echo(b"B:"))
-            gw = await Gateway.start("udp://127.0.0.1:0", [
-                line_a.url("b", node=NODE_A.hex()), line_b.url("b", node=NODE_B.hex())])
+            # No ?node=: each device announces its node id in its link HELLO.
+            gw = await Gateway.start("udp://127.0.0.1:0", [line_a.url("b"), line_b.url("b")])
             try:
                 for d in gw.devices:
                     assert await d.transport.wait_ready(5)
@@ -279,6 +378,50 @@ def test_two_devices_through_the_gateway() -> None:
                 for server in (server_a, server_b):
                     server.close()
                     await server.wait_closed()
+
+    run(main())
+
+
+def test_a_device_restart_behind_the_gateway_reaches_its_client_in_seconds() -> None:
+    """The device reboots (same line, new boot counter): the gateway's REBOOT notice makes the
+    client probe its session, which the new device cannot answer, so the tunnel ends with
+    ErrorSessionNotFound in seconds (not at the 60 s idle timeout), and a new one works."""
+    dev, client_id = Identity.generate(), Identity.generate()
+    device_cfg = Config(identity=dev, trusted_peers=[client_id.public_key], node_id=NODE_A,
+                        close_drain_time=0.2)
+    client_cfg = Config(identity=client_id, trusted_peers=[dev.public_key], node_id=NODE_A,
+                        close_drain_time=0.2)
+
+    async def main() -> None:
+        with PtyLink(FAST) as line:
+            server = await serve(line.url("a", boot=1), device_cfg, _tagging_echo(b"1:"))
+            gw = await Gateway.start("udp://127.0.0.1:0", [line.url("b")])
+            try:
+                assert await gw.devices[0].transport.wait_ready(5)
+                host, port = gw.address
+                url = f"udp://{host}:{port}"
+                tunnel = await connect(url, client_cfg)
+                tunnel.send(b"x")
+                assert await tunnel.recv() == b"1:x"
+                # Power loss: the device dies without a word, then boots again.
+                line.unplug("a")
+                server.close()
+                await server.wait_closed()
+                line.replug("a")
+                server = await serve(line.url("a", boot=2), device_cfg, _tagging_echo(b"2:"))
+                # Seconds (the probe's 3 s), not the 60 s idle timeout.
+                closed = await asyncio.wait_for(tunnel.wait_closed(), timeout=10)
+                assert closed.error_code == ErrorCode.ErrorSessionNotFound, closed
+                assert gw.counters["notices_sent"] >= 2  # a PATH and a REBOOT notice
+                again = await connect(url, client_cfg)
+                again.send(b"y")
+                assert await again.recv() == b"2:y"
+                await again.close()
+            finally:
+                gw.close()
+                await gw.wait_closed()
+                server.close()
+                await server.wait_closed()
 
     run(main())
 
@@ -318,7 +461,7 @@ def test_cli_gateway_serve_and_connect(tmp_path: Path) -> None:
                                "--key", "device.key", "--trust", "client.key.pub",
                                ready="palisade: listening on serial://"))
             procs.append(start("gateway", "gateway", "--listen", f"udp://127.0.0.1:{port}",
-                               "--serial", line.url("b", node=node),
+                               "--serial", line.url("b"),
                                ready="palisade: gateway listening on udp://127.0.0.1"))
             result = subprocess.run(
                 [sys.executable, "-m", "palisade_c", "connect", f"udp://127.0.0.1:{port}",

@@ -176,7 +176,10 @@ def test_control_vector(v: Vector) -> None:
     if v.kind == "hello":
         fields = (v.num("version"), v.num("mtu"), v.num("boot"))
         assert link.encode_hello(*fields) == payload[:8]
-        assert link.parse_hello(payload) == fields
+        node = v.raw("node") if "node" in v.fields else None
+        if node is not None:
+            assert link.encode_hello(*fields, node_id=node) == payload[:16]
+        assert link.parse_hello(payload) == (*fields, node)
         assert link.control_type(payload) == link.CTL_HELLO
     elif v.kind in ("ping", "pong"):
         encode = link.encode_ping if v.kind == "ping" else link.encode_pong
@@ -391,6 +394,19 @@ def test_hello_round_trip(version: int, mtu: int, boot: int) -> None:
     assert link.parse_hello(payload + b"later") == link.Hello(version, mtu, boot)
 
 
+@given(st.integers(1, 255), st.integers(64, 65535), st.integers(0, 2**32 - 1),
+       st.binary(min_size=8, max_size=8), st.binary(max_size=8))
+def test_hello_with_node_id_round_trip(
+    version: int, mtu: int, boot: int, node: bytes, tail: bytes
+) -> None:
+    payload = link.encode_hello(version, mtu, boot, node_id=node)
+    v = max(version, 2)  # the node id field exists from version 2 on (LINK.md §6)
+    assert payload == struct.pack("<BBHI", link.CTL_HELLO, v, mtu, boot) + node
+    assert link.parse_hello(payload + tail) == link.Hello(v, mtu, boot, node)
+    # A HELLO cut short of the node id is a device without one, not an error.
+    assert link.parse_hello(payload[:8 + len(tail) % 8]).node_id is None
+
+
 def test_hello_and_token_errors() -> None:
     for args in (
         (0, 512, 0),
@@ -402,6 +418,9 @@ def test_hello_and_token_errors() -> None:
     ):
         with pytest.raises(ValueError):
             link.encode_hello(*args)
+    for node in (b"", bytes(7), bytes(9)):
+        with pytest.raises(ValueError):
+            link.encode_hello(2, 512, 0, node_id=node)
     for token in (-1, 2**32):
         with pytest.raises(ValueError):
             link.encode_ping(token)

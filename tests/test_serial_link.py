@@ -1,6 +1,6 @@
-"""The serial transport (firmware_bridge.serial_link) over real pseudo-terminals.
+"""The serial transport (palisade_c.transport.serial) over real pseudo-terminals.
 
-Every line here is a :class:`~firmware_bridge.pty_link.PtyLink`: two pty pairs joined by a pump,
+Every line here is a :class:`~palisade_c.transport.pty.PtyLink`: two pty pairs joined by a pump,
 so both ends are opened by path through pyserial exactly like ``/dev/ttyUSB0``. Lines run
 unpaced or at 1 Mbaud to keep the suite fast, except where pacing is the point (progress output).
 A "hand-made device" (the test writing frames with palisade_c.link on a raw port) checks the
@@ -26,8 +26,6 @@ import serial
 from aiohelpers import run_bounded, served
 
 import palisade_c
-from firmware_bridge.pty_link import Noise, PtyLink
-from firmware_bridge.serial_link import HOST_BOOT_COUNTER, SerialSpec, SerialTransport
 from palisade_c import link
 from palisade_c.aio import Tunnel, connect, serve
 from palisade_c.config import PLUS_RESUMPTION, Config
@@ -36,6 +34,8 @@ from palisade_c.events import ConnectionClosed
 from palisade_c.identity import Identity
 from palisade_c.tickets import ClientTicketCache, TicketService
 from palisade_c.transport.base import parse_url
+from palisade_c.transport.pty import Noise, PtyLink
+from palisade_c.transport.serial import HOST_BOOT_COUNTER, SerialSpec, SerialTransport
 
 T = TypeVar("T")
 

@@ -512,6 +512,18 @@ size_t pal_link_hello_build(uint8_t out[PAL_LINK_HELLO_LEN], const pal_link_hell
     return PAL_LINK_HELLO_LEN;
 }
 
+size_t pal_link_hello_build_node(uint8_t out[PAL_LINK_HELLO_NODE_LEN],
+                                 const pal_link_hello_t *hello,
+                                 const uint8_t node_id[PAL_LINK_NODE_ID_LEN])
+{
+    pal_link_hello_build(out, hello);
+    if (out[1] < 2u) {
+        out[1] = 2u; /* the node id field exists from version 2 on */
+    }
+    memcpy(out + PAL_LINK_HELLO_LEN, node_id, PAL_LINK_NODE_ID_LEN);
+    return PAL_LINK_HELLO_NODE_LEN;
+}
+
 static size_t token_build(uint8_t *out, uint8_t type, uint32_t token)
 {
     out[0] = type;
@@ -544,6 +556,13 @@ int pal_link_hello_parse(const uint8_t *payload, size_t len, pal_link_hello_t *h
     h.version = payload[1];
     h.mtu = get_le16(payload + 2);
     h.boot_counter = get_le32(payload + 4);
+    /* Version 1 HELLOs never carry it; a shorter version 2 HELLO is a device without one. */
+    h.has_node_id = (uint8_t)(h.version >= 2u && len >= PAL_LINK_HELLO_NODE_LEN);
+    if (h.has_node_id) {
+        memcpy(h.node_id, payload + PAL_LINK_HELLO_LEN, PAL_LINK_NODE_ID_LEN);
+    } else {
+        memset(h.node_id, 0, PAL_LINK_NODE_ID_LEN);
+    }
     if (h.version == 0) {
         return PAL_LINK_ERR_VERSION;
     }

@@ -32,7 +32,7 @@ extern "C" {
 
 /* ---- constants --------------------------------------------------------------------------- */
 
-#define PAL_LINK_VERSION 1u        /* link version carried in HELLO */
+#define PAL_LINK_VERSION 2u        /* link version carried in HELLO (2: HELLO may carry a node id) */
 #define PAL_LINK_DEFAULT_MTU 512u  /* payload bytes per frame unless HELLO says less */
 #define PAL_LINK_MIN_MTU 64u       /* smallest MTU a HELLO may announce */
 #define PAL_LINK_MAX_PAYLOAD 65535u /* MTU is a u16, so no frame can carry more */
@@ -60,6 +60,9 @@ extern "C" {
 #define PAL_LINK_CTL_PONG 0x03u
 
 #define PAL_LINK_HELLO_LEN 8u  /* type, version u8, mtu u16 LE, boot counter u32 LE */
+/* Version 2 HELLO of a device that has a node id: the 8 bytes above, then the node id. */
+#define PAL_LINK_HELLO_NODE_LEN 16u
+#define PAL_LINK_NODE_ID_LEN 8u
 #define PAL_LINK_PING_LEN 5u   /* type, token u32 LE (PONG has the same shape) */
 
 /* Error codes (negative return values). */
@@ -178,11 +181,21 @@ typedef struct pal_link_hello {
     uint8_t version;
     uint16_t mtu;
     uint32_t boot_counter;
+    /* Version 2: the device's node id (its RID steering prefix), valid when has_node_id is
+     * 1. Filled by pal_link_hello_parse; pal_link_hello_build ignores it (see
+     * pal_link_hello_build_node). Zero-initialise the struct and old code stays correct. */
+    uint8_t has_node_id;
+    uint8_t node_id[PAL_LINK_NODE_ID_LEN];
 } pal_link_hello_t;
 
 /* Control payloads: write PAL_LINK_HELLO_LEN / PAL_LINK_PING_LEN bytes to out and return that
  * length. Send them with pal_link_encode(PAL_LINK_CH_CONTROL, ...). */
 size_t pal_link_hello_build(uint8_t out[PAL_LINK_HELLO_LEN], const pal_link_hello_t *hello);
+/* A version 2 HELLO announcing `node_id` (8 bytes): PAL_LINK_HELLO_NODE_LEN bytes, with the
+ * version byte raised to at least 2. A gateway routes to the device by this id. */
+size_t pal_link_hello_build_node(uint8_t out[PAL_LINK_HELLO_NODE_LEN],
+                                 const pal_link_hello_t *hello,
+                                 const uint8_t node_id[PAL_LINK_NODE_ID_LEN]);
 size_t pal_link_ping_build(uint8_t out[PAL_LINK_PING_LEN], uint32_t token);
 size_t pal_link_pong_build(uint8_t out[PAL_LINK_PING_LEN], uint32_t token);
 
@@ -190,6 +203,8 @@ size_t pal_link_pong_build(uint8_t out[PAL_LINK_PING_LEN], uint32_t token);
 int pal_link_ctl_type(const uint8_t *payload, size_t len);
 
 /* Parse a HELLO payload. Bytes after the known fields are ignored (room for later versions).
+ * A version >= 2 HELLO of at least PAL_LINK_HELLO_NODE_LEN bytes carries a node id
+ * (has_node_id = 1); otherwise has_node_id = 0 and node_id is zeroed.
  * Returns 0 or a PAL_LINK_ERR_* code. */
 int pal_link_hello_parse(const uint8_t *payload, size_t len, pal_link_hello_t *hello);
 

@@ -241,12 +241,14 @@ static void test_crc_vector(char **tok, int ntok)
 
 static void test_control_vector(char **tok, int ntok)
 {
-    uint8_t payload[64], out[PAL_LINK_HELLO_LEN];
+    uint8_t payload[64], out[PAL_LINK_HELLO_NODE_LEN], node[PAL_LINK_NODE_ID_LEN];
     const char *name = tok[1];
     long n = hex_field(tok, ntok, "payload", payload, sizeof payload);
 
     if (strcmp(tok[0], "hello") == 0) {
         pal_link_hello_t want, got;
+        memset(&want, 0, sizeof want);
+        memset(&got, 0, sizeof got);
         want.version = (uint8_t)num_field(tok, ntok, "version");
         want.mtu = (uint16_t)num_field(tok, ntok, "mtu");
         want.boot_counter = (uint32_t)num_field(tok, ntok, "boot");
@@ -259,6 +261,17 @@ static void test_control_vector(char **tok, int ntok)
                   && got.boot_counter == want.boot_counter,
               "hello parses", name);
         check(pal_link_ctl_type(payload, (size_t)n) == (int)PAL_LINK_CTL_HELLO, "hello type", name);
+        if (field(tok, ntok, "node") != NULL) {
+            long k = hex_field(tok, ntok, "node", node, sizeof node);
+            check(k == (long)PAL_LINK_NODE_ID_LEN && n >= (long)PAL_LINK_HELLO_NODE_LEN
+                      && pal_link_hello_build_node(out, &want, node) == PAL_LINK_HELLO_NODE_LEN
+                      && memcmp(out, payload, PAL_LINK_HELLO_NODE_LEN) == 0,
+                  "hello with a node id encodes to the first 16 payload bytes", name);
+            check(got.has_node_id == 1 && memcmp(got.node_id, node, sizeof node) == 0,
+                  "hello node id parses", name);
+        } else {
+            check(got.has_node_id == 0, "hello without a node id parses as such", name);
+        }
     } else if (strcmp(tok[0], "ping") == 0 || strcmp(tok[0], "pong") == 0) {
         int ping = tok[0][1] == 'i';
         uint32_t token = (uint32_t)num_field(tok, ntok, "token"), got = 0;

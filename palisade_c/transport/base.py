@@ -15,12 +15,14 @@ brackets (``udp://[::1]:4433``) or a DNS name; a query string carries transport 
 (``udp://0.0.0.0:4433?x=y``). :func:`parse_url` checks all of it up front so that a typo is a
 clear :class:`~palisade_c.errors.ConfigError` and not a confusing socket error later.
 
-Serial links (:mod:`firmware_bridge.serial_link`) are named ``serial:///dev/ttyUSB0?baud=115200``
+Serial links (:mod:`palisade_c.transport.serial`) are named ``serial:///dev/ttyUSB0?baud=115200``
 (``serial://COM3`` on Windows), or by one of pyserial's own URL forms (``loop://``,
 ``socket://HOST:PORT``, ``rfc2217://HOST:PORT``, ``spy://...``, ``hwgrep://...``), which are handed
 to ``serial.serial_for_url``. For those :func:`parse_url` returns the device (the path, or the
 pyserial URL without our parameters) as ``host`` and 0 as ``port``; the link parameters
-(:data:`SERIAL_PARAMS`) are checked by the serial transport itself.
+(:data:`SERIAL_PARAMS`, line settings such as ``parity=even`` included) are checked by the
+serial transport itself, and a pyserial URL may carry only its handler's own parameters
+(:data:`PYSERIAL_URL_PARAMS`) besides ours: anything else is a :class:`ConfigError` here.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_DATAGRAM_SIZE",
     "MIN_DATAGRAM_SIZE",
+    "PYSERIAL_URL_PARAMS",
     "SCHEMES",
     "SERIAL_PARAMS",
     "SERIAL_SCHEMES",
@@ -72,8 +75,19 @@ SCHEMES = frozenset({"udp"}) | SERIAL_SCHEMES
 #: Query parameters of serial URLs that belong to the serial transport (the rest of a pyserial
 #: URL's query is pyserial's own and stays in the device URL).
 SERIAL_PARAMS = frozenset(
-    {"baud", "node", "dtr", "rts", "hupcl", "mtu", "ping", "queue", "role", "hello", "boot"}
+    {"baud", "node", "dtr", "rts", "hupcl", "mtu", "ping", "queue", "role", "hello", "boot",
+     "rtscts", "xonxoff", "parity", "bytesize", "stopbits"}
 )
+#: Query parameters pyserial's own URL handlers take (pyserial 3.5), which stay in the device
+#: URL. Anything else is refused here: pyserial's own message for an unknown one names the
+#: wrong thing, or nothing at all.
+PYSERIAL_URL_PARAMS: dict[str, frozenset[str]] = {
+    "loop": frozenset({"logging"}),
+    "socket": frozenset({"logging"}),
+    "rfc2217": frozenset({"logging", "ign_set_control", "poll_modem", "timeout"}),
+    "spy": frozenset({"file", "color", "raw", "all"}),
+    "hwgrep": frozenset({"n", "skip_busy"}),
+}
 #: Smallest and largest datagram sizes PALISADE runs on (Config refuses others).
 MIN_DATAGRAM_SIZE = 256
 MAX_DATAGRAM_SIZE = 65535
@@ -160,6 +174,12 @@ def _parse_serial_url(scheme: str, url: str) -> ParsedUrl:
         return ParsedUrl(scheme, device, 0, ours)
     # A pyserial URL: keep its own query parameters for pyserial, take ours out.
     rest = [(k, v) for k, v in query.items() if k not in SERIAL_PARAMS]
+    theirs = PYSERIAL_URL_PARAMS.get(scheme, frozenset())
+    unknown = sorted(k for k, _v in rest if k not in theirs)
+    if unknown:
+        known = ", ".join(sorted(SERIAL_PARAMS | theirs))
+        raise ConfigError(f"bad URL {url!r}: unknown parameter {unknown[0]!r} "
+                          f"({scheme}:// URLs take: {known})")
     device = f"{scheme}://{parts.netloc}{parts.path}"
     if rest:
         device += "?" + urlencode(rest)

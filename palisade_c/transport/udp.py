@@ -114,27 +114,33 @@ class UdpTransport(Transport):
         family: int = socket.AF_UNSPEC,
         max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE,
         buffer_bytes: int | None = None,
+        sock: socket.socket | None = None,
     ) -> UdpTransport:
-        """Open a socket bound to ``host:port`` (port 0: any free port), with receive and send
-        buffers of ``buffer_bytes`` when given (the kernel's defaults otherwise).
+        """Open a socket bound to ``host:port`` (port 0: any free port), or adopt ``sock``,
+        already bound (a worker's member of a reuseport group; ``host`` and ``port`` unused).
+        Receive and send buffers get ``buffer_bytes`` when given (the kernel's defaults
+        otherwise).
 
         Raises :class:`OSError` if the address cannot be bound (for example it is in use).
         """
         loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM,
-                                           proto=socket.IPPROTO_UDP, flags=socket.AI_PASSIVE)
-        except socket.gaierror as exc:
-            raise ConfigError(f"cannot resolve {host!r}: {exc.strerror}") from None
-        if not infos:
-            raise ConfigError(f"cannot resolve {host!r}: no addresses")
-        fam, _type, _proto, _canon, sockaddr = infos[0]
-        sock = socket.socket(fam, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+        adopted = sock is not None
+        if sock is None:
+            try:
+                infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM,
+                                               proto=socket.IPPROTO_UDP, flags=socket.AI_PASSIVE)
+            except socket.gaierror as exc:
+                raise ConfigError(f"cannot resolve {host!r}: {exc.strerror}") from None
+            if not infos:
+                raise ConfigError(f"cannot resolve {host!r}: no addresses")
+            fam, _type, _proto, _canon, sockaddr = infos[0]
+            sock = socket.socket(fam, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
         try:
             sock.setblocking(False)
             if buffer_bytes is not None:
                 _size_buffers(sock, buffer_bytes)
-            sock.bind(sockaddr)
+            if not adopted:
+                sock.bind(sockaddr)
             self = cls(sock, max_datagram_size)
         except BaseException:
             sock.close()

@@ -28,6 +28,7 @@ cdef class Connection:
     cdef object _event_log
     cdef object _rand
     cdef double _now
+    cdef readonly int _stale_mask           # deadlines armed from a stale _now (_STALE_*)
     cdef list _out                          # (datagram, addr) pairs not yet collected
     cdef object _events                     # deque of Event
     cdef public object peer_addr
@@ -86,6 +87,11 @@ cdef class Connection:
     cdef bint _has_rekey_deadline
     cdef double _rekey_deadline
     cdef double _rekey_interval
+    cdef int _rekey_attempt                 # announcements armed for this rekey (server)
+    cdef double _rekey_started              # when this rekey began (its budget counts from it)
+    cdef unsigned int _abandons_seen        # the epoch machine's abandons we acted on
+    cdef double _rtt_sample                 # handshake round trip (hello sent -> reply whole)
+    cdef double _flight_started_at          # first send of the current flight (not resends)
     cdef long long _reported_epoch
     # Counters.
     cdef readonly long long packets_in
@@ -105,6 +111,9 @@ cdef class Connection:
     cpdef list datagrams_to_send(self, now=*)
     cpdef object get_timer(self)
     cpdef handle_timer(self, double now)
+    cdef int _service_timers(self, double now) except -1
+    cdef int _fresh(self, double now) except -1
+    cdef int _api_clock(self, object now) except -1
     cpdef next_event(self)
 
     # plumbing
@@ -180,6 +189,8 @@ cdef class Connection:
     cdef int _server_start_rekey(self, double now) except -1
     cdef int _arm_rekey_timer(self, double now) except -1
     cdef int _retransmit_rekey(self, double now) except -1
+    cdef double _rekey_budget(self)
+    cdef int _on_abandoned(self, double now) except -1
     cdef int _on_rekey_frame(self, ControlFrame frame, Record rec, double now) except -1
     cdef int _on_rekey_evidence(self, double now) except -1
     cdef int _after_epoch_activity(self, double now) except -1

@@ -50,6 +50,7 @@ from collections.abc import Callable
 from typing import Any
 
 from palisade_c import frames as F
+from palisade_c import pathinfo
 from palisade_c import wire
 from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION
 from palisade_c.errors import (
@@ -57,6 +58,7 @@ from palisade_c.errors import (
     DecodeError,
     ErrorCode,
     HandshakeError,
+    PacketTooLargeError,
     StateError,
     code_name,
 )
@@ -118,6 +120,9 @@ MAX_MIGRATE_NONCES = 1024
 #: Bytes a full handshake puts on the wire (both directions, ML-KEM-768 + ML-DSA-65): what a
 #: slow link needs time for on top of the configured handshake timeout.
 HANDSHAKE_WIRE_BYTES = 16_500
+# Seconds a live peer has to answer the probe a gateway's REBOOT notice triggers (plus the
+# link's airtime); a session still silent then is gone [profile, docs/protocol.md §14.1].
+PROBE_TIMEOUT = 3.0
 #: Bytes of the reply each flight waits for. A flight's first retransmission timeout must
 #: cover the reply's airtime too, or on a slow link it fires while the reply is still arriving.
 _REPLY_BYTES = {
@@ -130,6 +135,11 @@ _REPLY_BYTES = {
 }
 #: Largest application stream id; 0xFE and 0xFF are keepalive and dummy.
 MAX_APP_STREAM = 0xFD
+#: Times the server arms and announces one epoch before the rekey counts as failed and the
+#: session closes with ErrorRekeyTimeout [profile]. Each attempt lasts at most the epoch
+#: machine's transition bound (docs §5.1); between attempts the back-off doubles from
+#: rekey_retransmit, up to max_rto.
+REKEY_ATTEMPTS = 4
 MAX_ERROR_DETAIL = 200
 #: Bytes at the end of a session RID that bind it to the client's hello RID (§8.4).
 SESSION_RID_TAG_LEN = 7
@@ -145,10 +155,19 @@ cdef int _PLUS_MIGRATION = PLUS_MIGRATION
 cdef Py_ssize_t _MAX_EARLY_PACKETS = MAX_EARLY_PACKETS
 cdef Py_ssize_t _MAX_MIGRATE_NONCES = MAX_MIGRATE_NONCES
 cdef Py_ssize_t _MAX_ERROR_DETAIL = MAX_ERROR_DETAIL
+cdef int _REKEY_ATTEMPTS = REKEY_ATTEMPTS
 cdef object _MALFORMED = FragmentStatus.MALFORMED
 cdef object _REFUSED = FragmentStatus.REFUSED
 cdef object _COMPLETE = FragmentStatus.COMPLETE
 cdef int _DEBUG = logging.DEBUG
+
+# Deadlines an application call armed from a stale clock (it was given no ``now``): they are
+# re-based by the next call that carries a time (_fresh).
+cdef int _STALE_DRAIN = 1
+cdef int _STALE_CLOSE_RESEND = 2
+cdef int _STALE_REKEY = 4
+cdef int _STALE_EPOCH = 8
+cdef int _STALE_SEND = 16
 
 
 cdef inline bint _is_finished(int msg_type) noexcept:
@@ -228,6 +247,7 @@ cdef class Connection:
         self._event_log = event_log
         self._rand = config.jitter
         self._now = 0.0
+        self._stale_mask = 0
         self._out = []
         self._events = deque()
         self.peer_addr = None
@@ -291,6 +311,11 @@ cdef class Connection:
         self._rekey_next = -1
         self._has_rekey_deadline = False
         self._rekey_interval = config.rekey_retransmit
+        self._rekey_attempt = 0
+        self._rekey_started = 0.0
+        self._abandons_seen = 0
+        self._rtt_sample = 0.0
+        self._flight_started_at = 0.0
         self._reported_epoch = 0
         # Counters.
         self.packets_in = 0
@@ -444,7 +469,7 @@ cdef class Connection:
         """Feed one datagram from the transport. Never raises for anything in ``data``."""
         cdef bytes raw
         cdef Py_ssize_t n
-        self._now = now
+        self._fresh(now)
         if self._fsm.closed:
             self._drop("closed")
             return
@@ -467,11 +492,18 @@ cdef class Connection:
                 self._flush_amplification()
         elif raw[0] == 0x51 and raw[1] == 0x50:  # "QP"
             self._on_packet(raw, addr, now)
+        elif raw[0] == 0x51 and raw[1] == 0x4E:  # "QN": a gateway notice, only ever a hint
+            self._on_notice(raw, addr, now)
         else:
             self._drop("bad-magic")
 
     cpdef list datagrams_to_send(self, now=None):
-        """Everything queued for the transport, in order. Clears the queue."""
+        """Everything queued for the transport, in order. Clears the queue.
+
+        With ``now``, deadlines that an application call armed without a time are re-based
+        on it first (see :meth:`close`)."""
+        if now is not None:
+            self._fresh(now)
         out, self._out = self._out, []
         return out
 
@@ -509,22 +541,40 @@ cdef class Connection:
                         self._last_send + <double>cfg.keepalive_interval)
                 if self._rekey_next < 0:  # the age trigger waits while a rekey runs
                     t = min(t, self._epoch_started + <double>cfg.rekey_after_seconds)
+                else:  # and a running rekey has a budget
+                    t = min(t, self._rekey_started + self._rekey_budget())
                 if not found or t < best:
                     best = t
                     found = True
         return best if found else None
 
     cpdef handle_timer(self, double now):
-        """Run whatever is due at ``now``: retransmissions, timeouts, keepalives, commits."""
-        self._now = now
+        """Run whatever is due at ``now``: retransmissions, timeouts, keepalives, commits.
+
+        Invariant: every deadline ``get_timer()`` reports is serviced here in every state, so
+        afterwards ``get_timer()`` is None or later than ``now``. A shell that trusts it would
+        otherwise call again at once, forever. Should a bug break it anyway, the session ends
+        with ErrorInternal (counted as ``timer-stalled``) rather than spin its caller."""
+        cdef object after
+        self._service_timers(now)
+        after = self.get_timer()
+        if after is not None and <double>after <= now:
+            self._drop("timer-stalled")
+            log.error("%s: deadline %.6f did not advance past %.6f in %s; closing", self.name,
+                      <double>after, now, self.state)
+            self._fail(ErrorCode.ErrorInternal, "internal error: timer did not advance",
+                       send=True)
+
+    cdef int _service_timers(self, double now) except -1:
+        self._fresh(now)
         if self._fsm.closed:
-            return
+            return 0
         if self._has_hs_deadline and now >= self._hs_deadline:
             if self._fsm.name == "S_WAIT_FIN":
                 self._expire_handshake()
             else:
                 self._handshake_gave_up()
-            return
+            return 0
         if self._has_ack_deadline and now >= self._ack_deadline:
             self._send_pending_ack()
         if self._flight_timer.due(now):
@@ -535,54 +585,137 @@ cdef class Connection:
                     self._resend_flight()
             elif self._fsm.name == "S_WAIT_FIN":
                 self._expire_handshake()
-                return
+                return 0
             elif not self._fsm.established:
                 self._handshake_gave_up()
-                return
+                return 0
             else:
                 # Established on our side, yet the server never acknowledged CF nor sent one
                 # authenticated packet (either clears the flight): the session never formed.
                 self._fail(ErrorCode.ErrorHandshakeTimeout,
                            "server never confirmed the handshake", send=False)
-                return
+                return 0
         if self._has_drain_deadline and now >= self._drain_deadline:
             self._has_drain_deadline = False
             self._finish_close()
-            return
+            return 0
         if self._has_close_resend_at and now >= self._close_resend_at:
             self._resend_close()
+        if self._has_rekey_deadline and now >= self._rekey_deadline:
+            # Reported in every state, so serviced in every state: a rekey (or a reboot probe
+            # riding on one, §14.1) only makes sense on an established session; anywhere else
+            # its timer just stops.
+            if self._fsm.established and self.record is not None and not self.record.erased:
+                if self._probe_failed(now):
+                    self._probe_lost()
+                    return 0
+                if self._rekey_next >= 0:
+                    self._retransmit_rekey(now)
+                    self._clamp_probe()
+                else:
+                    self._has_rekey_deadline = False  # only the probe's check was due
+            else:
+                self._has_rekey_deadline = False
         if self.record is None or self.record.erased:
-            return
+            return 0
         self.record.handle_timer(now)
+        if self.record.epochs.abandons != self._abandons_seen:
+            self._on_abandoned(now)
+            if self._fsm.closed:
+                return 0
         self._after_epoch_activity(now)
         if self._fsm.established:
             if now >= self._last_recv + <double>self.config.idle_timeout:
                 self._idle_out()
-                return
-            if self._has_rekey_deadline and now >= self._rekey_deadline:
-                self._retransmit_rekey(now)
+                return 0
+            if self._rekey_next >= 0 and now >= self._rekey_started + self._rekey_budget():
+                # Whatever the path did to it, a rekey ends in bounded time (docs §9).
+                self._fail(ErrorCode.ErrorRekeyTimeout,
+                           f"rekey to epoch {self._rekey_next} did not complete", send=True)
+                return 0
             self._maybe_rekey(now)
             if now >= self._last_send + <double>self.config.keepalive_interval:
                 self._seal(b"", _STREAM_KEEPALIVE)
+        return 0
 
     cpdef next_event(self):
         return self._events.popleft() if self._events else None
 
-    def send_data(self, data, stream_id=0):
-        """Encrypt ``data`` as one packet on ``stream_id`` (0..253)."""
+    @property
+    def max_payload(self):
+        """The largest ``send_data`` payload that fits in one datagram on the current path:
+        the datagram size (config, or what the path taught us) less headers and tag."""
+        return self.config.max_datagram_size - MIN_PACKET_LEN
+
+    def send_data(self, data, stream_id=0, now=None):
+        """Encrypt ``data`` as one packet on ``stream_id`` (0..253).
+
+        Raises PacketTooLargeError (carrying ``max_payload``) when it would not fit in one
+        datagram of the path: the datagram size is a promise, never exceeded.
+
+        ``now`` (optional, like every application call here): the present time. A call
+        without it arms any deadline (a rekey this packet triggers) from the last time the
+        connection saw, and the next call that carries a time re-bases it."""
+        cdef Py_ssize_t n, room
         if not 0 <= stream_id <= MAX_APP_STREAM:
             raise ValueError(f"stream_id must be 0..{MAX_APP_STREAM}")
         if not self._fsm.established:
             raise StateError(f"cannot send in state {self.state}")
+        n = len(data) if type(data) is bytes else memoryview(data).nbytes
+        room = self.config.max_datagram_size - MIN_PACKET_LEN
+        if n > room:
+            raise PacketTooLargeError(
+                f"payload of {n} bytes exceeds the path's maximum payload of {room} bytes "
+                f"(datagrams of {self.config.max_datagram_size} bytes)", room)
+        cdef long long rekey_before = self._rekey_next
+        self._api_clock(now)
         self._seal(data, stream_id)
         self._maybe_rekey(self._now)
+        if now is None:
+            self._stale_mask |= _STALE_SEND
+            if self._rekey_next != rekey_before:
+                self._stale_mask |= _STALE_REKEY | _STALE_EPOCH
 
-    def close(self, error_code=0, reason=""):
-        """Soft close: send CTRL_CLOSE(hard=0), drain for a bounded time, then CLOSED."""
+    cdef int _fresh(self, double now) except -1:
+        """A call carrying the present time: re-base what was armed without one, so every
+        deadline counts from when its call really happened (at the latest, from now)."""
+        cdef int mask = self._stale_mask
+        cdef double delta = now - self._now
+        self._stale_mask = 0
+        if mask and delta > 0:
+            if mask & _STALE_DRAIN and self._has_drain_deadline:
+                self._drain_deadline += delta
+            if mask & _STALE_CLOSE_RESEND and self._has_close_resend_at:
+                self._close_resend_at += delta
+            if mask & _STALE_REKEY and self._has_rekey_deadline:
+                self._rekey_deadline += delta
+            if mask & _STALE_REKEY and self._rekey_next >= 0 and self._rekey_started == self._now:
+                self._rekey_started = now
+            if mask & _STALE_EPOCH and self.record is not None and not self.record.erased:
+                self.record.epochs.rebase(self._now, now)
+            if mask & _STALE_SEND and self._last_send == self._now:
+                self._last_send = now
+        self._now = now
+        return 0
+
+    cdef int _api_clock(self, object now) except -1:
+        """An application call with a time takes it. One without marks, once it has armed
+        them, the deadlines it armed in ``_stale_mask``; the next call with a time re-bases
+        exactly those (a deadline some earlier timed call set stays as it was)."""
+        if now is not None:
+            self._fresh(now)
+        return 0
+
+    def close(self, error_code=0, reason="", now=None):
+        """Soft close: send CTRL_CLOSE(hard=0), drain for a bounded time, then CLOSED.
+
+        The drain counts from ``now``; without it, from the next call that carries a time
+        (``datagrams_to_send(now)``, ``handle_timer(now)``, ``receive_datagram``)."""
         if not 0 <= error_code <= 0xFFFF:
             raise ValueError("error_code must fit in u16")
         if self._fsm.closed or self._fsm.name.endswith(("_CLOSING", "_ABORT", "_IDLE")):
             return
+        self._api_clock(now)
         if self.record is None:
             # No keys: nothing to drain and no authenticated way to tell the peer.
             if self._fire("close"):
@@ -593,19 +726,27 @@ cdef class Connection:
         self._close_frame = F.encode_close(error_code, False, reason)
         self._send_frame(self._close_frame)
         self._fire("close")
+        self._has_rekey_deadline = False  # a closing session finishes no rekey
         self._drain_deadline = self._now + <double>self.config.close_drain_time
         self._has_drain_deadline = True
         self._close_resend_at = self._now + <double>self.config.close_drain_time / 3
         self._has_close_resend_at = True
+        if now is None:
+            self._stale_mask |= _STALE_DRAIN | _STALE_CLOSE_RESEND | _STALE_SEND
 
-    def request_rekey(self):
-        """Ask for new keys now (client: a request; server: an announcement)."""
+    def request_rekey(self, now=None):
+        """Ask for new keys now (client: a request; server: an announcement). ``now`` as
+        for :meth:`close`."""
         if not self._fsm.established or self.record is None:
             raise StateError(f"cannot rekey in state {self.state}")
+        cdef long long rekey_before = self._rekey_next
+        self._api_clock(now)
         if self.is_client:
             self._client_request_rekey()
         else:
             self._server_start_rekey(self._now)
+        if now is None and self._rekey_next != rekey_before:
+            self._stale_mask |= _STALE_REKEY | _STALE_EPOCH | _STALE_SEND
 
     # ------------------------------------------------------------------ internals: plumbing
 
@@ -710,7 +851,7 @@ cdef class Connection:
         self._flight_timer._scale_for_link(airtime_bytes, self.config.link_bits_per_second)
         for rec in flight._records:
             self._send_raw(rec, None, handshake=True)
-        self._flight_sent_at = self._now
+        self._flight_sent_at = self._flight_started_at = self._now
         self._flight_timer._start(self._now)
         return 0
 
@@ -1025,6 +1166,7 @@ cdef class Connection:
         result = hs.result
         assert result is not None
         self._fire("sh_verified")
+        self._rtt_sample = now - self._flight_started_at  # before CF restarts the flight clock
         self._send_message(MSG_CLIENT_FINISHED, 1, cf)
         self._install_keys(result, now)
         return 0
@@ -1049,6 +1191,7 @@ cdef class Connection:
         result = resume.result
         assert result is not None
         self._fire("resume_accepted")
+        self._rtt_sample = now - self._flight_started_at
         self._send_message(MSG_CLIENT_FINISHED_RESUME, 1, cfr)
         if self._early is not None:
             self._early.erase()  # 1-RTT keys from here on
@@ -1113,9 +1256,12 @@ cdef class Connection:
 
     cdef bytes _new_session_rid(self, bytes hello_rid):
         """The server's session RID: its node id (or the client's prefix), rotation epoch 0,
-        7 random bytes and 7 check bytes over the client's hello RID (§8.4)."""
+        7 bytes that are random or start with the RID layout's routing fields, and 7 check
+        bytes over the client's hello RID (§3.3, §8.4)."""
         prefix = self.config.node_id if self.config.node_id is not None else hello_rid[:8]
-        return session_rid(hello_rid, prefix, self.config.rng(7))
+        layout = self.config.rid_layout  # routing fields for load balancers and workers
+        head = self.config.rng(7) if layout is None else layout.tail(self.config.rng)[:7]
+        return session_rid(hello_rid, prefix, head)
 
     cdef int _server_on_client_hello(self, HandshakeRecord rec, addr, double now) except -1:
         cdef bytes message = self._client_hello(rec, addr, now, "ch_received", "S_WAIT_CH",
@@ -1211,6 +1357,7 @@ cdef class Connection:
             self._fail(exc.code, exc.detail, send=True)
             return 0
         self._fire("fin_received")
+        self._rtt_sample = now - self._flight_started_at
         ack = HandshakeAck(rec.msg_type, rec.msg_seq, [(0, len(message))])
         self._send_raw(ack.to_record(self.rid), None, handshake=True)
         self._flight = None
@@ -1231,6 +1378,11 @@ cdef class Connection:
             max_transition_time=cfg.max_transition_time,
         )
         wipe(result.master_secret)  # the record layer derived what it needs and kept no copy
+        # A rekey attempt must outlast a few round trips of this path, or a long path would
+        # never show its evidence in time (docs §5.1). The handshake gave one sample.
+        self.record.epochs.transition_bound = max(
+            <double>cfg.max_transition_time,
+            3 * min(max(self._rtt_sample, 0.0), <double>cfg.max_rto))
         self.resumption_secret = result.resumption_secret
         self.peer_fingerprint = result.peer_fingerprint
         self.plus_features = result.plus_features
@@ -1366,16 +1518,20 @@ cdef class Connection:
     cdef bint _migration(self) noexcept:
         return (self.plus_features & _PLUS_MIGRATION) != 0
 
-    def migrate(self):
+    def migrate(self, now=None):
         """Client: announce that our address changed (soft migration, spec §13.2).
 
         Call after the transport moved to its new address; the next packet carries
-        CTRL_MIGRATE from there, and the server validates the new path before using it."""
+        CTRL_MIGRATE from there, and the server validates the new path before using it.
+        ``now`` as for :meth:`close`."""
         if not self.is_client or not self._fsm.established or self.record is None:
             raise StateError("migrate() is for an established client")
         if not self._migration():
             raise StateError("migration was not negotiated (PALISADE-PLUS feature 0x02)")
+        self._api_clock(now)
         self._send_frame(F.encode_migrate(self.config.rng(32), self.record.epoch))
+        if now is None:
+            self._stale_mask |= _STALE_SEND
 
     cdef int _on_new_path(self, addr, Py_ssize_t size, double now) except -1:
         """Server: an authenticated packet came from an address other than the primary path:
@@ -1476,6 +1632,123 @@ cdef class Connection:
         # The candidate itself was set by _on_new_path when this packet arrived.
         return 0
 
+    # ------------------------------------------------------------------ gateway notices
+
+    def _on_notice(self, bytes raw, addr, double now):
+        """A cleartext gateway notice (palisade_c.pathinfo; docs/protocol.md, "Gateway
+        notices" [profile]). Unauthenticated, so it can only narrow the path or prompt a
+        check; accepted only from the peer's address and about our own RID."""
+        if not self.is_client:
+            self._drop("notice-unexpected")
+            return
+        try:
+            notice = pathinfo.parse_notice(raw)
+        except DecodeError:
+            self._drop("notice-malformed")
+            return
+        if addr != self.peer_addr or (notice.rid != self.rid and notice.rid != self._hello_rid):
+            self._drop("notice-unmatched")
+            return
+        if isinstance(notice, pathinfo.PathNotice):
+            self._on_path_notice(notice.max_datagram, notice.link_bps)
+        else:
+            self._on_reboot_notice(notice.boot_counter, now)
+
+    def _on_path_notice(self, int max_datagram, link_bps):
+        cdef Flight flight
+        cdef HandshakeRecord rec
+        old = self.config
+        cfg = pathinfo.narrow_config(old, max_datagram, link_bps)
+        if cfg is old:
+            return  # nothing smaller or slower than what we use: never raise on its word
+        old_budget = self._handshake_budget()
+        self.config = cfg
+        self._ack_delay = cfg.initial_rto / 4 + cfg.link_time(2 * cfg.max_datagram_size)
+        if self._has_hs_deadline:
+            self._hs_deadline += self._handshake_budget() - old_budget
+        self._log_event("path", {"max_datagram": cfg.max_datagram_size,
+                                 "link_bps": cfg.link_bits_per_second})
+        log.info("%s: path narrowed to %d-byte datagrams%s", self.name, cfg.max_datagram_size,
+                 f" at {cfg.link_bits_per_second:g} bit/s" if cfg.link_bits_per_second else "")
+        flight = self._flight
+        if flight is None or flight._rid != self.rid \
+                or max(len(r) for r in flight._records) <= cfg.max_datagram_size:
+            return
+        # Refragment the unacknowledged flight to the new size: its records are being dropped
+        # on the way. At most twice at once per session (each notice must narrow, but a forged
+        # stream of them must not make us resend a whole flight per notice); after that the
+        # smaller records wait for the retransmission timer.
+        message = bytearray(flight._msg_length)
+        for raw in flight._records:
+            rec = decode_ptr(<const unsigned char*>PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
+            message[rec.frag_offset:rec.frag_offset + len(rec.fragment)] = rec.fragment
+        # Kept in the instance dict: connection.pxd (shared by other modules) stays as it is.
+        resends = getattr(self, "_path_resends", 0)
+        if resends < 2:
+            setattr(self, "_path_resends", resends + 1)
+            self._send_message(flight._msg_type, flight._msg_seq, bytes(message))
+        else:
+            self._flight = Flight.from_message(flight._msg_type, self.rid, flight._msg_seq,
+                                               bytes(message), cfg.max_datagram_size)
+
+    def _on_reboot_notice(self, boot_counter, double now):
+        """The gateway says the device restarted. Never a reason to end the session by itself
+        (anyone can send this): a reason to check at once. Mid-handshake, resend the flight
+        (rate-limited like any prompted resend); established, ask for a rekey, which a live
+        peer answers with an authenticated announcement within a round trip. If nothing
+        authenticated arrives by the probe deadline, the session is gone (§14.1)."""
+        cfg = self.config
+        if not self._fsm.established:
+            self._resend_flight(prompted=True)
+            return
+        if getattr(self, "_probe", None) is not None:
+            if self._probe_failed(now):  # due, and its timer has not run yet
+                self._probe_lost()
+                return
+            if getattr(self, "_probe", None) is not None:
+                return  # one probe at a time: a stream of notices costs one rekey
+        self._client_request_rekey()
+        if self._rekey_next < 0:
+            # No request could go out (our receiver is still switching epochs, which itself
+            # means the peer spoke moments ago): without a question there is no probe.
+            self._drop("probe-deferred")
+            return
+        self._log_event("probe", {"boot_counter": boot_counter})
+        log.info("%s: gateway reports a device restart (boot counter %#x); probing the "
+                 "session", self.name, boot_counter)
+        deadline = now + PROBE_TIMEOUT + 4 * cfg.link_time(cfg.max_datagram_size)
+        setattr(self, "_probe", (self._last_recv, deadline, boot_counter))
+        self._clamp_probe()
+
+    def _clamp_probe(self):
+        """Make the rekey timer (armed by the probe's request, or by a rekey in progress) fire
+        by the probe deadline at the latest: handle_timer checks the probe then."""
+        probe = getattr(self, "_probe", None)
+        if probe is not None and (not self._has_rekey_deadline
+                                  or self._rekey_deadline > probe[1]):
+            self._rekey_deadline = probe[1]
+            self._has_rekey_deadline = True
+
+    def _probe_lost(self):
+        self._fail(ErrorCode.ErrorSessionNotFound,
+                   "the device behind the gateway restarted (no answer to the probe)",
+                   send=False)
+
+    def _probe_failed(self, double now):
+        """True once a pending probe's deadline passed with nothing authenticated received
+        since it began; clears a probe that is answered or expired."""
+        probe = getattr(self, "_probe", None)
+        if probe is None:
+            return False
+        last_recv, deadline, boot_counter = probe
+        if self._last_recv > last_recv:
+            setattr(self, "_probe", None)  # the peer answered: the session lives
+            return False
+        if now < deadline:
+            return False
+        setattr(self, "_probe", None)
+        return True
+
     # ------------------------------------------------------------------ control frames
 
     cpdef _seal(self, payload, int stream_id, bint control=False):
@@ -1570,6 +1843,7 @@ cdef class Connection:
         if not self._fire("rekey_request"):
             return 0
         self._rekey_next = self.record.epoch + 1
+        self._rekey_started = self._now
         self._send_frame(F.encode_rekey(self._rekey_next, F.REKEY_REQUEST))
         self._arm_rekey_timer(self._now)
         return 0
@@ -1587,6 +1861,8 @@ cdef class Connection:
         if self._fsm.name == "S_ESTABLISHED" and not self._fire("rekey_request"):
             return 0
         self._rekey_next = record.arm_next_epoch(now)
+        self._rekey_started = now
+        self._rekey_attempt = 1
         self._log_event("rekey-announce", {"next_epoch": self._rekey_next})
         self._send_frame(F.encode_rekey(self._rekey_next, F.REKEY_ANNOUNCE))
         self._arm_rekey_timer(now)
@@ -1594,16 +1870,71 @@ cdef class Connection:
 
     cdef int _arm_rekey_timer(self, double now) except -1:
         self._rekey_interval = self.config.rekey_retransmit
+        if not self.is_client:
+            # At least four announcements (or acks) fit in one attempt (docs §9).
+            self._rekey_interval = min(self._rekey_interval,
+                                       self.record.epochs.transition_bound / 4)
         self._rekey_deadline = now + self._rekey_interval
         self._has_rekey_deadline = True
         return 0
 
     cdef int _retransmit_rekey(self, double now) except -1:
-        assert self.record is not None and self._rekey_next >= 0
+        cdef RecordLayer record = self.record
+        assert record is not None and self._rekey_next >= 0
+        epochs = record.epochs
         kind = F.REKEY_REQUEST if self.is_client else F.REKEY_ANNOUNCE
+        if not self.is_client:
+            if epochs.rx_state_name == "STEADY" and epochs.epoch + 1 == self._rekey_next:
+                # The back-off after an abandoned attempt ran out: arm the same epoch again
+                # and announce it afresh (a new attempt, with a new transition bound).
+                self._rekey_attempt += 1
+                record.arm_next_epoch(now, self._rekey_next)
+                self._log_event("rekey-retry", {"next_epoch": self._rekey_next,
+                                                "attempt": self._rekey_attempt})
+                self._send_frame(F.encode_rekey(self._rekey_next, F.REKEY_ANNOUNCE))
+                self._arm_rekey_timer(now)
+                return 0
+            if not epochs.install_pending:
+                # Installed on the client's evidence; its sender has not shown it finished
+                # its transition yet (no key_phase 0 packet on the new epoch). Repeat our
+                # ack on the new epoch: receiving one is what lets it finish (docs §9).
+                if epochs.next_phase0_seen or epochs.rx_state_name == "STEADY":
+                    self._has_rekey_deadline = False
+                    return 0
+                kind = F.REKEY_ACK
         self._send_frame(F.encode_rekey(self._rekey_next, kind))
         self._rekey_interval = min(self._rekey_interval * 2, <double>self.config.max_rto)
+        if not self.is_client:
+            self._rekey_interval = min(self._rekey_interval, epochs.transition_bound / 4)
         self._rekey_deadline = now + self._rekey_interval
+        self._has_rekey_deadline = True
+        return 0
+
+    cdef double _rekey_budget(self):
+        """Longest a rekey may run, from request or announcement to both sides committed:
+        every attempt at its longest (2 transition times) plus the longest back-off."""
+        cfg = self.config
+        return _REKEY_ATTEMPTS * (2 * <double>self.record.epochs.transition_bound
+                                  + max(<double>cfg.max_rto, <double>cfg.rekey_retransmit))
+
+    cdef int _on_abandoned(self, double now) except -1:
+        """Server: an attempt ended with no sign that the client moved. Its keys are gone;
+        retry after a back-off, or give up after REKEY_ATTEMPTS attempts (docs §9)."""
+        cdef double backoff
+        self._abandons_seen = self.record.epochs.abandons
+        self._log_event("rekey-abandoned", {"next_epoch": self._rekey_next,
+                                            "attempt": self._rekey_attempt})
+        if self.is_client or self._rekey_next < 0 or not self._fsm.established:
+            self._has_rekey_deadline = False
+            return 0
+        if self._rekey_attempt >= _REKEY_ATTEMPTS:
+            self._fail(ErrorCode.ErrorRekeyTimeout,
+                       f"peer never moved to epoch {self._rekey_next} "
+                       f"in {self._rekey_attempt} attempts", send=True)
+            return 0
+        backoff = min(<double>self.config.rekey_retransmit * (1 << (self._rekey_attempt - 1)),
+                      <double>self.config.max_rto)
+        self._rekey_deadline = now + backoff
         self._has_rekey_deadline = True
         return 0
 
@@ -1613,8 +1944,13 @@ cdef class Connection:
         next_epoch, kind = F.decode_rekey(frame)
         epochs = record.epochs
         if self.is_client:
-            if kind == F.REKEY_ACK and next_epoch == epochs.next_epoch:
-                return 0  # the server installed the new epoch; the packet itself is the proof
+            if kind == F.REKEY_ACK and next_epoch == epochs.send_epoch:
+                # The server installed the epoch we send on. Opening this packet ended our
+                # key_phase hint; answer, so the server sees a key_phase 0 packet from us even
+                # if we have nothing else to send (it commits on those, docs §9). The server
+                # repeats its ack only until it sees one, so this cannot ping-pong.
+                self._send_frame(F.encode_rekey(next_epoch, F.REKEY_ACK))
+                return 0
             if kind != F.REKEY_ANNOUNCE:
                 self._drop("unexpected-rekey")
                 return 0
@@ -1638,6 +1974,8 @@ cdef class Connection:
             # epoch so the server learns we can open it.
             record.arm_next_epoch(now, next_epoch)
             record.install_next_epoch(now)
+            if self._rekey_next < 0:
+                self._rekey_started = now  # the server's rekey: our budget starts here
             self._rekey_next = next_epoch
             self._has_rekey_deadline = False
             self._log_event("rekey-armed", {"next_epoch": next_epoch})
@@ -1663,13 +2001,19 @@ cdef class Connection:
     cdef int _on_rekey_evidence(self, double now) except -1:
         """The peer is on the new epoch. The server may now install its sender (PROFILE §6)."""
         assert self.record is not None
-        if not self.is_client and self.record.epochs.install_pending:
+        epochs = self.record.epochs
+        if self.is_client:
+            self._has_rekey_deadline = False
+            return 0
+        if epochs.install_pending:
             self.record.install_next_epoch(now)
             self._log_event("rekey-installed", {"epoch": self.record.send_epoch})
-            # Show the client at once that we moved, so its transition clock starts even if
-            # the application has nothing to send.
+            # Show the client at once that we moved: the first packet it opens on the new
+            # epoch ends its key_phase hint, even if the application has nothing to send. The
+            # ack is repeated (the rekey timer) until the client's key_phase 0 packets arrive.
             self._send_frame(F.encode_rekey(self.record.send_epoch, F.REKEY_ACK))
-        if self.is_client or not self.record.epochs.install_pending:
+            self._arm_rekey_timer(now)
+        if epochs.next_phase0_seen or epochs.rx_state_name == "STEADY":
             self._has_rekey_deadline = False
         return 0
 
@@ -1682,6 +2026,7 @@ cdef class Connection:
         if epoch != self._reported_epoch and record.send_epoch == epoch:
             self._reported_epoch = epoch
             self._rekey_next = -1
+            self._rekey_attempt = 0
             self._has_rekey_deadline = False
             self._epoch_started = now
             self._epoch_bytes = 0
@@ -1711,6 +2056,7 @@ cdef class Connection:
         self._close_info = (code, reason, True)
         # Seed §6: close reasons SHOULD be logged. The reason is the peer's text: escaped.
         log.info("%s: closed by peer: %s: %s", self.name, code_name(code), printable(reason))
+        self._has_rekey_deadline = False  # a closing session finishes no rekey
         self._log_event("peer-close", {"code": code})
         self._send_frame(F.encode_close(0, False, ""))  # answer, so the peer can finish
         self._drain_deadline = self._now + <double>self.config.close_drain_time

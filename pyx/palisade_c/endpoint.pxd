@@ -35,3 +35,4 @@ cdef class ServerEndpoint:
     cdef void _send_retry(self, bytes rid, object addr, double now)
     cdef void _refuse_for_limit(self, bytes rid, object addr, double now)
     cdef void _collect(self, Connection conn)
+    cdef void _evict_stalled(self, Connection conn, double now)

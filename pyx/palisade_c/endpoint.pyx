@@ -29,6 +29,7 @@ the timer heap cost no attribute lookups per datagram.
 cimport cython
 
 import heapq
+import logging
 from collections import deque
 from typing import NamedTuple
 
@@ -55,6 +56,8 @@ COOKIE_LIFETIME = 30.0
 LIMIT_REPLY_RATE = 20.0
 LIMIT_REPLY_BURST = 20.0
 _LIMIT_DETAIL = "server at its session limit; try again later"
+
+log = logging.getLogger("palisade_c.endpoint")
 
 _heappush = heapq.heappush
 _heappop = heapq.heappop
@@ -93,7 +96,9 @@ cdef class ServerEndpoint:
         self._timers = []
         self._deadlines = {}
         self._tiebreak = 0
-        self._cookies = CookieIssuer(config.rng(32), COOKIE_LIFETIME, compact=True)
+        # Workers of one server share the cookie key: a Retry's RID may steer elsewhere.
+        secret = config.cookie_secret if config.cookie_secret is not None else config.rng(32)
+        self._cookies = CookieIssuer(secret, COOKIE_LIFETIME, compact=True)
         self._out = []
         self._events = deque()
         self._drops = {}
@@ -171,9 +176,15 @@ cdef class ServerEndpoint:
         self._collect(conn)
 
     def datagrams_to_send(self, now=None):
+        cdef Connection conn
         # Only sessions that queued something since the last call (on_wakeup) are visited.
         while self._busy:
-            self._collect(self._busy.pop())
+            conn = self._busy.pop()
+            if now is not None and conn._stale_mask:
+                # An application call on the session armed deadlines without a time: they
+                # count from now (Connection.datagrams_to_send does the same).
+                conn._fresh(now)
+            self._collect(conn)
         out, self._out = self._out, []
         return out
 
@@ -189,6 +200,11 @@ cdef class ServerEndpoint:
         return best
 
     def handle_timer(self, double now):
+        """Run every session whose deadline is due. Each is visited at most once per call: a
+        session that still reports a deadline at or before ``now`` after its own
+        ``handle_timer(now)`` breaks the timer invariant (a core bug); it is closed with
+        ErrorInternal and counted under ``timer-stalled`` instead of being polled again, so
+        one session can never hold the whole server in this loop."""
         cdef list heap = self._timers
         cdef Connection conn
         if self._has_purge_at and now >= self._purge_at:
@@ -202,15 +218,37 @@ cdef class ServerEndpoint:
             self._deadlines[conn] = None
             conn.handle_timer(now)
             self._collect(conn)
+            after = self._deadlines.get(conn)
+            if after is not None and after <= now:
+                self._evict_stalled(conn, now)
+
+    cdef void _evict_stalled(self, Connection conn, double now):
+        self._drop("timer-stalled")
+        log.error("%s: deadline did not advance past %.6f; session closed", conn.name, now)
+        try:
+            conn._fail(int(ErrorCode.ErrorInternal), "internal error: timer did not advance",
+                       True)
+        except Exception:  # noqa: BLE001 - a broken session must not take the server with it
+            log.exception("%s: closing a stalled session failed", conn.name)
+        self._collect(conn)
+        if not conn._fsm.closed:
+            # It would not even close: forget it all the same, so it is never polled again.
+            self._deadlines.pop(conn, None)
+            self._half_open.discard(conn)
+            self._busy.discard(conn)
+            for k in (conn._hello_rid, conn.rid):
+                if self._by_rid.get(k) is conn:
+                    del self._by_rid[k]
+            self._sessions.pop(conn, None)
 
     def next_event(self):
         return self._events.popleft() if self._events else None
 
-    def close(self, int error_code=0, str reason="server shutting down"):
-        """Soft-close every session."""
+    def close(self, int error_code=0, str reason="server shutting down", now=None):
+        """Soft-close every session; their drains count from ``now`` (see Connection.close)."""
         cdef Connection conn
         for conn in list(self._sessions):
-            conn.close(error_code, reason)
+            conn.close(error_code, reason, now)
             self._collect(conn)
 
     # -- internals --------------------------------------------------------------------------------

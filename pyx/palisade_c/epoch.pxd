@@ -12,7 +12,8 @@ cdef enum:  # receiver events
     RX_EV_COMMIT = 1        # threshold, timeout or explicit -> CommitEpochTransition()
     RX_EV_PACKET_PHASE0 = 2 # packet with key_phase = 0
     RX_EV_PACKET_PHASE1 = 3 # packet with key_phase = 1
-    RX_N_EVENTS = 4
+    RX_EV_ABANDON = 4       # no evidence within max_transition_time -> AbandonNextEpoch()
+    RX_N_EVENTS = 5
 
 cdef enum:  # sender states
     TX_STEADY = 0
@@ -52,11 +53,15 @@ cdef class EpochMachine:
     cdef bytes _rx_dir
     cdef readonly uint32_t commit_threshold
     cdef readonly double max_transition_time
+    cdef public double transition_bound    # max_transition_time, or more on a long path
     cdef readonly uint32_t replay_window
     cdef readonly uint64_t tx_seq
     cdef readonly uint32_t packets_on_next
     cdef double _first_next_at
-    cdef uint32_t _tx_phase_packets
+    cdef double _armed_at
+    cdef uint32_t _phase0_on_next
+    cdef bint _secret_ahead
+    cdef readonly uint32_t abandons
     cdef double _tx_installed_at
     cdef readonly bint next_epoch_seen
     cdef readonly bint early
@@ -64,7 +69,10 @@ cdef class EpochMachine:
     cdef int _rx_step(self, int event) except -2
     cdef int _tx_step(self, int event) except -2
     cdef void _commit(self)
+    cdef void _abandon(self)
+    cdef double _rx_deadline(self)
     cdef TrafficKey rx_key(self, int key_phase, uint32_t epoch_id, int attempt)
-    cdef int on_authenticated(self, TrafficKey key, uint64_t seq, double now) except -1
+    cdef int on_authenticated(self, TrafficKey key, uint64_t seq, double now,
+                              int key_phase) except -1
     cdef int on_sent(self, double now) except -1
-    cdef int poll(self, double now) except -1
+    cdef int poll(self, double now, bint may_abandon) except -1

@@ -8,8 +8,8 @@ One ``EpochMachine`` per endpoint holds both halves of the epoch logic:
 * The **receiver** is STEADY (only the current epoch's keys exist; key_phase must be 0) or
   TRANSITION (the next epoch is armed as well; both key phases are accepted). An authenticated
   CTRL_REKEY arms the next epoch (``arm_next_epoch``). The transition commits
-  (``commit_epoch_transition``) after ``commit_threshold`` authenticated packets on the new epoch
-  or ``max_transition_time`` after the first of them; commit erases the old keys.
+  (``commit_epoch_transition``) after ``commit_threshold`` authenticated key_phase = 0 packets
+  on the new epoch, or by time; commit erases the old keys.
 * The **sender** is STEADY or TRANSITION (the seed's ``inTransition`` flag). ``install_next_epoch``
   moves it onto the armed epoch with seq = 0 and key_phase = 1; ``complete_transition`` returns
   key_phase to 0 on the same epoch.
@@ -19,14 +19,22 @@ raises :class:`EpochStateError` for a local call, and makes the record layer dro
 a packet event. Nothing in a packet header can move the machine: a higher epoch_id is only ever
 compared against keys that were armed by an authenticated control frame.
 
-Deviations from the spec's reference tables, recorded in docs/protocol.md [profile]:
+Timing (seed §3 "maxTransitionTime exceeded", docs/protocol.md §5 [profile, changed]):
 
-* The commit timer starts at the first packet authenticated on the new epoch, not at arming. The
-  announcing side arms before its peer has moved; a clock started then could erase keys the peer
-  still uses if the announcement or its ack is lost.
-* The sender clears key_phase after ``commit_threshold // 2`` packets (or half the transition
-  time), so that a key_phase = 1 packet reaches the peer while it is still in TRANSITION unless
-  it is reordered behind half a threshold of newer packets.
+* The transition clock starts when the epoch is armed, so TRANSITION is bounded from arming by
+  ``transition_bound`` (T: ``max_transition_time``, which the session may stretch to a few
+  round trips of its path, never shorten). What happens at the bound depends on the evidence: with packets
+  on the new epoch including a key_phase = 0 one, commit at T; with packets on it but none with
+  key_phase = 0 yet, commit at 2T; with none at all, an announcing side whose sender has not
+  moved *abandons* the epoch (``abandon_next_epoch``: keys erased, STEADY on the old epoch, the
+  same epoch may be armed again), because committing would retire keys for ones the peer lacks.
+  A side whose sender already moved (the client) cannot go back; its session bounds the wait.
+* Commit and key_phase are local decisions with local settings, so neither may depend on the
+  peer sharing them. The sender clears key_phase as soon as it has authenticated a packet from
+  the peer on its sending epoch (the peer has installed it too: key_phase = 0 opens there), and
+  not on a local count or clock. The receiver counts only key_phase = 0 packets on the new epoch
+  toward ``commit_threshold``: they prove the peer's sender finished its transition, so a
+  commit cannot strand the peer's key_phase = 1 packets, whatever either side's threshold.
 * Arming requires the sender to have installed the current epoch: one rekey completes on both
   halves before the next may begin, so at most two epochs ever hold keys.
 """
@@ -66,9 +74,9 @@ TX_STATE_NAMES = ("STEADY", "TRANSITION")
 
 # Receiver transition table: _RX_TABLE[state][event] = next state, -1 = not allowed.
 cdef int _RX_TABLE[RX_N_STATES][RX_N_EVENTS]
-#               ARM              COMMIT        PHASE0          PHASE1
-_RX_TABLE[RX_STEADY][:] = [RX_TRANSITION, -1, RX_STEADY, -1]
-_RX_TABLE[RX_TRANSITION][:] = [-1, RX_STEADY, RX_TRANSITION, RX_TRANSITION]
+#               ARM              COMMIT        PHASE0          PHASE1      ABANDON
+_RX_TABLE[RX_STEADY][:] = [RX_TRANSITION, -1, RX_STEADY, -1, -1]
+_RX_TABLE[RX_TRANSITION][:] = [-1, RX_STEADY, RX_TRANSITION, RX_TRANSITION, RX_STEADY]
 
 # Sender transition table.
 cdef int _TX_TABLE[TX_N_STATES][TX_N_EVENTS]
@@ -76,7 +84,8 @@ cdef int _TX_TABLE[TX_N_STATES][TX_N_EVENTS]
 _TX_TABLE[TX_STEADY][:] = [TX_TRANSITION, -1]
 _TX_TABLE[TX_TRANSITION][:] = [-1, TX_STEADY]
 
-_RX_EVENT_NAMES = ("arm_next_epoch", "commit_epoch_transition", "key_phase=0", "key_phase=1")
+_RX_EVENT_NAMES = ("arm_next_epoch", "commit_epoch_transition", "key_phase=0", "key_phase=1",
+                   "abandon_next_epoch")
 _TX_EVENT_NAMES = ("install_next_epoch", "complete_transition")
 
 
@@ -165,6 +174,7 @@ cdef class EpochMachine:
         self.replay_window = replay_window
         self.commit_threshold = commit_threshold
         self.max_transition_time = max_transition_time
+        self.transition_bound = max_transition_time
         self._tx_dir = DIR_C2S if is_client else DIR_S2C
         self._rx_dir = DIR_S2C if is_client else DIR_C2S
         cdef uint32_t first_epoch = EARLY_EPOCH if early else 0
@@ -179,7 +189,10 @@ cdef class EpochMachine:
         self.tx_seq = 1 if early else 0
         self.packets_on_next = 0
         self._first_next_at = _NO_TIME
-        self._tx_phase_packets = 0
+        self._armed_at = _NO_TIME
+        self._phase0_on_next = 0
+        self._secret_ahead = False
+        self.abandons = 0
         self._tx_installed_at = _NO_TIME
         self.next_epoch_seen = False
 
@@ -204,8 +217,8 @@ cdef class EpochMachine:
         """ArmNextEpoch: derive epoch N+1 for both directions; receiver STEADY -> TRANSITION.
 
         Call only for an *authenticated* CTRL_REKEY (or when announcing one). Returns N+1.
-        ``now`` is accepted like every other timed call, but arming starts no clock: the
-        transition clock starts at the first packet on the new epoch (module docstring).
+        The transition clock starts at ``now`` (module docstring); without a time the
+        transition has no time bound, only the packet criterion.
         """
         cdef uint32_t nxt_epoch
         if _RX_TABLE[self.rx_state][RX_EV_ARM] < 0:
@@ -220,17 +233,52 @@ cdef class EpochMachine:
         nxt_epoch = self.rx_cur.epoch + 1
         if expected_epoch is not None and expected_epoch != nxt_epoch:
             raise EpochStateError(f"next epoch must be {nxt_epoch}, not {expected_epoch}")
-        new_secret = next_epoch_secret(self._secret)
+        if self._secret_ahead:
+            # Arming this epoch again after an abandoned attempt: its secret is already held.
+            new_secret = self._secret
+        else:
+            new_secret = next_epoch_secret(self._secret)
         self.rx_next = TrafficKey.derive(new_secret, self._rx_dir, nxt_epoch, self.replay_window)
         self.tx_pending = TrafficKey.derive(new_secret, self._tx_dir, nxt_epoch)
-        # Both directions of epoch N are derived already; its secret has no further use.
-        wipe(self._secret)
-        self._secret = new_secret
+        if not self._secret_ahead:
+            # Both directions of epoch N are derived already; its secret has no further use.
+            wipe(self._secret)
+            self._secret = new_secret
+        self._secret_ahead = False
         self.packets_on_next = 0
+        self._phase0_on_next = 0
         self._first_next_at = _NO_TIME
+        self._armed_at = _NO_TIME if now is None else now
         self.next_epoch_seen = False
         self._rx_step(RX_EV_ARM)
         return nxt_epoch
+
+    def abandon_next_epoch(self) -> int:
+        """AbandonNextEpoch [profile]: give up an armed epoch the peer never showed it has.
+
+        Only while nothing authenticated on it and the sender has not moved to it. The keys
+        are erased and the receiver is STEADY on the current epoch again; the epoch's secret is
+        kept, so the same epoch can be armed again (it has never protected a packet that was
+        accepted). Returns the current epoch."""
+        if _RX_TABLE[self.rx_state][RX_EV_ABANDON] < 0:
+            raise EpochStateError("abandon_next_epoch: not in TRANSITION")
+        if self.next_epoch_seen or self.tx_pending is None:
+            raise EpochStateError("abandon_next_epoch: the peer is already on the next epoch")
+        self._abandon()
+        return self.rx_cur.epoch
+
+    cdef void _abandon(self):
+        self.rx_next.erase()
+        self.tx_pending.erase()
+        self.rx_next = None
+        self.tx_pending = None
+        self._secret_ahead = True
+        self.packets_on_next = 0
+        self._phase0_on_next = 0
+        self._first_next_at = _NO_TIME
+        self._armed_at = _NO_TIME
+        self.abandons += 1
+        self._rx_step(RX_EV_ABANDON)
 
     def install_next_epoch(self, now=None) -> int:
         """InstallEpoch: the sender moves to the armed epoch, seq = 0, key_phase = 1."""
@@ -242,9 +290,12 @@ cdef class EpochMachine:
         self.tx_cur = self.tx_pending
         self.tx_pending = None
         self.tx_seq = 0
-        self._tx_phase_packets = 0
         self._tx_installed_at = _NO_TIME if now is None else now
         self._tx_step(TX_EV_INSTALL)
+        if self.next_epoch_seen or self.rx_cur.epoch == self.tx_cur.epoch:
+            # The peer is already sending on this epoch: it has installed it, so key_phase 0
+            # opens there whatever its receiver's state. No hint is needed (module docstring).
+            self._tx_step(TX_EV_COMPLETE)
         return self.tx_cur.epoch
 
     def commit_epoch_transition(self) -> int:
@@ -266,8 +317,22 @@ cdef class EpochMachine:
         self.rx_cur = self.rx_next
         self.rx_next = None
         self.packets_on_next = 0
+        self._phase0_on_next = 0
         self._first_next_at = _NO_TIME
+        self._armed_at = _NO_TIME
         self._rx_step(RX_EV_COMMIT)
+
+    cdef double _rx_deadline(self):
+        """When poll() acts on the receiver's TRANSITION by time, or -1 (module docstring)."""
+        if self.rx_state != RX_TRANSITION or self._armed_at < 0:
+            return _NO_TIME
+        if self.next_epoch_seen:
+            if self._phase0_on_next > 0:
+                return self._armed_at + self.transition_bound
+            return self._armed_at + 2 * self.transition_bound
+        if self.tx_pending is not None:
+            return self._armed_at + self.transition_bound  # abandon
+        return _NO_TIME  # our sender moved already: the session bounds the wait
 
     # -- per-packet hooks used by the record layer ---------------------------------------------
 
@@ -289,41 +354,46 @@ cdef class EpochMachine:
             return None
         return k
 
-    cdef int on_authenticated(self, TrafficKey key, uint64_t seq, double now) except -1:
+    cdef int on_authenticated(self, TrafficKey key, uint64_t seq, double now,
+                              int key_phase) except -1:
         """A packet opened under ``key``: mark replay, count toward commit, commit if due."""
         key.window.mark(seq)
         if key is self.rx_next:
             self.packets_on_next += 1
             self.next_epoch_seen = True
             if self._first_next_at < 0:
-                # Start the clock at the first packet that comes with a time (a caller may
-                # open some packets without one).
                 self._first_next_at = now
-            if self.packets_on_next >= self.commit_threshold:
-                self._commit()
+            if key_phase == 0:
+                # The peer's sender has finished its transition: only such packets count.
+                self._phase0_on_next += 1
+                if self._phase0_on_next >= self.commit_threshold:
+                    self._commit()
+        if self.tx_state == TX_TRANSITION and key.epoch == self.tx_cur.epoch:
+            # The peer sends on our sending epoch: it installed it, so our hint has done its
+            # job (module docstring).
+            self._tx_step(TX_EV_COMPLETE)
         return 0
 
     cdef int on_sent(self, double now) except -1:
         self.tx_seq += 1
-        if self.tx_state == TX_TRANSITION:
-            self._tx_phase_packets += 1
-            # Half a commit threshold of key_phase=1 packets: see the module docstring.
-            if self._tx_phase_packets >= max(1, self.commit_threshold // 2):
-                self._tx_step(TX_EV_COMPLETE)
         return 0
 
-    cdef int poll(self, double now) except -1:
-        """Apply the time-based criteria (opportunistically, and from handle_timer)."""
+    cdef int poll(self, double now, bint may_abandon) except -1:
+        """Apply the time-based criteria (opportunistically, and from handle_timer).
+
+        ``may_abandon`` is False on the receive path, which polls before it tries to open a
+        packet: that packet may be the very evidence that saves the epoch."""
+        cdef double t
         if now < 0:
             return 0
         # Compare against the same sums get_timer() reports, so a shell that wakes exactly at
         # the reported deadline always finds the work due (no float rounding gap).
-        if (self.rx_state == RX_TRANSITION and self._first_next_at >= 0
-                and now >= self._first_next_at + self.max_transition_time):
-            self._commit()
-        if (self.tx_state == TX_TRANSITION and self._tx_installed_at >= 0
-                and now >= self._tx_installed_at + self.max_transition_time / 2):
-            self._tx_step(TX_EV_COMPLETE)
+        t = self._rx_deadline()
+        if t >= 0 and now >= t:
+            if self.next_epoch_seen:
+                self._commit()
+            elif may_abandon:
+                self._abandon()
         return 0
 
     def erase_all(self) -> None:
@@ -341,16 +411,26 @@ cdef class EpochMachine:
 
     def get_timer(self) -> float | None:
         """Earliest time at which ``handle_timer`` has something to do, or None."""
-        deadline = None
-        if self.rx_state == RX_TRANSITION and self._first_next_at >= 0:
-            deadline = self._first_next_at + self.max_transition_time
-        if self.tx_state == TX_TRANSITION and self._tx_installed_at >= 0:
-            t = self._tx_installed_at + self.max_transition_time / 2
-            deadline = t if deadline is None or t < deadline else deadline
-        return deadline
+        cdef double t = self._rx_deadline()
+        return None if t < 0 else t
 
     def handle_timer(self, double now) -> None:
-        self.poll(now)
+        self.poll(now, True)
+
+    def rebase(self, double old, double new) -> None:
+        """Move the clocks that were started at ``old`` (a stale time an application call
+        used) to ``new``, the first fresh time seen since."""
+        if self._armed_at == old:
+            self._armed_at = new
+        if self._first_next_at == old:
+            self._first_next_at = new
+        if self._tx_installed_at == old:
+            self._tx_installed_at = new
+
+    @property
+    def next_phase0_seen(self) -> bool:
+        """A key_phase = 0 packet authenticated on the armed epoch (the peer's sender is done)."""
+        return self._phase0_on_next > 0
 
     @property
     def rx_state_name(self) -> str:

@@ -17,6 +17,8 @@ cdef extern from "pal_link.h" nogil:
         PAL_LINK_CTL_PING
         PAL_LINK_CTL_PONG
         PAL_LINK_HELLO_LEN
+        PAL_LINK_HELLO_NODE_LEN
+        PAL_LINK_NODE_ID_LEN
         PAL_LINK_PING_LEN
         PAL_LINK_ERR_SPACE
         PAL_LINK_ERR_TOO_LONG
@@ -45,6 +47,8 @@ cdef extern from "pal_link.h" nogil:
         uint8_t version
         uint16_t mtu
         uint32_t boot_counter
+        uint8_t has_node_id
+        uint8_t node_id[8]
 
     uint32_t pal_link_crc32(uint32_t crc, const uint8_t* data, size_t len)
     int32_t pal_link_encode(uint8_t channel, const uint8_t* payload, size_t len, uint8_t* out,
@@ -55,6 +59,8 @@ cdef extern from "pal_link.h" nogil:
     int pal_link_dec_feed(pal_link_dec_t* d, const uint8_t* data, size_t len, size_t* consumed,
                           pal_link_frame_t* frame)
     size_t pal_link_hello_build(uint8_t* out, const pal_link_hello_t* hello)
+    size_t pal_link_hello_build_node(uint8_t* out, const pal_link_hello_t* hello,
+                                     const uint8_t* node_id)
     size_t pal_link_ping_build(uint8_t* out, uint32_t token)
     size_t pal_link_pong_build(uint8_t* out, uint32_t token)
     int pal_link_ctl_type(const uint8_t* payload, size_t len)

@@ -42,8 +42,12 @@ CTL_HELLO = PAL_LINK_CTL_HELLO
 CTL_PING = PAL_LINK_CTL_PING
 CTL_PONG = PAL_LINK_CTL_PONG
 
-Hello = _namedtuple("Hello", ["version", "mtu", "boot_counter"], module="palisade_c.link")
-Hello.__doc__ = "A parsed HELLO: link version, MTU (payload bytes) and boot counter."
+NODE_ID_LEN = PAL_LINK_NODE_ID_LEN
+
+Hello = _namedtuple("Hello", ["version", "mtu", "boot_counter", "node_id"],
+                    defaults=(None,), module="palisade_c.link")
+Hello.__doc__ = ("A parsed HELLO: link version, MTU (payload bytes), boot counter and, from "
+                 "version 2, the device's node id (8 bytes) or None.")
 
 cdef enum:
     # Frames up to this size are encoded on the stack; PAL_LINK_ENCODED_MAX(1500) fits.
@@ -196,10 +200,15 @@ cdef class FrameDecoder:
 
 # --- link control (channel 2) -----------------------------------------------------------------
 
-def encode_hello(version, mtu, boot_counter) -> bytes:
-    """HELLO control payload (send it on CHANNEL_CONTROL)."""
+def encode_hello(version, mtu, boot_counter, node_id=None) -> bytes:
+    """HELLO control payload (send it on CHANNEL_CONTROL).
+
+    With ``node_id`` (8 bytes) it is the 16-byte version 2 form that announces the device's
+    node id to a gateway (LINK.md §6.1); the version byte is then at least 2.
+    """
     cdef pal_link_hello_t h
-    cdef uint8_t out[PAL_LINK_HELLO_LEN]
+    cdef uint8_t out[PAL_LINK_HELLO_NODE_LEN]
+    cdef const uint8_t* node
     if version < 1 or version > 255:
         raise ValueError(f"link version must be 1..255, got {version}")
     if mtu < PAL_LINK_MIN_MTU or mtu > PAL_LINK_MAX_PAYLOAD:
@@ -209,7 +218,15 @@ def encode_hello(version, mtu, boot_counter) -> bytes:
     h.version = <uint8_t>version
     h.mtu = <uint16_t>mtu
     h.boot_counter = <uint32_t>boot_counter
-    return PyBytes_FromStringAndSize(<char*>out, <Py_ssize_t>pal_link_hello_build(out, &h))
+    h.has_node_id = 0
+    if node_id is None:
+        return PyBytes_FromStringAndSize(<char*>out, <Py_ssize_t>pal_link_hello_build(out, &h))
+    node_id = bytes(node_id)
+    if len(node_id) != PAL_LINK_NODE_ID_LEN:
+        raise ValueError(f"node id must be {PAL_LINK_NODE_ID_LEN} bytes, got {len(node_id)}")
+    node = <const uint8_t*><const char*>node_id
+    return PyBytes_FromStringAndSize(<char*>out,
+                                     <Py_ssize_t>pal_link_hello_build_node(out, &h, node))
 
 
 def parse_hello(payload) -> Hello:
@@ -228,7 +245,9 @@ def parse_hello(payload) -> Hello:
         raise DecodeError(f"HELLO announces an MTU below {PAL_LINK_MIN_MTU}")
     if rc != 0:
         raise DecodeError("not a HELLO payload (wrong type or too short)")
-    return Hello(h.version, h.mtu, h.boot_counter)
+    return Hello(h.version, h.mtu, h.boot_counter,
+                 PyBytes_FromStringAndSize(<char*>h.node_id, PAL_LINK_NODE_ID_LEN)
+                 if h.has_node_id else None)
 
 
 cdef bytes _token_message(uint8_t kind, token):

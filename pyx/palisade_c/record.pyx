@@ -417,7 +417,7 @@ cdef class RecordLayer:
         if self.early and seq == 0:
             return self._drop(DROP_EPOCH)   # early data starts at seq 1 [spec]
 
-        em.poll(now)   # time-based commit, opportunistically [event tables]
+        em.poll(now, False)   # time-based commit, opportunistically [event tables]
         phase = (flags >> 2) & 1
         self._w_aad.point(self._aad, HEADER_LEN, True)
         self._w_in.point(p + HEADER_LEN, ct_len, True)
@@ -441,7 +441,7 @@ cdef class RecordLayer:
                     if q[i]:
                         return self._drop(DROP_BAD_PADDING)
                 out = out[:pt_len - pad_len]
-            em.on_authenticated(key, seq, now)
+            em.on_authenticated(key, seq, now, phase)
             self.packets_opened += 1
             self.bytes_opened += n
             if stream_id == STREAM_DUMMY and not (flags & FLAG_CONTROL):
@@ -494,6 +494,9 @@ cdef class RecordLayer:
 
     def commit_epoch_transition(self) -> int:
         return self.epochs.commit_epoch_transition()
+
+    def abandon_next_epoch(self) -> int:
+        return self.epochs.abandon_next_epoch()
 
     def complete_transition(self) -> int:
         return self.epochs.complete_transition()
