@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--ticket-db", metavar="FILE",
                          help="SQLite file remembering used resumption tickets, so that a "
                          "replayed ticket stays refused across restarts (implies --plus)")
+    serve_p.add_argument("--engine", choices=("python", "c"), default="python",
+                         help="which implementation plays a serial device: the Python core "
+                         "(default) or the C device peer firmware uses (CORE only)")
     serve_p.set_defaults(func=_cmd_serve)
 
     connect_p = sub.add_parser(
@@ -403,8 +406,37 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
+async def _serve_c_engine(args: argparse.Namespace, config: Config) -> int:
+    """``serve serial://… --engine c``: the C device peer answers on the link."""
+    from firmware_bridge.device_engine import echo, serve_device
+
+    def sink(_device: object, _stream: int, data: bytes) -> None:
+        sys.stdout.buffer.write(data + b"\n")
+        sys.stdout.buffer.flush()
+
+    if not _is_serial(args.url) or config.plus_features:
+        _error("--engine c serves a serial URL, CORE only (no --plus, no --ticket-db)")
+        return EXIT_ERROR
+    try:
+        server = await serve_device(args.url, config, echo if args.echo else sink)
+    except OSError as exc:
+        _error(f"cannot open {args.url}: {exc.strerror or exc}")
+        return EXIT_ERROR
+    stop = _stop_on_signals()
+    print(f"palisade: listening on {args.url} with the C device engine "
+          f"(fingerprint {config.identity.fingerprint})", file=sys.stderr, flush=True)
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        await server.wait_closed()
+    return EXIT_OK
+
+
 async def _serve_main(args: argparse.Namespace) -> int:
     config = _make_config(args)
+    if getattr(args, "engine", "python") == "c":
+        return await _serve_c_engine(args, config)
     body = _echo if args.echo else _sink
 
     async def handler(tunnel: Tunnel) -> None:
