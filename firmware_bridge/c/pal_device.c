@@ -149,14 +149,6 @@ static void wipe(void *p, size_t n)
         *v++ = 0;
 }
 
-static size_t cstrlen(const char *s)
-{
-    size_t n = 0;
-    while (s[n])
-        n++;
-    return n;
-}
-
 static uint64_t min64(uint64_t a, uint64_t b) { return a < b ? a : b; }
 static uint32_t max32(uint32_t a, uint32_t b) { return a > b ? a : b; }
 static uint32_t min32(uint32_t a, uint32_t b) { return a < b ? a : b; }
@@ -204,9 +196,11 @@ static void push_simple(pal_device *d, uint8_t type, uint32_t epoch)
 #define LABEL_PREFIX_LEN 9u
 #define MAX_INFO 64u
 
-static size_t make_label(uint8_t *out, const char *x)
+/* Labels are string literals; their lengths come from sizeof, so no strlen is needed. */
+#define LIT(s) (s), (sizeof(s) - 1u)
+
+static size_t make_label(uint8_t *out, const char *x, size_t n)
 {
-    size_t n = cstrlen(x);
     memcpy(out, LABEL_PREFIX, LABEL_PREFIX_LEN);
     memcpy(out + LABEL_PREFIX_LEN, x, n);
     return LABEL_PREFIX_LEN + n;
@@ -240,11 +234,11 @@ int pal_device_hkdf_expand(void *port, const uint8_t prk[32], const uint8_t *inf
     return rc;
 }
 
-static int expand_label(void *port, const uint8_t prk[32], const char *what, uint8_t *out,
-                        size_t out_len)
+static int expand_label(void *port, const uint8_t prk[32], const char *what, size_t what_len,
+                        uint8_t *out, size_t out_len)
 {
     uint8_t info[MAX_INFO];
-    size_t n = make_label(info, what);
+    size_t n = make_label(info, what, what_len);
     return pal_device_hkdf_expand(port, prk, info, n, out, out_len);
 }
 
@@ -259,7 +253,7 @@ int pal_device_master_secret(void *port, const uint8_t ss_c[32], const uint8_t s
     size_t n, i;
     int rc = -1;
     /* IKM = label("palisade v1.2 early") || (ss_c XOR ss_s) || client_nonce || server_nonce */
-    n = make_label(ikm, "palisade v1.2 early");
+    n = make_label(ikm, LIT("palisade v1.2 early"));
     for (i = 0; i < 32u; i++)
         ikm[n + i] = (uint8_t)(ss_c[i] ^ ss_s[i]);
     memcpy(ikm + n + 32u, client_nonce, 32);
@@ -267,10 +261,10 @@ int pal_device_master_secret(void *port, const uint8_t ss_c[32], const uint8_t s
     memset(zeros, 0, sizeof zeros);
     /* early = Extract(zeros(32), IKM); handshake = Expand(early, label("handshake") || th) */
     if (pal_crypto_hmac_sha3_256(port, zeros, 32, ikm, n + 96u, prk) == 0) {
-        size_t m = make_label(info, "handshake");
+        size_t m = make_label(info, LIT("handshake"));
         memcpy(info + m, th, 32);
         if (pal_device_hkdf_expand(port, prk, info, m + 32u, hs, 32) == 0
-            && expand_label(port, hs, "master", master, 32) == 0)
+            && expand_label(port, hs, LIT("master"), master, 32) == 0)
             rc = 0;
     }
     wipe(ikm, sizeof ikm);
@@ -283,13 +277,13 @@ int pal_device_master_secret(void *port, const uint8_t ss_c[32], const uint8_t s
 static int derive_tkey(pal_device *d, const uint8_t secret[32], const char *dir, uint32_t epoch,
                        pal_tkey *k)
 {
-    char what[8];
+    char what[7];
     memcpy(what, dir, 3);
-    memcpy(what + 3, " key", 5);
-    if (expand_label(d->cfg.port, secret, what, k->key, 32) != 0)
+    memcpy(what + 3, " key", 4);
+    if (expand_label(d->cfg.port, secret, what, 7, k->key, 32) != 0)
         return -1;
-    memcpy(what + 3, " iv", 4);
-    if (expand_label(d->cfg.port, secret, what, k->iv, 12) != 0)
+    memcpy(what + 3, " iv", 3);
+    if (expand_label(d->cfg.port, secret, what, 6, k->iv, 12) != 0)
         return -1;
     k->epoch = epoch;
     k->live = 1;
@@ -347,9 +341,9 @@ static void replay_mark(pal_replay *w, uint64_t seq)
 static int epochs_install_master(pal_device *d, const uint8_t master[32])
 {
     void *port = d->cfg.port;
-    if (expand_label(port, master, "s2c hp", d->hp_tx, 32) != 0
-        || expand_label(port, master, "c2s hp", d->hp_rx, 32) != 0
-        || expand_label(port, master, "epoch 0", d->secret, 32) != 0
+    if (expand_label(port, master, LIT("s2c hp"), d->hp_tx, 32) != 0
+        || expand_label(port, master, LIT("c2s hp"), d->hp_rx, 32) != 0
+        || expand_label(port, master, LIT("epoch 0"), d->secret, 32) != 0
         || derive_tkey(d, d->secret, "c2s", 0, &d->rx_cur) != 0
         || derive_tkey(d, d->secret, "s2c", 0, &d->tx_cur) != 0)
         return -1;
@@ -388,7 +382,7 @@ static int epochs_arm(pal_device *d)
         || d->tx_state != TX_STEADY || d->rx_cur.epoch >= MAX_EPOCH)
         return -1;
     e = d->rx_cur.epoch + 1u;
-    if (expand_label(d->cfg.port, d->secret, "epoch step", next, 32) != 0
+    if (expand_label(d->cfg.port, d->secret, LIT("epoch step"), next, 32) != 0
         || derive_tkey(d, next, "c2s", e, &d->rx_next) != 0
         || derive_tkey(d, next, "s2c", e, &d->tx_pending) != 0) {
         wipe(next, sizeof next);
@@ -544,6 +538,7 @@ static void set_reason(pal_device *d, const char *reason, size_t n)
     }
     memcpy(d->close_reason, reason, n);
     d->close_reason[n] = '\0';
+    d->close_reason_len = (uint8_t)n;
 }
 
 static void emit_closed(pal_device *d)
@@ -572,9 +567,10 @@ static size_t close_frame(uint8_t *p, uint16_t code, int hard, const char *reaso
 }
 
 /* An ErrorResponse record (never fragmented) into d->last. */
-static void error_response(pal_device *d, uint16_t code, const char *detail, const uint8_t *rid)
+static void error_response(pal_device *d, uint16_t code, const char *detail, size_t dl,
+                           const uint8_t *rid)
 {
-    size_t dl = cstrlen(detail), body;
+    size_t body;
     uint8_t *p = d->last;
     if (dl > sizeof d->last - HS_OVERHEAD - 4u)
         dl = sizeof d->last - HS_OVERHEAD - 4u;
@@ -593,20 +589,20 @@ static void error_response(pal_device *d, uint16_t code, const char *detail, con
 
 /* We found a fatal problem: tell the peer (hard close, or ErrorResponse before keys), then
  * erase everything and report CLOSED (§8.3, §10). */
-static void fail(pal_device *d, uint16_t code, const char *detail, int send, const uint8_t *rid,
-                 uint64_t now)
+static void fail_n(pal_device *d, uint16_t code, const char *detail, size_t dl, int send,
+                   const uint8_t *rid, uint64_t now)
 {
     if (d->state == PAL_DEV_CLOSED)
         return;
-    set_reason(d, detail, cstrlen(detail));
+    set_reason(d, detail, dl);
     d->last_len = 0;
     if (send) {
         if (d->tx_cur.live) {
             uint8_t frame[8u + PAL_DEVICE_MAX_REASON];
-            size_t n = close_frame(frame, code, 1, d->close_reason, cstrlen(d->close_reason));
+            size_t n = close_frame(frame, code, 1, d->close_reason, d->close_reason_len);
             d->last_len = (uint16_t)seal(d, frame, n, 0, 1, now, d->last);
         } else if (rid != NULL) {
-            error_response(d, code, detail, rid);
+            error_response(d, code, detail, dl, rid);
         }
     }
     fire(d, EV_FATAL);
@@ -615,6 +611,8 @@ static void fail(pal_device *d, uint16_t code, const char *detail, int send, con
     teardown(d);
     emit_closed(d);
 }
+
+#define fail(d, code, detail, send, rid, now) fail_n(d, code, LIT(detail), send, rid, now)
 
 static void finish_close(pal_device *d)
 {
@@ -1212,7 +1210,7 @@ static void on_handshake_record(pal_device *d, const uint8_t *p, size_t n, uint6
          * full handshake at once (§12), statelessly, with no session created. */
         if (d->state == PAL_DEV_LISTEN) {
             d->drops[PAL_DROP_RESUME_REFUSED]++;
-            error_response(d, E_TICKET_INVALID, "resumption disabled", rid);
+            error_response(d, E_TICKET_INVALID, LIT("resumption disabled"), rid);
         } else {
             d->drops[PAL_DROP_UNEXPECTED_HS]++;
         }
@@ -1711,7 +1709,7 @@ void pal_device_handle_timer(pal_device *d, uint64_t now)
             {
                 uint8_t frame[8u + PAL_DEVICE_MAX_REASON];
                 size_t nf = close_frame(frame, d->close_code, 0, d->close_reason,
-                                        cstrlen(d->close_reason));
+                                        d->close_reason_len);
                 size_t m = seal(d, frame, nf, 0, 1, now, d->last);
                 d->last_len = (uint16_t)m;
             }
@@ -1728,7 +1726,7 @@ void pal_device_handle_timer(pal_device *d, uint64_t now)
             fire(d, EV_IDLE);
             d->close_code = E_IDLE;
             d->close_by_peer = 0;
-            set_reason(d, "idle timeout: peer silent", 25);
+            set_reason(d, LIT("idle timeout: peer silent"));
             teardown(d);
             emit_closed(d);
             return;
@@ -1783,13 +1781,14 @@ int pal_device_send(pal_device *d, uint8_t stream, const uint8_t *data, size_t l
     return 0;
 }
 
-int pal_device_close(pal_device *d, uint16_t code, const char *reason, uint64_t now)
+int pal_device_close(pal_device *d, uint16_t code, const char *reason, size_t reason_len,
+                     uint64_t now)
 {
     if (d->state == PAL_DEV_CLOSED || d->state == PAL_DEV_CLOSING)
         return -1;
     d->close_code = code;
     d->close_by_peer = 0;
-    set_reason(d, reason ? reason : "", reason ? cstrlen(reason) : 0);
+    set_reason(d, reason ? reason : "", reason ? reason_len : 0);
     if (d->state != PAL_DEV_ESTABLISHED) {
         /* No keys: nothing to drain and no authenticated way to tell the peer. */
         fire(d, EV_CLOSE);
@@ -1799,7 +1798,7 @@ int pal_device_close(pal_device *d, uint16_t code, const char *reason, uint64_t 
     }
     {
         uint8_t frame[8u + PAL_DEVICE_MAX_REASON];
-        size_t nf = close_frame(frame, code, 0, d->close_reason, cstrlen(d->close_reason));
+        size_t nf = close_frame(frame, code, 0, d->close_reason, d->close_reason_len);
         d->last_len = (uint16_t)seal(d, frame, nf, 0, 1, now, d->last);
     }
     fire(d, EV_CLOSE);
@@ -1864,9 +1863,10 @@ int pal_device_install_master(pal_device *d, const uint8_t master[32], const uin
 
 int pal_device_step_epoch_for_test(pal_device *d)
 {
-    if (epochs_arm(d) != 0 || epochs_install(d, 0) != 0)
+    /* As after a completed rekey on the receiver, with the sender just installed: key_phase
+     * 1 and seq 0, which is what a peer's first packet on the new epoch carries. */
+    if (epochs_arm(d) != 0 || epochs_install(d, NO_TIME) != 0)
         return -1;
     rx_commit(d);
-    d->tx_state = TX_STEADY;
     return 0;
 }

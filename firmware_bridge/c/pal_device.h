@@ -247,6 +247,7 @@ typedef struct pal_device {
     uint8_t close_by_peer;
     uint16_t close_code;
     char close_reason[PAL_DEVICE_MAX_REASON + 1u];
+    uint8_t close_reason_len;
     uint8_t last[160];                      /* a final datagram: ErrorResponse or hard close */
     uint16_t last_len;
 
@@ -275,8 +276,10 @@ int pal_device_poll_event(pal_device *d, pal_device_event *ev);
  * -2 when the packet would not fit in min(cap, mtu), -3 when the sequence is exhausted. */
 int pal_device_send(pal_device *d, uint8_t stream, const uint8_t *data, size_t len,
                     uint64_t now, uint8_t *out, size_t cap, size_t *out_len);
-/* Soft close with a code and a short reason (NULL for none). 0, or -1 when nothing to close. */
-int pal_device_close(pal_device *d, uint16_t code, const char *reason, uint64_t now);
+/* Soft close with a code and a reason of reason_len bytes of UTF-8 (cut to 64 at a character
+ * boundary; NULL for none). 0, or -1 when there is nothing to close. */
+int pal_device_close(pal_device *d, uint16_t code, const char *reason, size_t reason_len,
+                     uint64_t now);
 /* Start a rekey now (the device is authoritative). 0, or -1 when one cannot start now. */
 int pal_device_rekey(pal_device *d, uint64_t now);
 /* Erase every secret and release port state. The context is CLOSED afterwards. */

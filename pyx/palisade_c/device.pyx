@@ -112,7 +112,8 @@ cdef extern from "pal_device.h":
     int pal_device_poll_event(pal_device* d, pal_device_event* ev)
     int pal_device_send(pal_device* d, uint8_t stream, const uint8_t* data, size_t len,
                         uint64_t now, uint8_t* out, size_t cap, size_t* out_len)
-    int pal_device_close(pal_device* d, uint16_t code, const char* reason, uint64_t now)
+    int pal_device_close(pal_device* d, uint16_t code, const char* reason, size_t reason_len,
+                         uint64_t now)
     int pal_device_rekey(pal_device* d, uint64_t now)
     void pal_device_wipe(pal_device* d)
     int pal_device_state(const pal_device* d)
@@ -562,9 +563,7 @@ cdef class Device:
 
     def close(self, error_code=0, reason=""):
         cdef bytes r = str(reason).encode("utf-8")
-        if b"\0" in r:
-            raise ValueError("reason must not contain NUL")
-        pal_device_close(self._d, error_code, r, _ms(self._now))
+        pal_device_close(self._d, error_code, r, len(r), _ms(self._now))
         self._collect()
 
     def request_rekey(self):
