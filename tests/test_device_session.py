@@ -192,3 +192,17 @@ def test_a_new_client_is_served_after_the_session_closed(ids: Ids) -> None:
     again.connect("D", link.now)
     link.run(lambda: again.established and dev.established, duration=30)
     assert again.established and dev.established and dev.sessions == 2
+
+
+def test_a_hostile_first_fragment_does_not_lock_the_device(ids: Ids) -> None:
+    """One device context serves one handshake at a time: a ClientHello fragment that it
+    refuses (too large for its buffer) must leave it listening, not waiting 15 s for the
+    rest of a message it will never take."""
+    from palisade_c import hsrecord
+
+    link, client, dev = make(ids, 12)
+    bogus = hsrecord.HandshakeRecord(1, bytes(24), 0, 0, 16000, bytes(400)).encode()
+    dev.receive_datagram(bogus, "attacker", 0.0)
+    assert dev.drop_counts.get("handshake-too-large") == 1
+    link.run(lambda: client.established and dev.established, duration=3)
+    assert client.established and dev.established

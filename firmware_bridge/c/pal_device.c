@@ -1129,11 +1129,20 @@ static void on_handshake_record(pal_device *d, const uint8_t *p, size_t n, uint6
     switch (type) {
     case MSG_CH:
         if (d->state == PAL_DEV_LISTEN) {
+            /* One context, one handshake: a first fragment it cannot take leaves the device
+             * listening, so a single hostile datagram cannot hold it for a whole timeout. */
+            reasm_reset(d);
+            st = reasm_add(d, type, seq, off, mlen, p + HS_OVERHEAD, flen);
+            if (st == R_TOO_LARGE || st == R_MALFORMED) {
+                reasm_reset(d);
+                d->drops[st == R_TOO_LARGE ? PAL_DROP_HS_TOO_LARGE : PAL_DROP_HS_MALFORMED]++;
+                return;
+            }
             memcpy(d->hello_rid, rid, PAL_DEVICE_RID_LEN);
             d->hs_deadline = now + d->cfg.handshake_timeout_ms
                              + 2u * (uint64_t)link_ms(d, HANDSHAKE_WIRE_BYTES);
-            reasm_reset(d);
             fire(d, EV_CH_STARTED);
+            break;
         } else if (memcmp(rid, d->hello_rid, PAL_DEVICE_RID_LEN) != 0) {
             d->drops[PAL_DROP_UNKNOWN_RID]++;
             return;
