@@ -109,7 +109,7 @@ def make_device(config: Config, *, name: str = "device") -> Device:
     return Device(
         config.identity,
         sorted(config.trust.fingerprints),
-        node_id=config.node_id or bytes(8),
+        node_id=config.node_id,
         mtu=config.max_datagram_size,
         link_bps=config.link_bits_per_second,
         rng=config.rng,

@@ -23,7 +23,7 @@ class Device:
         identity: Identity,
         trusted_fingerprints: Iterable[str],
         *,
-        node_id: bytes = ...,
+        node_id: bytes | None = None,
         mtu: int = 1200,
         link_bps: float | None = None,
         rng: Callable[[int], bytes] = ...,

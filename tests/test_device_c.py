@@ -65,6 +65,15 @@ def test_core_partially_links_for_cortex_m4_with_only_the_port_and_mem(tmp_path:
         assert _only_port_and_mem(_undefined(nm, linked, tmp_path)) == set()
 
 
+def test_uart_example_compiles_for_cortex_m4(tmp_path: Path) -> None:
+    cc = shutil.which("arm-none-eabi-gcc")
+    if cc is None:
+        pytest.skip("arm-none-eabi-gcc not installed (Debian package gcc-arm-none-eabi)")
+    build = _run([cc, "-mcpu=cortex-m4", "-mthumb", *STRICT, "-ffreestanding", "-Os", "-c",
+                  str(C_DIR / "example_uart_main.c"), "-o", str(tmp_path / "ex.o")], tmp_path)
+    assert build.returncode == 0 and build.stderr == "", build.stderr
+
+
 def test_core_includes_nothing_beyond_the_allowed_headers() -> None:
     for name in ("pal_device.c", "pal_device.h", "pal_crypto.h"):
         text = (C_DIR / name).read_text()

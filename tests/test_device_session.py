@@ -206,3 +206,12 @@ def test_a_hostile_first_fragment_does_not_lock_the_device(ids: Ids) -> None:
     assert dev.drop_counts.get("handshake-too-large") == 1
     link.run(lambda: client.established and dev.established, duration=3)
     assert client.established and dev.established
+
+
+def test_without_a_node_id_the_session_rid_keeps_the_clients_prefix(ids: Ids) -> None:
+    """docs/protocol.md §8.4: a server without a node id keeps the client's steering prefix,
+    which a client that targeted a node checks on every ServerHello fragment."""
+    link, client, dev = make(ids, 13, node_id=None)
+    link.run(lambda: client.established and dev.established, duration=5)
+    assert client.established and dev.established
+    assert client.rid[:8] == bytes.fromhex("00112233445566aa")

@@ -26,11 +26,11 @@ def ids() -> tuple[Identity, Identity]:
 def make(ids: tuple[Identity, Identity], seed: int, *, loss: float = 0.0, dup: float = 0.0,
          min_delay: float = 0.01, max_delay: float = 0.01, mtu: int = 512,
          trusted: list[str] | None = None, client_identity: Identity | None = None,
-         **dev_kw: Any) -> tuple[SimLink, Connection, Device]:
+         node_id: bytes | None = NODE, **dev_kw: Any) -> tuple[SimLink, Connection, Device]:
     ci, si = ids
     cc = Config(identity=client_identity or ci, trusted_peers=[si.public_key],
                 rng=seeded_rng(seed), max_datagram_size=mtu, node_id=NODE)
-    dev = Device(si, trusted if trusted is not None else [ci.fingerprint], node_id=NODE,
+    dev = Device(si, trusted if trusted is not None else [ci.fingerprint], node_id=node_id,
                  mtu=mtu, rng=seeded_rng(seed + 1000), **dev_kw)
     link = SimLink(seed, loss=loss, duplicate=dup, min_delay=min_delay, max_delay=max_delay)
     client = Connection(cc, True)

@@ -966,8 +966,9 @@ static void on_client_hello(pal_device *d, uint64_t now)
         fail(d, E_INTERNAL, "internal error", 1, d->hello_rid, now);
         return;
     }
-    /* Session RID: node id, rotation epoch 0, 14 random bytes (§8.4). */
-    memcpy(d->rid, d->cfg.node_id, 8);
+    /* Session RID: node id (or the client's prefix without one), rotation epoch 0, 14 random
+     * bytes (§8.4). */
+    memcpy(d->rid, d->cfg.has_node_id ? d->cfg.node_id : d->hello_rid, 8);
     d->rid[8] = 0;
     d->rid[9] = 0;
     if (pal_crypto_random(port, d->rid + 10, 14) != 0) {

@@ -90,6 +90,7 @@ typedef struct pal_device_config {
     const uint8_t (*pinned)[32];
     size_t pinned_count;
     uint8_t node_id[8];           /* RID steering prefix (the gateway routes on it) */
+    uint8_t has_node_id;          /* 0: keep the client's prefix instead (docs/protocol.md §8.4) */
     uint32_t mtu;                 /* datagram size of the link, PAL_DEVICE_MIN_MTU..65535 */
     uint32_t link_bps;            /* line speed in bit/s; 0 = fast link (no airtime scaling) */
     /* Timers in milliseconds; 0 selects the default in brackets (docs/protocol.md). */

@@ -246,6 +246,7 @@ static void test_handshake(void)
     cfg.pinned = (const uint8_t (*)[32])pins;
     cfg.pinned_count = 1;
     memcpy(cfg.node_id, V_HANDSHAKE_RID, 8);
+    cfg.has_node_id = 1;
     cfg.mtu = V_HANDSHAKE_MTU;
     check(pal_device_init(&d, &cfg, 0) == 0, "handshake: init");
 
@@ -359,6 +360,7 @@ static void fuzz(unsigned rounds)
     cfg.pinned = (const uint8_t (*)[32])pins; /* filled by test_handshake */
     cfg.pinned_count = 1;
     memcpy(cfg.node_id, V_HANDSHAKE_RID, 8);
+    cfg.has_node_id = 1;
 #endif
     for (r = 0; r < rounds; r++) {
         const uint8_t *src;

@@ -77,6 +77,7 @@ cdef extern from "pal_device.h":
         const uint8_t (*pinned)[32]
         size_t pinned_count
         uint8_t node_id[8]
+        uint8_t has_node_id
         uint32_t mtu
         uint32_t link_bps
         uint32_t initial_rto_ms
@@ -412,7 +413,7 @@ cdef class Device:
         if self._obuf != NULL:
             PyMem_Free(self._obuf)
 
-    def __init__(self, identity, trusted_fingerprints, *, node_id=bytes(8), mtu=1200,
+    def __init__(self, identity, trusted_fingerprints, *, node_id=None, mtu=1200,
                  link_bps=None, rng=os.urandom, name="device", initial_rto=None,
                  max_rto=None, handshake_timeout=None, idle_timeout=None,
                  keepalive_interval=None, close_drain_time=None, rekey_after_seconds=None,
@@ -420,7 +421,7 @@ cdef class Device:
                  rekey_after_bytes=None, double now=0.0):
         """``identity`` is a palisade_c.Identity (its seed is what the port signs with);
         ``trusted_fingerprints`` the hex SHA3-256 fingerprints of the client keys it
-        accepts. Timers are in seconds like Config's; None keeps the C default."""
+        accepts; ``node_id`` the RID steering prefix (None keeps the client's). Timers are in seconds like Config's; None keeps the C default."""
         self._rng = rng
         self.name = name
         self._pk = bytes(identity.public_key)
@@ -430,8 +431,7 @@ cdef class Device:
             raise ConfigError("fingerprints are 32-byte SHA3-256 hex strings")
         self.pinned_fingerprints = [fp.hex() for fp in fps]
         self._pins = b"".join(fps) or bytes(32)
-        node_id = bytes(node_id)
-        if len(node_id) != 8:
+        if node_id is not None and len(bytes(node_id)) != 8:
             raise ConfigError("node_id must be 8 bytes")
         if not PAL_DEVICE_MIN_MTU <= mtu <= 65535:
             raise ConfigError(f"mtu must be {PAL_DEVICE_MIN_MTU}..65535")
@@ -442,7 +442,9 @@ cdef class Device:
         self._cfg.identity_sk_len = len(self._sk)
         self._cfg.pinned = <const uint8_t (*)[32]><const char*>self._pins
         self._cfg.pinned_count = len(fps)
-        memcpy(self._cfg.node_id, <const char*>node_id, 8)
+        cdef bytes node = bytes(node_id) if node_id is not None else bytes(8)
+        memcpy(self._cfg.node_id, <const char*>node, 8)
+        self._cfg.has_node_id = node_id is not None
         self._cfg.mtu = mtu
         self._cfg.link_bps = int(link_bps or 0)
         self._cfg.initial_rto_ms = _ms_arg("initial_rto", initial_rto)
