@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from simlink import HandshakeMitm, SimLink
 from test_device_sim import exchange, make, of
 
@@ -215,3 +217,41 @@ def test_without_a_node_id_the_session_rid_keeps_the_clients_prefix(ids: Ids) ->
     link.run(lambda: client.established and dev.established, duration=5)
     assert client.established and dev.established
     assert client.rid[:8] == bytes.fromhex("00112233445566aa")
+
+
+def test_key_age_starts_a_rekey(ids: Ids) -> None:
+    link, client, dev = established(ids, rekey_after_seconds=5.0)
+    start = link.now
+    for i in range(60):
+        exchange(link, client, b"age %d" % i)
+        link.run(duration=0.2)
+        if dev.epoch >= 1 and client.epoch >= 1:
+            break
+    assert dev.epoch >= 1 and client.epoch >= 1
+    assert link.now - start >= 5.0
+
+
+def test_small_mtu_sessions_under_loss(ids: Ids) -> None:
+    from test_device_sim import full_session
+
+    for seed in range(10):
+        ok, why = full_session(ids, 500 + seed, rekeys=1, loss=0.1, dup=0.05, mtu=256,
+                               min_delay=0.005, max_delay=0.04)
+        assert ok, (seed, why)
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.binary(max_size=700), max_size=8), st.sampled_from(["listen", "keys"]))
+def test_any_bytes_are_dropped_never_raised(ids: Ids, datagrams: list[bytes],
+                                            stage: str) -> None:
+    dev = Device(ids[1], [ids[0].fingerprint], mtu=512)
+    if stage == "keys":
+        dev.install_master(bytes(32), bytes(24))
+    for i, data in enumerate(datagrams):
+        for prefix in (b"", b"QH\x12", b"QP\x12\x00"):
+            dev.receive_datagram(prefix + data, "x", 0.01 * i)
+            dev.datagrams_to_send()
+            while dev.next_event() is not None:
+                pass
+    assert dev.state in {"S_LISTEN", "S_WAIT_CH", "S_ESTABLISHED", "S_CLOSED"}
