@@ -42,6 +42,8 @@ class DeviceServer:
         self._t0 = self._loop.time()
         self._timer: asyncio.TimerHandle | None = None
         self.events: list[Event] = []
+        #: Called with every event the device reports (after the built-in handling).
+        self.on_event: Callable[[Event], None] | None = None
         transport.on_datagram = self._on_datagram
 
     def now(self) -> float:
@@ -80,6 +82,8 @@ class DeviceServer:
                 self._on_data(self.device, ev.stream_id, ev.data)
             except Exception:  # an application bug must not stop the device loop
                 log.exception("device: data handler failed")
+        if self.on_event is not None:
+            self.on_event(ev)
 
     def _arm(self) -> None:
         deadline = self.device.get_timer()

@@ -287,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="line speed of the virtual serial link (default 115200)")
     demo_p.add_argument("--messages", type=_count, default=10, metavar="N",
                         help="messages to echo through the tunnel (default 10)")
+    demo_p.add_argument("--engine", choices=("python", "c"), default="python",
+                        help="which implementation plays the device (see serve --engine)")
     demo_p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -749,7 +751,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from palisade_c.demo import run
 
     return run(baud=args.baud, messages=args.messages,
-               verbose=bool(getattr(args, "verbose", False)))
+               verbose=bool(getattr(args, "verbose", False)),
+               engine=getattr(args, "engine", "python"))
 
 
 # -- entry point --------------------------------------------------------------------------------

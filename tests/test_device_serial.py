@@ -147,3 +147,13 @@ def test_cli_serve_engine_c_through_the_gateway(tmp_path: Path) -> None:
                 proc.terminate()
             for proc in procs:
                 assert proc.wait(timeout=10) == 0
+
+
+def test_demo_with_the_c_engine(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "palisade_c", "demo", "--engine", "c", "--baud", str(FAST),
+         "--messages", "3"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": PACKAGE_PARENT}, capture_output=True,
+        text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "final epoch 1" in result.stdout
