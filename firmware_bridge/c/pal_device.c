@@ -1272,6 +1272,7 @@ static void rekey_evidence(pal_device *d, uint64_t now)
     if (d->tx_pending.live && epochs_install(d, now) == 0) {
         d->pend_rekey_ack = 1;
         d->pend_rekey_ack_epoch = d->tx_cur.epoch;
+        d->pend_announce = 0; /* an announcement still queued would now go out on N+1 */
     }
     if (!d->tx_pending.live)
         d->rekey_deadline = NO_TIME;
