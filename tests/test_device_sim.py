@@ -123,3 +123,40 @@ def test_seed_sweep_under_loss_duplication_and_reordering(
             failures.append((seed, why))
     print(f"device seed sweep: {100 - len(failures)}/100 sessions complete")
     assert not failures, failures
+
+
+# Seeds where the ServerHello stalled behind the amplification limit (docs/protocol.md §8.6):
+# the client's acks of its partial ServerHello were all lost, the server's resends had used up
+# its 3x budget, and the client, which stopped its hello timer at the first ServerHello
+# fragment and acked only when a fragment arrived, never sent the byte that would unblock it.
+# Both servers stalled the same way (the defect was the client's): the client now repeats its
+# ack of a partial reply when its hello timer fires (§8.5).
+STALL_SEEDS = [10038, 10053]
+
+
+def _python_server_session(ids: tuple[Identity, Identity], seed: int) -> bool:
+    ci, si = ids
+    cc = Config(identity=ci, trusted_peers=[si.public_key], rng=seeded_rng(seed),
+                max_datagram_size=512, node_id=NODE)
+    sc = Config(identity=si, trusted_peers=[ci.public_key], rng=seeded_rng(seed + 1000),
+                max_datagram_size=512, node_id=NODE)
+    link = SimLink(seed, loss=0.1, duplicate=0.05, min_delay=0.005, max_delay=0.06)
+    client, server = Connection(cc, True), Connection(sc, False)
+    link.add("client", "C", client)
+    link.add("server", "S", server)
+    client.connect("S", 0.0)
+    link.run(lambda: client.established and server.established, duration=60)
+    return client.established and server.established
+
+
+@pytest.mark.parametrize("seed", STALL_SEEDS)
+@pytest.mark.parametrize("server", ["c-device", "python"])
+def test_handshake_no_longer_stalls_behind_the_amplification_limit(
+        ids: tuple[Identity, Identity], seed: int, server: str) -> None:
+    if server == "python":
+        assert _python_server_session(ids, seed)
+    else:
+        link, client, dev = make(ids, seed, loss=0.1, dup=0.05, min_delay=0.005,
+                                 max_delay=0.06)
+        link.run(lambda: client.established and dev.established, duration=60)
+        assert client.established and dev.established

@@ -443,7 +443,17 @@ cdef class Connection:
             self._send_pending_ack()
         if self._flight_timer.due(now):
             if self._flight_timer.on_timeout(now):
-                self._resend_flight()
+                partial = None
+                if self.is_client and (self._fsm.name == "C_WAIT_SH"
+                                       or self._fsm.name == "C_RESUME_PENDING"):
+                    # The server's hello is partly here: acknowledge what we hold (which
+                    # also proves our address) instead of resending our hello.
+                    partial = next(iter(self._reasm._entries.items()), None)
+                if partial is not None:
+                    self._send_raw(partial[1].ack().to_record(partial[0][0]), None,
+                                   handshake=True)
+                else:
+                    self._resend_flight()
             elif not self._fsm.established:
                 self._fail(ErrorCode.ErrorHandshakeTimeout, "no answer to the handshake",
                            send=False)
@@ -787,10 +797,11 @@ cdef class Connection:
         if self.config.node_id is not None and rec.rid[:8] != self._hello_rid[:8]:
             self._drop("unknown-rid")
             return None
-        # Any fragment of the reply proves the server has our hello: stop resending it.
+        # Any fragment of the reply proves the server has our hello: it is not resent again.
         # Missing reply fragments are the server's to resend (its timer, prompted by our
-        # delayed ack).
-        self._flight_timer._stop()
+        # delayed ack); the hello's timer keeps running only to repeat that ack (see
+        # handle_timer), because a server out of amplification budget (§8.6) cannot
+        # resend until a byte from us arrives, and our delayed ack may have been lost.
         return self._reassemble(rec, now)
 
     cdef int _client_on_server_hello(self, HandshakeRecord rec, double now) except -1:
