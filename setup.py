@@ -19,6 +19,8 @@ PYX_DIR = Path("pyx") / "palisade_c"
 # device firmware, so it lives in firmware_bridge/c/ and is compiled in here, not copied).
 EXTRA_SOURCES: dict[str, list[str]] = {
     "link": ["firmware_bridge/c/pal_link.c"],
+    # The C device peer; its crypto port (pal_crypto_*) is defined in device.pyx.
+    "device": ["firmware_bridge/c/pal_device.c"],
 }
 
 

@@ -285,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "the redis extra; fails closed; implies --plus)")
     serve_p.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
     serve_p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    serve_p.add_argument("--engine", choices=("python", "c"), default="python",
+                         help="which implementation plays a serial device: the Python core "
+                         "(default) or the C device peer firmware uses (CORE only)")
     serve_p.set_defaults(func=_cmd_serve)
 
     connect_p = sub.add_parser(
@@ -338,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="line speed of the virtual serial link (default 115200)")
     demo_p.add_argument("--messages", type=_count, default=10, metavar="N",
                         help="messages to echo through the tunnel (default 10)")
+    demo_p.add_argument("--engine", choices=("python", "c"), default="python",
+                        help="which implementation plays the device (see serve --engine)")
     demo_p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -473,6 +478,33 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
+async def _serve_c_engine(args: argparse.Namespace, config: Config) -> int:
+    """``serve serial://… --engine c``: the C device peer answers on the link."""
+    from palisade_c.device_engine import echo, serve_device
+
+    def sink(_device: object, _stream: int, data: bytes) -> None:
+        sys.stdout.buffer.write(data + b"\n")
+        sys.stdout.buffer.flush()
+
+    if not _is_serial(args.url) or config.plus_features:
+        _error("--engine c serves a serial URL, CORE only (no --plus, no --ticket-db)")
+        return EXIT_ERROR
+    try:
+        server = await serve_device(args.url, config, echo if args.echo else sink)
+    except OSError as exc:
+        _error(f"cannot open {args.url}: {exc.strerror or exc}")
+        return EXIT_ERROR
+    stop = _stop_on_signals()
+    print(f"palisade: listening on {args.url} with the C device engine "
+          f"(fingerprint {config.identity.fingerprint})", file=sys.stderr, flush=True)
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        await server.wait_closed()
+    return EXIT_OK
+
+
 async def _serve_main(args: argparse.Namespace, sock: socket.socket | None = None,
                       cookie_secret: bytes | None = None) -> int:
     extra: dict[str, Any] = {}
@@ -482,6 +514,8 @@ async def _serve_main(args: argparse.Namespace, sock: socket.socket | None = Non
     if cookie_secret is not None:
         extra["cookie_secret"] = cookie_secret
     config = _make_config(args, **extra)
+    if getattr(args, "engine", "python") == "c":
+        return await _serve_c_engine(args, config)
     body = _echo if args.echo else _sink
 
     async def handler(tunnel: Tunnel) -> None:
@@ -847,7 +881,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from palisade_c.demo import run
 
     return run(baud=args.baud, messages=args.messages,
-               verbose=bool(getattr(args, "verbose", False)))
+               verbose=bool(getattr(args, "verbose", False)),
+               engine=getattr(args, "engine", "python"))
 
 
 # -- entry point --------------------------------------------------------------------------------
