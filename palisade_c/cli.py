@@ -29,9 +29,11 @@ Output contract (scripts and tests rely on it):
 * Every failure is ONE line on stderr starting with ``palisade:``; text that came from the
   peer is escaped so that it cannot add lines or terminal control sequences.
 
-Exit codes: 0 success; 1 a runtime or configuration error (including replies still missing
-when ``connect`` gives up waiting); 2 a failed handshake (argparse also uses 2 for usage
-errors); 130 interrupted.
+Exit codes (docs/cli.md lists them too): 0 success; 1 a runtime or configuration error;
+2 a usage error (bad flags, config file or environment value); 3 the handshake was refused
+(an error code from the peer or a key that is not pinned); 4 timed out (no handshake answer);
+5 data not delivered (replies still missing when ``connect`` gives up waiting, or lost to a
+device reboot); 130 interrupted (SIGINT); 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -47,11 +49,12 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
 from firmware_bridge.progress import HandshakeProgress, should_show
+from palisade_c import __version__
 from palisade_c.aio import HandshakeTimeoutError, Tunnel, connect, serve
 from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION, Config
 from palisade_c.connection import Connection
@@ -66,6 +69,8 @@ from palisade_c.errors import (
 from palisade_c.eventlog import JsonLinesLog
 from palisade_c.events import ConnectionClosed, DataReceived
 from palisade_c.identity import Identity
+from palisade_c.settings import apply_sources
+from palisade_c.settings import finish as finish_sources
 from palisade_c.tickets import ClientTicketCache, SqliteTicketStore, TicketService
 from palisade_c.transport.base import (
     MAX_DATAGRAM_SIZE,
@@ -73,15 +78,31 @@ from palisade_c.transport.base import (
     SERIAL_SCHEMES,
     tune_for_link,
 )
+from palisade_c.trustdir import TrustReloader, read_trust_source
 
-__all__ = ["EXIT_ERROR", "EXIT_HANDSHAKE", "EXIT_OK", "build_parser", "main"]
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_HANDSHAKE",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_TERMINATED",
+    "EXIT_TIMEOUT",
+    "EXIT_UNDELIVERED",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+]
 
 log = logging.getLogger("palisade_c.cli")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
-EXIT_HANDSHAKE = 2
+EXIT_USAGE = 2  # what argparse exits with
+EXIT_HANDSHAKE = 3
+EXIT_TIMEOUT = 4
+EXIT_UNDELIVERED = 5
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports it
 
 #: Lines read ahead from stdin before the reader thread waits for the tunnel to catch up.
 STDIN_READ_AHEAD = 256
@@ -194,7 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", default=False,
                         help="debug logging on stderr")
+    parser.add_argument("--version", action="version", version=f"palisade {__version__}")
+    parser.add_argument("--config", metavar="FILE",
+                        help="TOML file with option defaults (also PALISADE_CONFIG); flags "
+                        "override PALISADE_* environment variables, which override the file")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_key_commands(sub, verbose)
 
     keygen = sub.add_parser(
         "keygen", parents=[verbose], help="generate an ML-DSA-65 identity key pair",
@@ -212,8 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "serial:///dev/ttyUSB0?baud=115200")
         p.add_argument("--key", required=True, metavar="FILE",
                        help="this side's private key (from 'palisade keygen')")
-        p.add_argument("--trust", required=True, action="append", metavar="PUBFILE",
+        p.add_argument("--trust", action="append", metavar="PUBFILE",
                        help="a peer public key file or hex fingerprint to accept (repeatable)")
+        p.add_argument("--trust-dir", action="append", metavar="PATH",
+                       help="a directory of .pub (and .fp fingerprint list) files, or a file "
+                       "listing one fingerprint or .pub path per line; serve re-reads it on "
+                       "SIGHUP (repeatable)")
         p.add_argument("--node-id", type=_node_id, metavar="HEX",
                        help="8-byte node id (16 hex digits): the RID steering prefix")
         p.add_argument("--plus", action="store_true",
@@ -320,6 +350,8 @@ def _event_log(args: argparse.Namespace) -> JsonLinesLog | None:
 
 
 def _make_config(args: argparse.Namespace, **extra: Any) -> Config:
+    if not args.trust and not getattr(args, "trust_dir", None):
+        raise _UsageError("give at least one --trust or --trust-dir")
     identity = _load_identity(args.key)
     plus = bool(getattr(args, "plus", False) or getattr(args, "ticket_db", None)
                 or getattr(args, "ticket_file", None))
@@ -330,7 +362,9 @@ def _make_config(args: argparse.Namespace, **extra: Any) -> Config:
                                          SqliteTicketStore(args.ticket_db))
     config = Config(
         identity=identity,
-        trusted_peers=list(args.trust),
+        trusted_peers=[*(args.trust or ()),
+                       *(e for src in getattr(args, "trust_dir", None) or ()
+                         for e in read_trust_source(src))],
         node_id=args.node_id,
         **extra,
     )
@@ -423,6 +457,7 @@ async def _serve_main(args: argparse.Namespace) -> int:
     # Handlers first, so that a supervisor that signals as soon as it reads the "listening"
     # line always gets a clean shutdown.
     stop = _stop_on_signals()
+    _reload_trust_on_sighup(args, config)
     host, port = server.address
     where = args.url if _is_serial(args.url) else f"udp://{_host_for_url(host)}:{port}"
     print(f"palisade: listening on {where} "
@@ -528,7 +563,7 @@ async def _open_tunnel(args: argparse.Namespace, config: Config) -> Tunnel | int
         # retransmissions are exhausted.
         _error(f"handshake timed out after {loop.time() - started:.1f} s "
                f"(no answer from {args.url})")
-        return EXIT_HANDSHAKE
+        return EXIT_TIMEOUT
     except HandshakeError as exc:
         _error(f"handshake failed: {exc}")
         return EXIT_HANDSHAKE
@@ -648,7 +683,7 @@ async def _connect_main(args: argparse.Namespace) -> int:
             waiter.cancel()
             if received < sent and not printer.done():
                 _error(f"{sent - received} of {sent} replies missing after {args.wait:g} s")
-                status = EXIT_ERROR
+                status = EXIT_UNDELIVERED
     finally:
         stop.set()
         event = await tunnel.close()
@@ -664,18 +699,18 @@ async def _connect_main(args: argparse.Namespace) -> int:
         return gave_up
     if lost:
         _error(f"{lost} replies lost when the device restarted")
-        status = EXIT_ERROR
+        status = EXIT_UNDELIVERED
     if event.by_peer or event.error_code != 0:
         if event.error_code != 0 or received < sent:
             _error(f"connection closed by {'peer' if event.by_peer else 'us'}: "
                    f"{code_name(event.error_code)} {event.reason}".rstrip())
-            status = EXIT_ERROR
+            status = EXIT_UNDELIVERED if received < sent else EXIT_ERROR
     log.info("%s", _summary(tunnel, event))
     return status
 
 
 def _cmd_connect(args: argparse.Namespace) -> int:
-    return asyncio.run(_connect_main(args))
+    return asyncio.run(_close_on_sigterm(_connect_main(args)))
 
 
 # -- gateway ------------------------------------------------------------------------------------
@@ -720,16 +755,104 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                verbose=bool(getattr(args, "verbose", False)))
 
 
+# -- key tools, trust reload, SIGTERM (issue 14) -------------------------------------------------
+
+
+class _UsageError(ConfigError):
+    """A combination of options that cannot work: exits with EXIT_USAGE."""
+
+
+def _add_key_commands(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    pubkey_p = sub.add_parser(
+        "pubkey", parents=[verbose], help="print the public key of a key file",
+        description="Print the public key (the PEM a .pub file holds) of a private key file "
+        "or a .pub file on stdout: palisade pubkey server.key > server.key.pub",
+    )
+    pubkey_p.add_argument("keyfile", metavar="KEYFILE")
+    pubkey_p.set_defaults(func=_cmd_pubkey)
+    fingerprint_p = sub.add_parser(
+        "fingerprint", parents=[verbose], help="print the fingerprint of a key file",
+        description="Print the hex fingerprint (what --trust accepts) of a private key file "
+        "or a .pub file on stdout.",
+    )
+    fingerprint_p.add_argument("keyfile", metavar="FILE")
+    fingerprint_p.set_defaults(func=_cmd_fingerprint)
+
+
+def _cmd_pubkey(args: argparse.Namespace) -> int:
+    from palisade_c.keytools import public_pem
+
+    sys.stdout.write(public_pem(args.keyfile))
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def _cmd_fingerprint(args: argparse.Namespace) -> int:
+    from palisade_c.keytools import fingerprint_of
+
+    print(fingerprint_of(args.keyfile), flush=True)
+    return EXIT_OK
+
+
+def _reload_trust_on_sighup(args: argparse.Namespace, config: Config) -> None:
+    """SIGHUP re-reads --trust-dir into the running server's trust store; established
+    sessions stay up. Without --trust-dir it only logs (it no longer kills the server)."""
+    reloader = TrustReloader(config.trust, list(args.trust or ()),
+                             list(getattr(args, "trust_dir", None) or ()))
+
+    def on_hup() -> None:
+        try:
+            count = reloader.reload()
+        except ConfigError as exc:
+            _error(f"trust reload failed, keeping the previous keys: {exc}")
+            return
+        log.warning("trust reloaded on SIGHUP: %d keys pinned", count)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_hup)
+
+
+async def _close_on_sigterm(main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main``; SIGTERM cancels it like SIGINT does, so its cleanup sends the close."""
+    task = asyncio.current_task()
+    terminated = False
+
+    def on_term() -> None:
+        nonlocal terminated
+        terminated = True
+        if task is not None:
+            task.cancel()
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_term)
+    try:
+        return await main
+    except asyncio.CancelledError:
+        if terminated:
+            return EXIT_TERMINATED
+        raise
+
+
 # -- entry point --------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        apply_sources(parser, arguments)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    args = parser.parse_args(arguments)
+    finish_sources(args)
     _setup_logging(bool(getattr(args, "verbose", False)))
     try:
         status: int = args.func(args)
+    except _UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
     except ConfigError as exc:
         _error(str(exc))
         return EXIT_ERROR

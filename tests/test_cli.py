@@ -191,7 +191,7 @@ def test_untrusted_client_key_fails_with_one_line(
     result = palisade("connect", echo_server.url, "--key", keys.key("stranger"),
                       "--trust", keys.pub("server"), "--timeout", "5", cwd=workdir,
                       stdin="never sent\n")
-    assert result.returncode == 2
+    assert result.returncode == 3  # EXIT_HANDSHAKE: refused
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1, result.stderr
     assert "ErrorCertificateInvalid" in result.stderr
@@ -202,7 +202,7 @@ def test_unpinned_server_key_fails_with_one_line(
 ) -> None:
     result = palisade("connect", echo_server.url, "--key", keys.key("client"),
                       "--trust", keys.pub("stranger"), "--timeout", "5", cwd=workdir)
-    assert result.returncode == 2
+    assert result.returncode == 3  # EXIT_HANDSHAKE: refused
     assert result.stderr.count("\n") == 1, result.stderr
     assert "ErrorCertificateInvalid" in result.stderr
 
@@ -212,7 +212,7 @@ def test_handshake_timeout_fails_with_one_line(keys: Keys, workdir: Path) -> Non
     result = palisade("connect", f"udp://127.0.0.1:{free_udp_port()}", "--key",
                       keys.key("client"), "--trust", keys.pub("server"), "--timeout", "1",
                       cwd=workdir, stdin="x\n")
-    assert result.returncode == 2
+    assert result.returncode == 4  # EXIT_TIMEOUT
     assert result.stderr.count("\n") == 1, result.stderr
     assert "handshake timed out" in result.stderr
     assert time.monotonic() - started < 10

@@ -26,7 +26,6 @@ pyserial URL without our parameters) as ``host`` and 0 as ``port``; the link par
 from __future__ import annotations
 
 import abc
-import asyncio
 import copy
 import ipaddress
 import re
@@ -38,6 +37,8 @@ from palisade_c.errors import ConfigError
 from palisade_c.hsrecord import HS_RECORD_OVERHEAD
 
 if TYPE_CHECKING:
+    import asyncio
+
     from palisade_c.config import Config
 
 __all__ = [
@@ -263,6 +264,8 @@ class Transport(abc.ABC):
     async def wait_closed(self) -> None:
         """Wait until the link is released after :meth:`close`."""
         if self._closed is not None:
+            import asyncio  # here: importing palisade_c must not load asyncio
+
             await asyncio.shield(self._closed)
 
     def deliver(self, data: bytes, addr: Addr) -> None:
