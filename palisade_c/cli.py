@@ -68,6 +68,12 @@ from palisade_c.errors import (
 )
 from palisade_c.eventlog import JsonLinesLog
 from palisade_c.events import ConnectionClosed, DataReceived
+from palisade_c.forward import (
+    DEFAULT_FLOW_IDLE,
+    ListenForwarder,
+    ServiceForwarder,
+    parse_udp_target,
+)
 from palisade_c.identity import Identity
 from palisade_c.settings import apply_sources
 from palisade_c.settings import finish as finish_sources
@@ -263,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--ticket-db", metavar="FILE",
                          help="SQLite file remembering used resumption tickets, so that a "
                          "replayed ticket stays refused across restarts (implies --plus)")
+    serve_p.add_argument("--forward", metavar="URL",
+                         help="forward the tunnels' datagrams to the UDP service at "
+                         "udp://HOST:PORT and its replies back (one source port per flow)")
+    _flow_idle_option(serve_p)
     serve_p.set_defaults(func=_cmd_serve)
 
     connect_p = sub.add_parser(
@@ -289,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     connect_p.add_argument("--link-bps", type=_bits_per_second, metavar="BPS",
                            help="speed of the slowest hop, e.g. 115200 for a device behind a "
                            "gateway: stretches the handshake timers (a serial URL knows it)")
+    connect_p.add_argument("--listen", metavar="URL",
+                           help="instead of stdin: forward datagrams that local applications "
+                           "send to udp://HOST:PORT through the tunnel, and the replies back; "
+                           "runs until SIGINT/SIGTERM or the tunnel closes")
+    _flow_idle_option(connect_p)
     connect_p.set_defaults(func=_cmd_connect)
 
     gateway_p = sub.add_parser(
@@ -439,7 +454,7 @@ def _stop_on_signals() -> asyncio.Event:
 
 async def _serve_main(args: argparse.Namespace) -> int:
     config = _make_config(args)
-    body = _echo if args.echo else _sink
+    body = _forward_handler(args) or (_echo if args.echo else _sink)
 
     async def handler(tunnel: Tunnel) -> None:
         log.info("%s: tunnel from %s, peer %s", tunnel.connection.name, tunnel.peer_address,
@@ -710,7 +725,8 @@ async def _connect_main(args: argparse.Namespace) -> int:
 
 
 def _cmd_connect(args: argparse.Namespace) -> int:
-    return asyncio.run(_close_on_sigterm(_connect_main(args)))
+    main = _listen_main(args) if args.listen else _connect_main(args)
+    return asyncio.run(_close_on_sigterm(main))
 
 
 # -- gateway ------------------------------------------------------------------------------------
@@ -831,6 +847,61 @@ async def _close_on_sigterm(main: Coroutine[Any, Any, int]) -> int:
         if terminated:
             return EXIT_TERMINATED
         raise
+
+
+# -- UDP forwarding (issue 14) ------------------------------------------------------------------
+
+
+def _flow_idle_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--flow-idle", type=_seconds, default=DEFAULT_FLOW_IDLE, metavar="S",
+                   help="with --forward/--listen: release a flow (its stream id and socket) "
+                   f"after S idle seconds (default {DEFAULT_FLOW_IDLE:g})")
+
+
+def _forward_handler(args: argparse.Namespace) -> Any:
+    """serve --forward: the tunnel handler, or None without --forward."""
+    if not getattr(args, "forward", None):
+        return None
+    forwarder = ServiceForwarder(parse_udp_target(args.forward), flow_idle=args.flow_idle)
+    args._forwarder = forwarder  # for `palisade show` and --metrics
+    return forwarder.handle
+
+
+async def _listen_main(args: argparse.Namespace) -> int:
+    """connect --listen: forward local applications' datagrams through one tunnel."""
+    host, port = parse_udp_target(args.listen)
+    extra: dict[str, Any] = {}
+    if args.timeout is not None:
+        extra["handshake_timeout"] = args.timeout
+    config = _make_config(args, **extra)
+    if config.plus_features & PLUS_RESUMPTION:
+        args._tickets = ClientTicketCache(args.ticket_file)
+    opened = await _open_tunnel(args, config)
+    if isinstance(opened, int):
+        return opened
+    tunnel = opened
+    forwarder = ListenForwarder(tunnel, flow_idle=args.flow_idle)
+    args._forwarder = forwarder
+    try:
+        try:
+            bound_host, bound_port = await forwarder.bind(host, port)
+        except OSError as exc:
+            _error(f"cannot listen on {args.listen}: {exc.strerror or exc}")
+            return EXIT_ERROR
+        print(f"palisade: forwarding udp://{_host_for_url(bound_host)}:{bound_port} "
+              f"through the tunnel to {args.url}", file=sys.stderr, flush=True)
+        event = await forwarder.run()
+    finally:
+        forwarder.close()
+        closed = await tunnel.close()
+        log.info("%s forward=%s", _summary(tunnel, closed),
+                 json.dumps(forwarder.snapshot()["counters"], sort_keys=True,
+                            separators=(",", ":")))
+    if event.error_code != 0:
+        _error(f"connection closed by {'peer' if event.by_peer else 'us'}: "
+               f"{code_name(event.error_code)} {event.reason}".rstrip())
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 # -- entry point --------------------------------------------------------------------------------
