@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "override PALISADE_* environment variables, which override the file")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_key_commands(sub, verbose)
+    _add_show_command(sub, verbose)
 
     keygen = sub.add_parser(
         "keygen", parents=[verbose], help="generate an ML-DSA-65 identity key pair",
@@ -273,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="forward the tunnels' datagrams to the UDP service at "
                          "udp://HOST:PORT and its replies back (one source port per flow)")
     _flow_idle_option(serve_p)
+    _observability_options(serve_p)
     serve_p.set_defaults(func=_cmd_serve)
 
     connect_p = sub.add_parser(
@@ -317,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway_p.add_argument("--serial", required=True, action="append", metavar="URL",
                            help="a device: serial:///dev/ttyUSB0?baud=115200&node=HEX16 "
                            "(repeatable; node= is the device's --node-id)")
+    _observability_options(gateway_p, gateway=True)
     gateway_p.set_defaults(func=_cmd_gateway)
 
     demo_p = sub.add_parser(
@@ -475,12 +478,19 @@ async def _serve_main(args: argparse.Namespace) -> int:
     _reload_trust_on_sighup(args, config)
     host, port = server.address
     where = args.url if _is_serial(args.url) else f"udp://{_host_for_url(host)}:{port}"
+    try:
+        observers = await _start_observers(args, _serve_snapshot(args, server, config, where))
+    except ConfigError:
+        server.close()
+        await server.wait_closed()
+        raise
     print(f"palisade: listening on {where} "
           f"(fingerprint {config.identity.fingerprint})", file=sys.stderr, flush=True)
     try:
         await stop.wait()
     finally:
         log.debug("shutting down")
+        await observers.close()
         server.close()
         await server.wait_closed()
     return EXIT_OK
@@ -742,6 +752,13 @@ async def _gateway_main(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     stop = _stop_on_signals()
     host, port = gateway.address
+    try:
+        observers = await _start_observers(args, _gateway_snapshot(
+            gateway, f"udp://{_host_for_url(host)}:{port}"))
+    except ConfigError:
+        gateway.close()
+        await gateway.wait_closed()
+        raise
     devices = ", ".join(
         f"{d.name} (node {d.node.hex() if d.node else 'learned'})" for d in gateway.devices
     )
@@ -750,6 +767,7 @@ async def _gateway_main(args: argparse.Namespace) -> int:
     try:
         await stop.wait()
     finally:
+        await observers.close()
         gateway.close()
         await gateway.wait_closed()
         log.info("gateway counters %s",
@@ -902,6 +920,138 @@ async def _listen_main(args: argparse.Namespace) -> int:
                f"{code_name(event.error_code)} {event.reason}".rstrip())
         return EXIT_ERROR
     return EXIT_OK
+
+
+# -- show, control socket, metrics (issue 14) ---------------------------------------------------
+
+
+def _observability_options(p: argparse.ArgumentParser, *, gateway: bool = False) -> None:
+    default = ("$XDG_RUNTIME_DIR/palisade/gateway.sock, none without XDG_RUNTIME_DIR"
+               if gateway else "$XDG_RUNTIME_DIR/palisade/KEYNAME.sock, else KEYFILE.sock")
+    p.add_argument("--control", metavar="PATH",
+                   help=f"Unix control socket (0600) for 'palisade show' (default {default}; "
+                   "'none' for no socket)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics over HTTP, e.g. 127.0.0.1:9109 (needs the "
+                   "prometheus_client package: pip install 'palisade-c[metrics]')")
+
+
+def _add_show_command(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    show_p = sub.add_parser(
+        "show", parents=[verbose], help="list a running server's sessions or gateway's devices",
+        description="Ask a running 'palisade serve' or 'palisade gateway' over its control "
+        "socket. Finds the socket from --control, or from --key as serve does, or else asks "
+        "every socket in $XDG_RUNTIME_DIR/palisade/.",
+    )
+    show_p.add_argument("--control", metavar="PATH", help="the control socket")
+    show_p.add_argument("--key", metavar="FILE", help="the server's key file (locates the "
+                        "socket the way serve does)")
+    show_p.add_argument("--json", action="store_true", help="machine-readable output")
+    show_p.set_defaults(func=_cmd_show)
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from palisade_c.control import default_path, format_show, query, runtime_dir
+
+    paths: list[Path] = []
+    if args.control:
+        paths = [Path(args.control)]
+    elif args.key:
+        found = default_path(args.key)
+        paths = [found] if found else []
+    else:
+        base = runtime_dir()
+        paths = sorted(base.glob("*.sock")) if base and base.is_dir() else []
+    if not paths:
+        raise _UsageError("no control socket: give --control PATH or --key FILE")
+    snaps = [query(path) for path in paths]
+    if args.json:
+        print(json.dumps(snaps[0] if len(snaps) == 1 else snaps, indent=2, sort_keys=True))
+    else:
+        print("\n\n".join(format_show(snap) for snap in snaps))
+    return EXIT_OK
+
+
+def _serve_snapshot(args: argparse.Namespace, server: Any, config: Config,
+                    where: str) -> Any:
+    from palisade_c.control import ActivityTracker, server_snapshot
+
+    tracker = ActivityTracker()
+    args._tracker = tracker
+
+    def extra() -> dict[str, Any]:
+        forwarder = getattr(args, "_forwarder", None)
+        return {"forward": forwarder.snapshot()} if forwarder is not None else {}
+
+    def snapshot() -> dict[str, Any]:
+        return server_snapshot(server, listen=where, fingerprint=config.identity.fingerprint,
+                               tracker=tracker, extra=extra)
+
+    snapshot.connections = lambda: server.endpoint.connections  # type: ignore[attr-defined]
+    return snapshot
+
+
+def _gateway_snapshot(gateway: Any, where: str) -> Any:
+    from palisade_c.control import gateway_snapshot
+
+    def snapshot() -> dict[str, Any]:
+        return gateway_snapshot(gateway, listen=where)
+
+    return snapshot
+
+
+class _Observers:
+    """The control socket, the session sampler and the metrics endpoint of one process."""
+
+    def __init__(self) -> None:
+        self.control: Any = None
+        self.metrics: Any = None
+        self.sampler: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.sampler
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.close)
+        if self.control is not None:
+            await self.control.close()
+
+
+async def _start_observers(args: argparse.Namespace, snapshot: Any) -> _Observers:
+    from palisade_c.control import ControlServer, default_path
+
+    observers = _Observers()
+    connections = getattr(snapshot, "connections", None)
+    tracker = getattr(args, "_tracker", None)
+    if connections is not None and tracker is not None:
+        observers.sampler = asyncio.get_running_loop().create_task(tracker.run(connections))
+    path_text = getattr(args, "control", None)
+    path = (None if path_text == "none" else Path(path_text) if path_text
+            else default_path(getattr(args, "key", None), gateway=args.func is _cmd_gateway))
+    if path is not None:
+        control = ControlServer(path, snapshot)
+        try:
+            await control.start()
+            observers.control = control
+            log.info("control socket %s", path)
+        except OSError as exc:
+            _error(f"warning: no control socket: {exc.strerror or exc}")
+    if getattr(args, "metrics", None):
+        from palisade_c.metrics import MetricsServer, parse_listen
+
+        host, port = parse_listen(args.metrics)
+        try:
+            observers.metrics = MetricsServer(host, port, snapshot)
+        except OSError as exc:
+            await observers.close()
+            raise ConfigError(f"cannot serve metrics on {args.metrics}: "
+                              f"{exc.strerror or exc}") from None
+        mhost, mport = observers.metrics.address
+        print(f"palisade: metrics on http://{_host_for_url(mhost)}:{mport}/metrics",
+              file=sys.stderr, flush=True)
+    return observers
 
 
 # -- entry point --------------------------------------------------------------------------------
