@@ -72,6 +72,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("palisade_c.aio")
+_session_log = logging.getLogger("palisade_c.sessions")
 
 #: Events a tunnel holds for a slow reader before it drops incoming data.
 MAX_QUEUED_EVENTS = 4096
@@ -696,8 +697,11 @@ class _ServerEngine(_Engine):
                 if isinstance(event, ConnectionClosed):
                     # A session that never completed its handshake: nobody to tell.
                     self._early.pop(conn, None)
-                    log.debug("%s: handshake failed: %s %s", conn.name,
-                              code_name(event.error_code), event.reason)
+                    # INFO on the sessions logger (rate-limited by the CLI): an operator
+                    # wants to see refused clients, with the code and where they came from.
+                    _session_log.info("%s: handshake refused from %s: %s %s", conn.name,
+                                      conn.peer_addr, code_name(event.error_code),
+                                      event.reason)
                 elif isinstance(event, DataReceived):
                     # 0-RTT data arrives before the handshake completes: keep it for the
                     # tunnel (bounded by the ticket's early-data allowance in the core).

@@ -75,6 +75,8 @@ from palisade_c.forward import (
     parse_udp_target,
 )
 from palisade_c.identity import Identity
+from palisade_c.logsetup import DROP_INTERVAL, DropReporter, setup_logging, watch_gateway
+from palisade_c.logsetup import LEVELS as LOG_LEVELS
 from palisade_c.settings import apply_sources
 from palisade_c.settings import finish as finish_sources
 from palisade_c.tickets import ClientTicketCache, SqliteTicketStore, TicketService
@@ -100,6 +102,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("palisade_c.cli")
+#: Session opened/closed lines (rate-limited by palisade_c.logsetup).
+session_log = logging.getLogger("palisade_c.sessions")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -215,12 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     verbose = argparse.ArgumentParser(add_help=False)
     verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                          help="debug logging on stderr")
+    verbose.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                         help="level of palisade's log lines on stderr (default warning; "
+                         "info adds session opened/closed/refused lines; -v means debug)")
 
     parser = argparse.ArgumentParser(
         prog="palisade", description="PALISADE v1.2 post-quantum tunnel (palisade-c)."
     )
     parser.add_argument("-v", "--verbose", action="store_true", default=False,
                         help="debug logging on stderr")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=None,
+                        help="level of palisade's log lines on stderr (default warning)")
     parser.add_argument("--version", action="version", version=f"palisade {__version__}")
     parser.add_argument("--config", metavar="FILE",
                         help="TOML file with option defaults (also PALISADE_CONFIG); flags "
@@ -255,9 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="8-byte node id (16 hex digits): the RID steering prefix")
         p.add_argument("--plus", action="store_true",
                        help="offer/allow PALISADE-PLUS resumption and migration")
-        p.add_argument("--log-json", metavar="FILE",
-                       help="append one JSON object per state change, epoch change, close "
-                       "and drop class to FILE (never keys or data)")
+        _log_json_option(p)
 
     serve_p = sub.add_parser(
         "serve", parents=[verbose], help="run a server",
@@ -334,14 +341,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="messages to echo through the tunnel (default 10)")
     demo_p.set_defaults(func=_cmd_demo)
     return parser
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
 
 def _load_identity(path: str) -> Identity:
@@ -460,10 +459,11 @@ async def _serve_main(args: argparse.Namespace) -> int:
     body = _forward_handler(args) or (_echo if args.echo else _sink)
 
     async def handler(tunnel: Tunnel) -> None:
-        log.info("%s: tunnel from %s, peer %s", tunnel.connection.name, tunnel.peer_address,
-                 tunnel.peer_fingerprint)
+        session_log.info("%s: session opened from %s, peer %s", tunnel.connection.name,
+                         tunnel.peer_address, tunnel.peer_fingerprint)
         # The summary waits for CLOSED so its counters are final, whoever closes.
-        tunnel.closed.add_done_callback(lambda fut: log.info("%s", _summary(tunnel, fut.result())))
+        tunnel.closed.add_done_callback(
+            lambda fut: session_log.info("%s", _summary(tunnel, fut.result())))
         await body(tunnel)
 
     try:
@@ -931,9 +931,20 @@ def _observability_options(p: argparse.ArgumentParser, *, gateway: bool = False)
     p.add_argument("--control", metavar="PATH",
                    help=f"Unix control socket (0600) for 'palisade show' (default {default}; "
                    "'none' for no socket)")
+    if gateway:
+        _log_json_option(p)
+    p.add_argument("--log-interval", type=_seconds, default=DROP_INTERVAL, metavar="S",
+                   help="with --log-json: write the drop counts aggregated over S seconds "
+                   f"(default {DROP_INTERVAL:g})")
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics over HTTP, e.g. 127.0.0.1:9109 (needs the "
                    "prometheus_client package: pip install 'palisade-c[metrics]')")
+
+
+def _log_json_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-json", metavar="FILE",
+                   help="append one JSON object per state change, epoch change, close and "
+                   "(aggregated) drop class to FILE, '-' for stdout (never keys or data)")
 
 
 def _add_show_command(sub: Any, verbose: argparse.ArgumentParser) -> None:
@@ -987,7 +998,15 @@ def _serve_snapshot(args: argparse.Namespace, server: Any, config: Config,
         return server_snapshot(server, listen=where, fingerprint=config.identity.fingerprint,
                                tracker=tracker, extra=extra)
 
+    def drop_sources() -> dict[str, dict[str, int]]:
+        endpoint = server.endpoint
+        sources = {"endpoint": endpoint.drop_counts}
+        for conn in endpoint.connections:
+            sources[conn.name] = conn.drop_counts
+        return sources
+
     snapshot.connections = lambda: server.endpoint.connections  # type: ignore[attr-defined]
+    snapshot.drop_sources = drop_sources  # type: ignore[attr-defined]
     return snapshot
 
 
@@ -997,6 +1016,16 @@ def _gateway_snapshot(gateway: Any, where: str) -> Any:
     def snapshot() -> dict[str, Any]:
         return gateway_snapshot(gateway, listen=where)
 
+    def drop_sources() -> dict[str, dict[str, int]]:
+        snap = snapshot()
+        sources = {"gateway": snap["drops"]}
+        for d in snap["devices"]:
+            errors = {k: v for k, v in d["frame_errors"].items() if isinstance(v, int)}
+            sources[d["port"]] = {**d["drops"], **errors}
+        return sources
+
+    snapshot.drop_sources = drop_sources  # type: ignore[attr-defined]
+    snapshot.is_gateway = True  # type: ignore[attr-defined]
     return snapshot
 
 
@@ -1007,12 +1036,14 @@ class _Observers:
         self.control: Any = None
         self.metrics: Any = None
         self.sampler: asyncio.Task[None] | None = None
+        self.tasks: list[asyncio.Task[None]] = []
 
     async def close(self) -> None:
-        if self.sampler is not None:
-            self.sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.sampler
+        for task in [self.sampler, *self.tasks]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.close)
         if self.control is not None:
@@ -1027,6 +1058,14 @@ async def _start_observers(args: argparse.Namespace, snapshot: Any) -> _Observer
     tracker = getattr(args, "_tracker", None)
     if connections is not None and tracker is not None:
         observers.sampler = asyncio.get_running_loop().create_task(tracker.run(connections))
+    event_log = _event_log(args)
+    sources = getattr(snapshot, "drop_sources", None)
+    if event_log is not None and sources is not None:
+        reporter = DropReporter(sources, event_log, interval=args.log_interval)
+        observers.tasks.append(asyncio.get_running_loop().create_task(reporter.run()))
+        if getattr(snapshot, "is_gateway", False):
+            observers.tasks.append(asyncio.get_running_loop().create_task(
+                watch_gateway(snapshot, event_log)))
     path_text = getattr(args, "control", None)
     path = (None if path_text == "none" else Path(path_text) if path_text
             else default_path(getattr(args, "key", None), gateway=args.func is _cmd_gateway))
@@ -1068,7 +1107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     args = parser.parse_args(arguments)
     finish_sources(args)
-    _setup_logging(bool(getattr(args, "verbose", False)))
+    setup_logging(getattr(args, "log_level", None), bool(getattr(args, "verbose", False)))
     try:
         status: int = args.func(args)
     except _UsageError as exc:
