@@ -1,9 +1,10 @@
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, final
 
 from palisade_c.config import Config
 from palisade_c.connection import Addr, Connection, EventLog
 from palisade_c.events import Event
 from palisade_c.tickets import TicketService
+from palisade_c.wire import PLUS_RESUMPTION as PLUS_RESUMPTION
 
 COOKIE_LIFETIME: Final[float]
 
@@ -13,6 +14,7 @@ class EndpointEvent(NamedTuple):
     connection: Connection
     event: Event
 
+@final
 class ServerEndpoint:
     @property
     def config(self) -> Config: ...
