@@ -310,9 +310,11 @@ def test_async_with_connect_and_transport_objects(keys: Keys) -> None:
     run_bounded(body(), 30)
 
 
-def test_importing_the_package_does_not_import_asyncio() -> None:
+def test_importing_the_package_does_not_import_asyncio(tmp_path: Path) -> None:
     code = "import sys, palisade_c; sys.exit('asyncio' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], env=cli_env(), check=False)
+    # Not from the checkout's directory: '-c' puts the working directory first on sys.path.
+    result = subprocess.run([sys.executable, "-c", code], env=cli_env(), cwd=tmp_path,
+                            check=False)
     assert result.returncode == 0, "the palisade_c docstring promises no asyncio for the core"
     assert "does not import asyncio" in (palisade_c.__doc__ or "")
 
