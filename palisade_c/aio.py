@@ -556,6 +556,9 @@ class Connecting(Coroutine[Any, Any, Tunnel]):
         return self._coro.send(value)
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        if val is None and tb is None:
+            # The one-argument form: the three-argument one is deprecated since 3.12.
+            return self._coro.throw(typ)
         return self._coro.throw(typ, val, tb)
 
     def close(self) -> None:

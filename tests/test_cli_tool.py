@@ -339,3 +339,23 @@ def test_every_long_option_of_every_command_has_an_environment_variable(tmp_path
         for action in actions:
             value = getattr(args, action.dest)
             assert value not in (None, False, []), (command, action.dest, value)
+
+
+def test_cancelling_a_connect_task_is_clean(keys: Keys) -> None:
+    """Task cancellation throws into the Connecting wrapper: it must use the one-argument
+    throw() (the three-argument form is deprecated from Python 3.12)."""
+    import warnings
+
+    config = Config(identity=Identity.load(keys.key("client")),
+                    trusted_peers=[keys.pub("server")])
+
+    async def body() -> None:
+        task = asyncio.create_task(connect(f"udp://127.0.0.1:{free_udp_port()}", config))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        run_bounded(body(), 10)
