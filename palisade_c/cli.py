@@ -235,8 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TOML file with option defaults (also PALISADE_CONFIG); flags "
                         "override PALISADE_* environment variables, which override the file")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_key_commands(sub, verbose)
-    _add_show_command(sub, verbose)
 
     keygen = sub.add_parser(
         "keygen", parents=[verbose], help="generate an ML-DSA-65 identity key pair",
@@ -340,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo_p.add_argument("--messages", type=_count, default=10, metavar="N",
                         help="messages to echo through the tunnel (default 10)")
     demo_p.set_defaults(func=_cmd_demo)
+    _add_key_commands(sub, verbose)
+    _add_show_command(sub, verbose)
     return parser
 
 
