@@ -730,6 +730,7 @@ async def _connect_main(args: argparse.Namespace) -> int:
             _error(f"connection closed by {'peer' if event.by_peer else 'us'}: "
                    f"{code_name(event.error_code)} {event.reason}".rstrip())
             status = EXIT_UNDELIVERED if received < sent else EXIT_ERROR
+    _report_client_drops(args, tunnel)
     log.info("%s", _summary(tunnel, event))
     return status
 
@@ -885,6 +886,15 @@ def _forward_handler(args: argparse.Namespace) -> Any:
     return forwarder.handle
 
 
+def _report_client_drops(args: argparse.Namespace, tunnel: Tunnel) -> None:
+    """connect --log-json: the session's drop classes, as one aggregated event at its end."""
+    sink = _event_log(args)
+    if sink is not None:
+        name = tunnel.connection.name
+        DropReporter(lambda: {name: tunnel.connection.drop_counts}, sink,
+                     interval=0.0).report(asyncio.get_running_loop().time())
+
+
 async def _listen_main(args: argparse.Namespace) -> int:
     """connect --listen: forward local applications' datagrams through one tunnel."""
     host, port = parse_udp_target(args.listen)
@@ -912,6 +922,7 @@ async def _listen_main(args: argparse.Namespace) -> int:
     finally:
         forwarder.close()
         closed = await tunnel.close()
+        _report_client_drops(args, tunnel)
         log.info("%s forward=%s", _summary(tunnel, closed),
                  json.dumps(forwarder.snapshot()["counters"], sort_keys=True,
                             separators=(",", ":")))

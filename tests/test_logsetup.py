@@ -212,3 +212,36 @@ def test_gateway_log_json(keydir: Path, procs: Procs) -> None:  # noqa: F811
         assert drops[0]["drops"] == {"not-palisade": 1}
         assert all(RFC3339.fullmatch(e["time"]) for e in events)
         procs.stop()
+
+
+def test_connect_log_json_ends_with_its_session_drops(keydir: Path, tmp_path: Path) -> None:
+    """The server (in this process) sends the client a packet for no session before it
+    echoes; ``connect --log-json -`` reports that drop in a final ``drops`` event."""
+    import asyncio
+
+    from aiohelpers import run_bounded, served
+
+    from palisade_c.aio import Tunnel
+
+    config = Config(identity=Identity.load(keydir / "server.key"),
+                    trusted_peers=[keydir / "client.key.pub"])
+
+    async def body() -> subprocess.CompletedProcess[str]:
+        async def handler(tunnel: Tunnel) -> None:
+            async for data in tunnel:
+                # straight onto the wire, past the tunnel: a packet for no session
+                server._engine.transport.send(b"\x51\x50" + bytes(80), tunnel.peer_address)
+                await asyncio.sleep(0.1)
+                tunnel.send(data)
+
+        async with served("udp://127.0.0.1:0", config, handler) as server:
+            port = server.address[1]
+            return await asyncio.to_thread(_connect, keydir, port, "client", "--log-json", "-",
+                                           cwd=tmp_path)
+
+    result = run_bounded(body(), 30)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(ln) for ln in result.stdout.splitlines() if ln.startswith("{")]
+    drops = [e for e in events if e["kind"] == "drops"]
+    assert len(drops) == 1 and drops[0]["source"] == "client", events
+    assert sum(drops[0]["drops"].values()) == 1
