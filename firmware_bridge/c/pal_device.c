@@ -60,6 +60,7 @@
 #define E_INVALID_CF 0x0109u
 #define E_HS_TIMEOUT 0x010Au
 #define E_UNSUPPORTED_EXT 0x010Bu
+#define E_SESSION_EXPIRED 0x0201u
 #define E_IDLE 0x0203u
 #define E_REKEY_TIMEOUT 0x0204u
 #define E_TICKET_INVALID 0x0400u
@@ -1782,12 +1783,28 @@ static void close_resend(pal_device *d, uint64_t now)
     d->close_resend_at = now + d->cfg.close_drain_ms / 3u;
 }
 
+/* The handshake ran out of time. In WAIT_FIN the client may still wait for our ack of its
+ * Finished: tell it the half-open session is gone, ErrorSessionExpired under the session RID
+ * within the anti-amplification budget, as the Python server does (§8.6). Locally it remains
+ * a handshake timeout. */
+static void expire_handshake(pal_device *d, const char *why, size_t why_len, uint64_t now)
+{
+    static const char detail[] = "handshake expired before the client finished it";
+    int tell = d->state == PAL_DEV_WAIT_FIN && d->rid_set;
+    fail_n(d, E_HS_TIMEOUT, why, why_len, 0, NULL, now);
+    if (tell && amp_allows(d, HS_OVERHEAD + 4u + sizeof detail - 1u)) {
+        error_response(d, E_SESSION_EXPIRED, detail, sizeof detail - 1u, d->rid);
+        if (!d->amp_validated)
+            d->amp_out += d->last_len;
+    }
+}
+
 void pal_device_handle_timer(pal_device *d, uint64_t now)
 {
     if (d->state == PAL_DEV_CLOSED)
         return;
     if (d->hs_deadline != NO_TIME && now >= d->hs_deadline) {
-        fail(d, E_HS_TIMEOUT, "handshake timed out", 0, NULL, now);
+        expire_handshake(d, LIT("handshake timed out"), now);
         return;
     }
     if (d->ack_deadline != NO_TIME && now >= d->ack_deadline) {
@@ -1804,7 +1821,7 @@ void pal_device_handle_timer(pal_device *d, uint64_t now)
     }
     if (d->flight_running && now >= d->flight_deadline) {
         if (d->attempts >= MAX_RESENDS) {
-            fail(d, E_HS_TIMEOUT, "no answer to the handshake", 0, NULL, now);
+            expire_handshake(d, LIT("no answer to the handshake"), now);
             return;
         }
         d->attempts++;
