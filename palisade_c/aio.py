@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, ParamSpec, Protocol, Self
 
 from palisade_c.config import Config
 from palisade_c.connection import Connection, EventLog
@@ -63,6 +64,7 @@ from palisade_c.transport.udp import UdpTransport
 __all__ = [
     "CLOSE_GRACE",
     "MAX_QUEUED_EVENTS",
+    "Connecting",
     "Handler",
     "HandshakeTimeoutError",
     "Server",
@@ -73,6 +75,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("palisade_c.aio")
+_session_log = logging.getLogger("palisade_c.sessions")
 
 #: Events a tunnel holds for a slow reader before it drops incoming data.
 MAX_QUEUED_EVENTS = 4096
@@ -103,7 +106,7 @@ class HandshakeTimeoutError(HandshakeError, TimeoutError):
         self.received = received
 
 
-def describe_stall(received: int, url: str) -> str:
+def describe_stall(received: int, url: object) -> str:
     """What a handshake timeout saw: no answer at all, or part of one."""
     if not received:
         return f"no answer from {url}"
@@ -526,11 +529,21 @@ class _ClientEngine(_Engine):
 
 
 async def _open_transport(
-    url: str, config: Config, *, server: bool, sock: socket.socket | None = None
+    url: str | Transport, config: Config, *, server: bool, peer: Addr = None,
+    sock: socket.socket | None = None,
 ) -> tuple[Transport, Addr, Config]:
     """The transport ``url`` names, the peer's address (clients) and ``config`` adjusted to
     the link: a serial link's MTU and speed (see :func:`~palisade_c.transport.base.link_config`).
+
+    ``url`` may also be a ready :class:`Transport`; a client then talks to ``peer``, or to the
+    transport's own ``peer_address`` (a serial link has one).
     """
+    if isinstance(url, Transport):
+        if not server and peer is None:
+            peer = getattr(url, "peer_address", None)
+            if peer is None:
+                raise ConfigError("connect() over a Transport object needs peer=ADDRESS")
+        return url, peer, link_config(config, url)
     scheme, host, port, _params = parse_url(url)
     if scheme in SERIAL_SCHEMES:
         # Imported here: pyserial and its threads are only for those who use a serial link.
@@ -558,10 +571,61 @@ async def _open_transport(
     return udp, peer, config
 
 
+class Connecting(Coroutine[Any, Any, Tunnel]):
+    """What :func:`connect` returns: await it for the :class:`Tunnel`, or use it as
+    ``async with connect(...) as tunnel:``, which closes the tunnel on the way out (as
+    ``websockets.connect`` does). It is a coroutine, so ``asyncio.create_task`` takes it."""
+
+    def __init__(self, coro: Coroutine[Any, Any, Tunnel]) -> None:
+        self._coro = coro
+        self._tunnel: Tunnel | None = None
+
+    def send(self, value: Any) -> Any:
+        return self._coro.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        if val is None and tb is None:
+            # The one-argument form: the three-argument one is deprecated since 3.12.
+            return self._coro.throw(typ)
+        return self._coro.throw(typ, val, tb)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, None, Tunnel]:
+        return self._coro.__await__()
+
+    async def __aenter__(self) -> Tunnel:
+        self._tunnel = await self._coro
+        return self._tunnel
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._tunnel is not None:
+            await self._tunnel.close()
+
+
+_P = ParamSpec("_P")
+
+
+def _connecting(fn: Callable[_P, Coroutine[Any, Any, Tunnel]]) -> Callable[_P, Connecting]:
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> Connecting:
+        return Connecting(fn(*args, **kwargs))
+
+    return wrapper
+
+
+@_connecting
 async def connect(
-    url: str,
+    url: str | Transport,
     config: Config,
     *,
+    peer: Addr = None,
     timeout: float | None = None,
     on_connection: Callable[[Connection], None] | None = None,
     ticket: ClientTicket | None = None,
@@ -571,6 +635,10 @@ async def connect(
 ) -> Tunnel:
     """Open a tunnel to the server at ``url`` (``udp://HOST:PORT`` or a serial URL such as
     ``serial:///dev/ttyUSB0?baud=115200``, whose MTU and speed then override ``config``'s).
+    ``url`` may also be a ready :class:`~palisade_c.transport.base.Transport` (the tunnel
+    then owns it); give ``peer``, the server's address on it, unless the transport has a
+    ``peer_address`` of its own. ``async with connect(...) as tunnel:`` closes the tunnel
+    at the end of the block.
 
     Returns once the handshake has completed. Raises
     :class:`~palisade_c.errors.HandshakeError` carrying the spec error code when the handshake
@@ -590,7 +658,7 @@ async def connect(
     issues land in ``tickets`` (when given) and in :attr:`Tunnel.tickets`. Early data is
     replayable: use it only for requests that are safe to receive twice.
     """
-    transport, peer, config = await _open_transport(url, config, server=False)
+    transport, peer, config = await _open_transport(url, config, server=False, peer=peer)
     if ticket is None and tickets is not None:
         # Only tickets from servers still pinned: another server's ticket would be wasted.
         for fp in sorted(config.trust.fingerprints):
@@ -672,8 +740,11 @@ class _ServerEngine(_Engine):
                 if isinstance(event, ConnectionClosed):
                     # A session that never completed its handshake: nobody to tell.
                     self._early.pop(conn, None)
-                    log.debug("%s: handshake failed: %s %s", conn.name,
-                              code_name(event.error_code), printable(event.reason))
+                    # INFO on the sessions logger (rate-limited by the CLI): an operator
+                    # wants to see refused clients, with the code and where they came from.
+                    _session_log.info("%s: handshake refused from %s: %s %s", conn.name,
+                                      conn.peer_addr, code_name(event.error_code),
+                                      printable(event.reason))
                 elif isinstance(event, DataReceived):
                     # 0-RTT data arrives before the handshake completes: keep it for the
                     # tunnel (bounded by the ticket's early-data allowance in the core).
@@ -825,10 +896,11 @@ class Server:
         return f"Server(udp://{host}:{port}, tunnels={len(self._engine.tunnels)})"
 
 
-async def serve(url: str, config: Config, handler: Handler, *,
+async def serve(url: str | Transport, config: Config, handler: Handler, *,
                 event_log: EventLog | None = None, sock: socket.socket | None = None) -> Server:
     """Listen on ``url`` (``udp://HOST:PORT``; port 0 picks a free port), or serve the peer
-    on a serial link (``serial:///dev/ttyGS0``: this side plays the device).
+    on a serial link (``serial:///dev/ttyGS0``: this side plays the device), or serve over a
+    ready :class:`~palisade_c.transport.base.Transport` (the server then owns it).
 
     Every connection that completes its handshake becomes a :class:`Tunnel` and gets its own
     task running ``handler(tunnel)``. When the handler returns, the tunnel is closed softly;

@@ -28,10 +28,12 @@ Output contract (scripts and tests rely on it):
 * Every failure is ONE line on stderr starting with ``palisade:``; text that came from the
   peer is escaped so that it cannot add lines or terminal control sequences.
 
-Exit codes: 0 success; 1 a runtime or configuration error (including replies still missing
-when ``connect`` gives up waiting, and lines too long for one datagram of the path, each
-reported and skipped); 2 a failed handshake (argparse also uses 2 for usage
-errors); 130 interrupted.
+Exit codes (docs/cli.md lists them too): 0 success; 1 a runtime or configuration error;
+2 a usage error (bad flags, config file or environment value); 3 the handshake was refused
+(an error code from the peer or a key that is not pinned); 4 timed out (no handshake answer);
+5 data not delivered (replies still missing when ``connect`` gives up waiting, lines too
+long for one datagram of the path, each reported and skipped, or data lost to a device
+reboot); 130 interrupted (SIGINT); 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -48,10 +50,11 @@ import socket
 import sys
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from palisade_c import __version__
 from palisade_c.aio import HandshakeTimeoutError, Tunnel, connect, describe_stall, serve
 from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION, Config
 from palisade_c.connection import Connection
@@ -65,10 +68,20 @@ from palisade_c.errors import (
 )
 from palisade_c.eventlog import JsonLinesLog
 from palisade_c.events import ConnectionClosed, DataReceived
+from palisade_c.forward import (
+    DEFAULT_FLOW_IDLE,
+    ListenForwarder,
+    ServiceForwarder,
+    parse_udp_target,
+)
 from palisade_c.identity import Identity
+from palisade_c.logsetup import DROP_INTERVAL, DropReporter, setup_logging, watch_gateway
+from palisade_c.logsetup import LEVELS as LOG_LEVELS
 from palisade_c.progress import HandshakeProgress, should_show
 from palisade_c.ridlayout import MAX_WORKERS, RidLayout
 from palisade_c.safetext import printable
+from palisade_c.settings import apply_sources
+from palisade_c.settings import finish as finish_sources
 from palisade_c.ticketkeys import FileTicketKeyRing
 from palisade_c.tickets import ClientTicketCache, SqliteTicketStore, TicketService, TicketStore
 from palisade_c.transport.base import (
@@ -78,15 +91,33 @@ from palisade_c.transport.base import (
     parse_url,
     tune_for_link,
 )
+from palisade_c.trustdir import TrustReloader, read_trust_source
 
-__all__ = ["EXIT_ERROR", "EXIT_HANDSHAKE", "EXIT_OK", "build_parser", "main"]
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_HANDSHAKE",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_TERMINATED",
+    "EXIT_TIMEOUT",
+    "EXIT_UNDELIVERED",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+]
 
 log = logging.getLogger("palisade_c.cli")
+#: Session opened/closed lines (rate-limited by palisade_c.logsetup).
+session_log = logging.getLogger("palisade_c.sessions")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
-EXIT_HANDSHAKE = 2
+EXIT_USAGE = 2  # what argparse exits with
+EXIT_HANDSHAKE = 3
+EXIT_TIMEOUT = 4
+EXIT_UNDELIVERED = 5
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports it
 
 #: Lines read ahead from stdin before the reader thread waits for the tunnel to catch up.
 STDIN_READ_AHEAD = 256
@@ -220,12 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
     verbose = argparse.ArgumentParser(add_help=False)
     verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                          help="debug logging on stderr")
+    verbose.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                         help="level of palisade's log lines on stderr (default warning; "
+                         "info adds session opened/closed/refused lines; -v means debug)")
 
     parser = argparse.ArgumentParser(
         prog="palisade", description="PALISADE v1.2 post-quantum tunnel (palisade-c)."
     )
     parser.add_argument("-v", "--verbose", action="store_true", default=False,
                         help="debug logging on stderr")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=None,
+                        help="level of palisade's log lines on stderr (default warning)")
+    parser.add_argument("--version", action="version", version=f"palisade {__version__}")
+    parser.add_argument("--config", metavar="FILE",
+                        help="TOML file with option defaults (also PALISADE_CONFIG); flags "
+                        "override PALISADE_* environment variables, which override the file")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     keygen = sub.add_parser(
@@ -244,8 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "serial:///dev/ttyUSB0?baud=115200")
         p.add_argument("--key", required=True, metavar="FILE",
                        help="this side's private key (from 'palisade keygen')")
-        p.add_argument("--trust", required=True, action="append", metavar="PUBFILE",
+        p.add_argument("--trust", action="append", metavar="PUBFILE",
                        help="a peer public key file or hex fingerprint to accept (repeatable)")
+        p.add_argument("--trust-dir", action="append", metavar="PATH",
+                       help="a directory of .pub (and .fp fingerprint list) files, or a file "
+                       "listing one fingerprint or .pub path per line; serve re-reads it on "
+                       "SIGHUP (repeatable)")
         p.add_argument("--node-id", type=_node_id, metavar="HEX",
                        help="8-byte node id (16 hex digits): the RID steering prefix")
         p.add_argument("--plus", action="store_true",
@@ -254,9 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="UDP receive/send buffer size to ask of the kernel (default "
                        "4194304; 0: the kernel's default; Linux caps it at "
                        "net.core.rmem_max)")
-        p.add_argument("--log-json", metavar="FILE",
-                       help="append one JSON object per state change, epoch change, close "
-                       "and drop class to FILE (never keys or data)")
+        _log_json_option(p)
 
     serve_p = sub.add_parser(
         "serve", parents=[verbose], help="run a server",
@@ -285,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "the redis extra; fails closed; implies --plus)")
     serve_p.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
     serve_p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    serve_p.add_argument("--engine", choices=("python", "c"), default="python",
+                         help="which implementation plays a serial device: the Python core "
+                         "(default) or the C device peer firmware uses (CORE only)")
+    serve_p.add_argument("--forward", metavar="URL",
+                         help="forward the tunnels' datagrams to the UDP service at "
+                         "udp://HOST:PORT and its replies back (one source port per flow)")
+    _flow_idle_option(serve_p)
+    _observability_options(serve_p)
     serve_p.set_defaults(func=_cmd_serve)
 
     connect_p = sub.add_parser(
@@ -313,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="speed of the slowest hop, e.g. 115200: stretches the "
                            "handshake timers (a serial URL knows it, a gateway tells it; "
                            "this is only an override)")
+    connect_p.add_argument("--listen", metavar="URL",
+                           help="instead of stdin: forward datagrams that local applications "
+                           "send to udp://HOST:PORT through the tunnel, and the replies back; "
+                           "runs until SIGINT/SIGTERM or the tunnel closes")
+    _flow_idle_option(connect_p)
     connect_p.set_defaults(func=_cmd_connect)
 
     gateway_p = sub.add_parser(
@@ -326,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway_p.add_argument("--serial", required=True, action="append", metavar="URL",
                            help="a device: serial:///dev/ttyUSB0?baud=115200 (repeatable); "
                            "the device announces its node id, node=HEX16 only pins it")
+    _observability_options(gateway_p, gateway=True)
     gateway_p.set_defaults(func=_cmd_gateway)
 
     demo_p = sub.add_parser(
@@ -338,16 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="line speed of the virtual serial link (default 115200)")
     demo_p.add_argument("--messages", type=_count, default=10, metavar="N",
                         help="messages to echo through the tunnel (default 10)")
+    demo_p.add_argument("--engine", choices=("python", "c"), default="python",
+                        help="which implementation plays the device (see serve --engine)")
     demo_p.set_defaults(func=_cmd_demo)
+    _add_key_commands(sub, verbose)
+    _add_show_command(sub, verbose)
     return parser
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
 
 def _load_identity(path: str) -> Identity:
@@ -380,6 +432,8 @@ def _plus_requested(args: argparse.Namespace) -> bool:
 
 
 def _make_config(args: argparse.Namespace, **extra: Any) -> Config:
+    if not args.trust and not getattr(args, "trust_dir", None):
+        raise _UsageError("give at least one --trust or --trust-dir")
     identity = _load_identity(args.key)
     plus = _plus_requested(args)
     if plus:
@@ -400,7 +454,9 @@ def _make_config(args: argparse.Namespace, **extra: Any) -> Config:
         extra["tickets"] = TicketService(fp, store, keys=keys)
     config = Config(
         identity=identity,
-        trusted_peers=list(args.trust),
+        trusted_peers=[*(args.trust or ()),
+                       *(e for src in getattr(args, "trust_dir", None) or ()
+                         for e in read_trust_source(src))],
         node_id=args.node_id,
         **extra,
     )
@@ -473,6 +529,33 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
+async def _serve_c_engine(args: argparse.Namespace, config: Config) -> int:
+    """``serve serial://… --engine c``: the C device peer answers on the link."""
+    from palisade_c.device_engine import echo, serve_device
+
+    def sink(_device: object, _stream: int, data: bytes) -> None:
+        sys.stdout.buffer.write(data + b"\n")
+        sys.stdout.buffer.flush()
+
+    if not _is_serial(args.url) or config.plus_features:
+        _error("--engine c serves a serial URL, CORE only (no --plus, no --ticket-db)")
+        return EXIT_ERROR
+    try:
+        server = await serve_device(args.url, config, echo if args.echo else sink)
+    except OSError as exc:
+        _error(f"cannot open {args.url}: {exc.strerror or exc}")
+        return EXIT_ERROR
+    stop = _stop_on_signals()
+    print(f"palisade: listening on {args.url} with the C device engine "
+          f"(fingerprint {config.identity.fingerprint})", file=sys.stderr, flush=True)
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        await server.wait_closed()
+    return EXIT_OK
+
+
 async def _serve_main(args: argparse.Namespace, sock: socket.socket | None = None,
                       cookie_secret: bytes | None = None) -> int:
     extra: dict[str, Any] = {}
@@ -482,13 +565,16 @@ async def _serve_main(args: argparse.Namespace, sock: socket.socket | None = Non
     if cookie_secret is not None:
         extra["cookie_secret"] = cookie_secret
     config = _make_config(args, **extra)
-    body = _echo if args.echo else _sink
+    if getattr(args, "engine", "python") == "c":
+        return await _serve_c_engine(args, config)
+    body = _forward_handler(args) or (_echo if args.echo else _sink)
 
     async def handler(tunnel: Tunnel) -> None:
-        log.info("%s: tunnel from %s, peer %s", tunnel.connection.name, tunnel.peer_address,
-                 tunnel.peer_fingerprint)
+        session_log.info("%s: session opened from %s, peer %s", tunnel.connection.name,
+                         tunnel.peer_address, tunnel.peer_fingerprint)
         # The summary waits for CLOSED so its counters are final, whoever closes.
-        tunnel.closed.add_done_callback(lambda fut: log.info("%s", _summary(tunnel, fut.result())))
+        tunnel.closed.add_done_callback(
+            lambda fut: session_log.info("%s", _summary(tunnel, fut.result())))
         await body(tunnel)
 
     try:
@@ -500,8 +586,15 @@ async def _serve_main(args: argparse.Namespace, sock: socket.socket | None = Non
     # Handlers first, so that a supervisor that signals as soon as it reads the "listening"
     # line always gets a clean shutdown.
     stop = _stop_on_signals()
+    _reload_trust_on_sighup(args, config)
     host, port = server.address
     where = args.url if _is_serial(args.url) else f"udp://{_host_for_url(host)}:{port}"
+    try:
+        observers = await _start_observers(args, _serve_snapshot(args, server, config, where))
+    except ConfigError:
+        server.close()
+        await server.wait_closed()
+        raise
     print(f"palisade: listening on {where} "
           f"(fingerprint {config.identity.fingerprint})", file=sys.stderr, flush=True)
     try:
@@ -510,6 +603,7 @@ async def _serve_main(args: argparse.Namespace, sock: socket.socket | None = Non
         # Losses below the protocol (a receive buffer too small for a burst) show here.
         log.info("shutting down; endpoint drops %s, transport %s",
                  server.endpoint.drop_counts, server.transport_counters)
+        await observers.close()
         server.close()
         await server.wait_closed()
     return EXIT_OK
@@ -650,7 +744,7 @@ async def _open_tunnel(args: argparse.Namespace, config: Config) -> Tunnel | int
         # faults (a wrong address or a firewall; a lossy path), so the message tells them apart.
         _error(f"handshake timed out after {loop.time() - started:.1f} s "
                f"({describe_stall(exc.received, args.url)})")
-        return EXIT_HANDSHAKE
+        return EXIT_TIMEOUT
     except HandshakeError as exc:
         _error(f"handshake failed: {exc}")
         return EXIT_HANDSHAKE
@@ -776,7 +870,7 @@ async def _connect_main(args: argparse.Namespace) -> int:
             waiter.cancel()
             if received < sent and not printer.done():
                 _error(f"{sent - received} of {sent} replies missing after {args.wait:g} s")
-                status = EXIT_ERROR
+                status = EXIT_UNDELIVERED
     finally:
         stop.set()
         event = await tunnel.close()
@@ -792,21 +886,23 @@ async def _connect_main(args: argparse.Namespace) -> int:
         return gave_up
     if lost:
         _error(f"{lost} replies lost when the device restarted")
-        status = EXIT_ERROR
+        status = EXIT_UNDELIVERED
     if skipped:
         _error(f"{skipped} line(s) not sent: longer than the path's maximum payload")
-        status = EXIT_ERROR
+        status = EXIT_UNDELIVERED
     if event.by_peer or event.error_code != 0:
         if event.error_code != 0 or received < sent:
             _error(f"connection closed by {'peer' if event.by_peer else 'us'}: "
                    f"{code_name(event.error_code)} {event.reason}".rstrip())
-            status = EXIT_ERROR
+            status = EXIT_UNDELIVERED if received < sent else EXIT_ERROR
+    _report_client_drops(args, tunnel)
     log.info("%s", _summary(tunnel, event))
     return status
 
 
 def _cmd_connect(args: argparse.Namespace) -> int:
-    return asyncio.run(_connect_main(args))
+    main = _listen_main(args) if args.listen else _connect_main(args)
+    return asyncio.run(_close_on_sigterm(main))
 
 
 # -- gateway ------------------------------------------------------------------------------------
@@ -822,6 +918,13 @@ async def _gateway_main(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     stop = _stop_on_signals()
     host, port = gateway.address
+    try:
+        observers = await _start_observers(args, _gateway_snapshot(
+            gateway, f"udp://{_host_for_url(host)}:{port}"))
+    except ConfigError:
+        gateway.close()
+        await gateway.wait_closed()
+        raise
     devices = ", ".join(
         f"{d.name} (node {d.node.hex() if d.node else 'from its HELLO'})" for d in gateway.devices
     )
@@ -830,6 +933,7 @@ async def _gateway_main(args: argparse.Namespace) -> int:
     try:
         await stop.wait()
     finally:
+        await observers.close()
         gateway.close()
         await gateway.wait_closed()
         log.info("gateway counters %s",
@@ -848,7 +952,333 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from palisade_c.demo import run
 
     return run(baud=args.baud, messages=args.messages,
-               verbose=bool(getattr(args, "verbose", False)))
+               verbose=bool(getattr(args, "verbose", False)),
+               engine=getattr(args, "engine", "python"))
+
+
+# -- key tools, trust reload, SIGTERM (issue 14) -------------------------------------------------
+
+
+class _UsageError(ConfigError):
+    """A combination of options that cannot work: exits with EXIT_USAGE."""
+
+
+def _add_key_commands(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    pubkey_p = sub.add_parser(
+        "pubkey", parents=[verbose], help="print the public key of a key file",
+        description="Print the public key (the PEM a .pub file holds) of a private key file "
+        "or a .pub file on stdout: palisade pubkey server.key > server.key.pub",
+    )
+    pubkey_p.add_argument("keyfile", metavar="KEYFILE")
+    pubkey_p.set_defaults(func=_cmd_pubkey)
+    fingerprint_p = sub.add_parser(
+        "fingerprint", parents=[verbose], help="print the fingerprint of a key file",
+        description="Print the hex fingerprint (what --trust accepts) of a private key file "
+        "or a .pub file on stdout.",
+    )
+    fingerprint_p.add_argument("keyfile", metavar="FILE")
+    fingerprint_p.set_defaults(func=_cmd_fingerprint)
+
+
+def _cmd_pubkey(args: argparse.Namespace) -> int:
+    from palisade_c.keytools import public_pem
+
+    sys.stdout.write(public_pem(args.keyfile))
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def _cmd_fingerprint(args: argparse.Namespace) -> int:
+    from palisade_c.keytools import fingerprint_of
+
+    print(fingerprint_of(args.keyfile), flush=True)
+    return EXIT_OK
+
+
+def _reload_trust_on_sighup(args: argparse.Namespace, config: Config) -> None:
+    """SIGHUP re-reads --trust-dir into the running server's trust store; established
+    sessions stay up. Without --trust-dir it only logs (it no longer kills the server)."""
+    reloader = TrustReloader(config.trust, list(args.trust or ()),
+                             list(getattr(args, "trust_dir", None) or ()))
+
+    def on_hup() -> None:
+        try:
+            count = reloader.reload()
+        except ConfigError as exc:
+            _error(f"trust reload failed, keeping the previous keys: {exc}")
+            return
+        log.warning("trust reloaded on SIGHUP: %d keys pinned", count)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_hup)
+
+
+async def _close_on_sigterm(main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main``; SIGTERM cancels it like SIGINT does, so its cleanup sends the close."""
+    task = asyncio.current_task()
+    terminated = False
+
+    def on_term() -> None:
+        nonlocal terminated
+        terminated = True
+        if task is not None:
+            task.cancel()
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_term)
+    try:
+        return await main
+    except asyncio.CancelledError:
+        if terminated:
+            return EXIT_TERMINATED
+        raise
+
+
+# -- UDP forwarding (issue 14) ------------------------------------------------------------------
+
+
+def _flow_idle_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--flow-idle", type=_seconds, default=DEFAULT_FLOW_IDLE, metavar="S",
+                   help="with --forward/--listen: release a flow (its stream id and socket) "
+                   f"after S idle seconds (default {DEFAULT_FLOW_IDLE:g})")
+
+
+def _forward_handler(args: argparse.Namespace) -> Any:
+    """serve --forward: the tunnel handler, or None without --forward."""
+    if not getattr(args, "forward", None):
+        return None
+    forwarder = ServiceForwarder(parse_udp_target(args.forward), flow_idle=args.flow_idle)
+    args._forwarder = forwarder  # for `palisade show` and --metrics
+    return forwarder.handle
+
+
+def _report_client_drops(args: argparse.Namespace, tunnel: Tunnel) -> None:
+    """connect --log-json: the session's drop classes, as one aggregated event at its end."""
+    sink = _event_log(args)
+    if sink is not None:
+        name = tunnel.connection.name
+        DropReporter(lambda: {name: tunnel.connection.drop_counts}, sink,
+                     interval=0.0).report(asyncio.get_running_loop().time())
+
+
+async def _listen_main(args: argparse.Namespace) -> int:
+    """connect --listen: forward local applications' datagrams through one tunnel."""
+    host, port = parse_udp_target(args.listen)
+    extra: dict[str, Any] = {}
+    if args.timeout is not None:
+        extra["handshake_timeout"] = args.timeout
+    config = _make_config(args, **extra)
+    if config.plus_features & PLUS_RESUMPTION:
+        args._tickets = ClientTicketCache(args.ticket_file)
+    opened = await _open_tunnel(args, config)
+    if isinstance(opened, int):
+        return opened
+    tunnel = opened
+    forwarder = ListenForwarder(tunnel, flow_idle=args.flow_idle)
+    args._forwarder = forwarder
+    try:
+        try:
+            bound_host, bound_port = await forwarder.bind(host, port)
+        except OSError as exc:
+            _error(f"cannot listen on {args.listen}: {exc.strerror or exc}")
+            return EXIT_ERROR
+        print(f"palisade: forwarding udp://{_host_for_url(bound_host)}:{bound_port} "
+              f"through the tunnel to {args.url}", file=sys.stderr, flush=True)
+        event = await forwarder.run()
+    finally:
+        forwarder.close()
+        closed = await tunnel.close()
+        _report_client_drops(args, tunnel)
+        log.info("%s forward=%s", _summary(tunnel, closed),
+                 json.dumps(forwarder.snapshot()["counters"], sort_keys=True,
+                            separators=(",", ":")))
+    if event.error_code != 0:
+        _error(f"connection closed by {'peer' if event.by_peer else 'us'}: "
+               f"{code_name(event.error_code)} {event.reason}".rstrip())
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+# -- show, control socket, metrics (issue 14) ---------------------------------------------------
+
+
+def _observability_options(p: argparse.ArgumentParser, *, gateway: bool = False) -> None:
+    default = ("$XDG_RUNTIME_DIR/palisade/gateway.sock, none without XDG_RUNTIME_DIR"
+               if gateway else "$XDG_RUNTIME_DIR/palisade/KEYNAME.sock, else KEYFILE.sock")
+    p.add_argument("--control", metavar="PATH",
+                   help=f"Unix control socket (0600) for 'palisade show' (default {default}; "
+                   "'none' for no socket)")
+    if gateway:
+        _log_json_option(p)
+    p.add_argument("--log-interval", type=_seconds, default=DROP_INTERVAL, metavar="S",
+                   help="with --log-json: write the drop counts aggregated over S seconds "
+                   f"(default {DROP_INTERVAL:g})")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics over HTTP, e.g. 127.0.0.1:9109 (needs the "
+                   "prometheus_client package: pip install 'palisade-c[metrics]')")
+
+
+def _log_json_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-json", metavar="FILE",
+                   help="append one JSON object per state change, epoch change, close and "
+                   "(aggregated) drop class to FILE, '-' for stdout (never keys or data)")
+
+
+def _add_show_command(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    show_p = sub.add_parser(
+        "show", parents=[verbose], help="list a running server's sessions or gateway's devices",
+        description="Ask a running 'palisade serve' or 'palisade gateway' over its control "
+        "socket. Finds the socket from --control, or from --key as serve does, or else asks "
+        "every socket in $XDG_RUNTIME_DIR/palisade/.",
+    )
+    show_p.add_argument("--control", metavar="PATH", help="the control socket")
+    show_p.add_argument("--key", metavar="FILE", help="the server's key file (locates the "
+                        "socket the way serve does)")
+    show_p.add_argument("--json", action="store_true", help="machine-readable output")
+    show_p.set_defaults(func=_cmd_show)
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from palisade_c.control import default_path, format_show, query, runtime_dir
+
+    paths: list[Path] = []
+    if args.control:
+        paths = [Path(args.control)]
+    elif args.key:
+        found = default_path(args.key)
+        paths = [found] if found else []
+    else:
+        base = runtime_dir()
+        paths = sorted(base.glob("*.sock")) if base and base.is_dir() else []
+    if not paths:
+        raise _UsageError("no control socket: give --control PATH or --key FILE")
+    snaps = [query(path) for path in paths]
+    if args.json:
+        print(json.dumps(snaps[0] if len(snaps) == 1 else snaps, indent=2, sort_keys=True))
+    else:
+        print("\n\n".join(format_show(snap) for snap in snaps))
+    return EXIT_OK
+
+
+def _serve_snapshot(args: argparse.Namespace, server: Any, config: Config,
+                    where: str) -> Any:
+    from palisade_c.control import ActivityTracker, server_snapshot
+
+    tracker = ActivityTracker()
+    args._tracker = tracker
+
+    def extra() -> dict[str, Any]:
+        forwarder = getattr(args, "_forwarder", None)
+        return {"forward": forwarder.snapshot()} if forwarder is not None else {}
+
+    def snapshot() -> dict[str, Any]:
+        return server_snapshot(server, listen=where, fingerprint=config.identity.fingerprint,
+                               tracker=tracker, extra=extra)
+
+    def drop_sources() -> dict[str, dict[str, int]]:
+        endpoint = server.endpoint
+        sources = {"endpoint": endpoint.drop_counts}
+        for conn in endpoint.connections:
+            sources[conn.name] = conn.drop_counts
+        return sources
+
+    snapshot.connections = lambda: server.endpoint.connections  # type: ignore[attr-defined]
+    snapshot.drop_sources = drop_sources  # type: ignore[attr-defined]
+    return snapshot
+
+
+def _gateway_snapshot(gateway: Any, where: str) -> Any:
+    from palisade_c.control import gateway_snapshot
+
+    def snapshot() -> dict[str, Any]:
+        return gateway_snapshot(gateway, listen=where)
+
+    def drop_sources() -> dict[str, dict[str, int]]:
+        snap = snapshot()
+        sources = {"gateway": snap["drops"]}
+        for d in snap["devices"]:
+            errors = {k: v for k, v in d["frame_errors"].items() if isinstance(v, int)}
+            sources[d["port"]] = {**d["drops"], **errors}
+        return sources
+
+    snapshot.drop_sources = drop_sources  # type: ignore[attr-defined]
+    snapshot.is_gateway = True  # type: ignore[attr-defined]
+    return snapshot
+
+
+class _Observers:
+    """The control socket, the session sampler and the metrics endpoint of one process."""
+
+    def __init__(self) -> None:
+        self.control: Any = None
+        self.metrics: Any = None
+        self.sampler: asyncio.Task[None] | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def close(self) -> None:
+        for task in [self.sampler, *self.tasks]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.close)
+        if self.control is not None:
+            await self.control.close()
+
+
+async def _start_observers(args: argparse.Namespace, snapshot: Any) -> _Observers:
+    from palisade_c.control import ControlServer, default_path
+
+    observers = _Observers()
+    connections = getattr(snapshot, "connections", None)
+    tracker = getattr(args, "_tracker", None)
+    if connections is not None and tracker is not None:
+        observers.sampler = asyncio.get_running_loop().create_task(tracker.run(connections))
+    event_log = _event_log(args)
+    sources = getattr(snapshot, "drop_sources", None)
+    if event_log is not None and sources is not None:
+        reporter = DropReporter(sources, event_log, interval=args.log_interval)
+        observers.tasks.append(asyncio.get_running_loop().create_task(reporter.run()))
+        if getattr(snapshot, "is_gateway", False):
+            observers.tasks.append(asyncio.get_running_loop().create_task(
+                watch_gateway(snapshot, event_log)))
+    path_text = getattr(args, "control", None)
+    path = (None if path_text == "none" else Path(path_text) if path_text
+            else default_path(getattr(args, "key", None), gateway=args.func is _cmd_gateway))
+    # Under `serve --workers N` each worker holds its own sessions: worker i answers on the
+    # control socket PATH.i and serves metrics on PORT+i (worker 0 on PATH and PORT).
+    worker = getattr(args, "worker_index", 0) if getattr(args, "worker_fd", None) is not None \
+        else 0
+    if path is not None and worker:
+        path = path.with_name(f"{path.name}.{worker}")
+    if path is not None:
+        control = ControlServer(path, snapshot)
+        try:
+            await control.start()
+            observers.control = control
+            log.info("control socket %s", path)
+        except OSError as exc:
+            _error(f"warning: no control socket: {exc.strerror or exc}")
+    if getattr(args, "metrics", None):
+        from palisade_c.metrics import MetricsServer, parse_listen
+
+        host, port = parse_listen(args.metrics)
+        if port and worker:
+            port += worker
+            if port > 0xFFFF:
+                raise ConfigError(f"--metrics {args.metrics}: worker {worker} would need port "
+                                  f"{port}")
+        try:
+            observers.metrics = MetricsServer(host, port, snapshot)
+        except OSError as exc:
+            await observers.close()
+            raise ConfigError(f"cannot serve metrics on {args.metrics}: "
+                              f"{exc.strerror or exc}") from None
+        mhost, mport = observers.metrics.address
+        print(f"palisade: metrics on http://{_host_for_url(mhost)}:{mport}/metrics",
+              file=sys.stderr, flush=True)
+    return observers
 
 
 # -- entry point --------------------------------------------------------------------------------
@@ -857,11 +1287,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    args._argv = list(sys.argv[1:] if argv is None else argv)  # for worker processes
-    _setup_logging(bool(getattr(args, "verbose", False)))
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        apply_sources(parser, arguments)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    args = parser.parse_args(arguments)
+    args._argv = arguments  # for worker processes
+    finish_sources(args)
+    setup_logging(getattr(args, "log_level", None), bool(getattr(args, "verbose", False)))
     try:
         status: int = args.func(args)
+    except _UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
     except ConfigError as exc:
         _error(str(exc))
         return EXIT_ERROR

@@ -8,8 +8,14 @@ from palisade_c.config import Config
 from palisade_c.events import Event
 from palisade_c.frames import ControlFrame
 from palisade_c.reassembly import AmplificationLimiter
+from palisade_c.record import STREAM_DUMMY as STREAM_DUMMY
+from palisade_c.record import STREAM_KEEPALIVE as STREAM_KEEPALIVE
 from palisade_c.record import RecordLayer
 from palisade_c.tickets import ClientTicket, TicketService
+from palisade_c.wire import PLUS_MIGRATION as PLUS_MIGRATION
+from palisade_c.wire import PLUS_RESUMPTION as PLUS_RESUMPTION
+
+TICKET_NONCE_LEN: Final[int]
 
 Addr: TypeAlias = Any  # a transport address: (host, port) for UDP, a path for serial links
 EventLog: TypeAlias = Callable[[dict[str, Any]], None]
@@ -21,6 +27,8 @@ MAX_MIGRATE_NONCES: Final[int]
 HANDSHAKE_WIRE_BYTES: Final[int]
 MAX_APP_STREAM: Final[int]
 MAX_ERROR_DETAIL: Final[int]
+PROBE_TIMEOUT: Final[float]
+REKEY_ATTEMPTS: Final[int]
 SESSION_RID_TAG_LEN: Final[int]
 
 def session_rid(hello_rid: bytes, prefix: bytes, random7: bytes) -> bytes: ...
@@ -124,4 +132,4 @@ class Connection:
     def _early(self) -> RecordLayer | None: ...
     def _seal(self, payload: bytes, stream_id: int, control: bool = False) -> None: ...
     def _send_control(self, *frames: ControlFrame) -> None: ...
-    def _fail(self, code: int, detail: str, *, send: bool) -> None: ...
+    def _fail(self, code: int, detail: str, send: bool) -> None: ...

@@ -37,13 +37,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from palisade_c.aio import Tunnel, connect, serve
 from palisade_c.config import Config
 from palisade_c.connection import Connection
 from palisade_c.errors import PalisadeError, code_name
-from palisade_c.events import ConnectionClosed, DataReceived, EpochChanged
+from palisade_c.events import ConnectionClosed, DataReceived, EpochChanged, HandshakeCompleted
 from palisade_c.gateway import Gateway
 from palisade_c.identity import Identity
 from palisade_c.progress import HandshakeProgress
@@ -135,9 +135,11 @@ async def run_demo(
     messages: int = 10,
     *,
     progress: TextIO | None = None,
+    engine: str = "python",
 ) -> DemoResult:
     """Run the demo (module docstring); ``progress`` receives the handshake status lines
-    (stderr by default). Raises :class:`DemoError` when a step fails."""
+    (stderr by default). ``engine="c"`` plays the device with the C peer firmware uses
+    (firmware_bridge/DEVICE.md). Raises :class:`DemoError` when a step fails."""
     loop = asyncio.get_running_loop()
     begin = loop.time()
     node = os.urandom(8)
@@ -166,7 +168,11 @@ async def run_demo(
                 async for data in tunnel:
                     tunnel.send(data)
 
-            server = await serve(line.url("a"), device_cfg, device)
+            server: Any
+            if engine == "c":
+                server = await _serve_c_device(line.url("a"), device_cfg, established)
+            else:
+                server = await serve(line.url("a"), device_cfg, device)
             gateway: Gateway | None = None
             try:
                 gateway = await Gateway.start("udp://127.0.0.1:0", [line.url("b")])
@@ -192,6 +198,25 @@ async def run_demo(
             result.line_b_to_a = counters["b_to_a"]
     result.total_time = loop.time() - begin
     return result
+
+
+async def _serve_c_device(url: str, config: Config,
+                          established: asyncio.Future[tuple[float, int, int]]) -> Any:
+    """The device played by the C peer: echo, and note when it holds keys and the bytes its
+    link carried until then (all of them handshake records: the device had no keys)."""
+    from palisade_c.device_engine import echo, serve_device
+
+    loop = asyncio.get_running_loop()
+    server = await serve_device(url, config, echo)
+    link = server.transport
+
+    def on_event(event: object) -> None:
+        if isinstance(event, HandshakeCompleted) and not established.done():
+            established.set_result((loop.time(), link.datagram_bytes_in,
+                                    link.datagram_bytes_out))
+
+    server.on_event = on_event
+    return server
 
 
 async def _client(
@@ -271,13 +296,13 @@ def summary_lines(r: DemoResult) -> list[str]:
 
 
 def run(baud: int = 115200, messages: int = 10, verbose: bool = False,
-        out: TextIO | None = None) -> int:
+        out: TextIO | None = None, engine: str = "python") -> int:
     """Run the demo and print its summary; the exit status (0 when every step worked)."""
     stdout = out if out is not None else sys.stdout
 
     async def bounded() -> DemoResult:
         async with asyncio.timeout(DEMO_TIMEOUT):
-            return await run_demo(baud, messages)
+            return await run_demo(baud, messages, engine=engine)
 
     started = time.monotonic()
     try:

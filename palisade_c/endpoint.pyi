@@ -1,13 +1,17 @@
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, final
 
 from palisade_c.config import Config
 from palisade_c.connection import Addr, Connection, EventLog
 from palisade_c.events import Event
 from palisade_c.tickets import TicketService
+from palisade_c.wire import PLUS_RESUMPTION as PLUS_RESUMPTION
 
 COOKIE_LIFETIME: Final[float]
 LIMIT_REPLY_RATE: Final[float]
 LIMIT_REPLY_BURST: Final[float]
+PURGE_BACKLOG_DELAY: Final[float]
+PURGE_BATCH: Final[int]
+PURGE_INTERVAL: Final[float]
 
 def _cookie_addr(addr: Addr) -> tuple[object, ...]: ...
 
@@ -15,6 +19,7 @@ class EndpointEvent(NamedTuple):
     connection: Connection
     event: Event
 
+@final
 class ServerEndpoint:
     @property
     def config(self) -> Config: ...

@@ -1,4 +1,7 @@
-from typing import Final
+from typing import Final, final
+
+DIR_C2S: Final[bytes]
+DIR_S2C: Final[bytes]
 
 SEQ_REKEY_THRESHOLD: Final[int]
 SEQ_HARD_LIMIT: Final[int]
@@ -12,6 +15,7 @@ TX_STATE_NAMES: Final[tuple[str, str]]
 def rx_transition_table() -> dict[tuple[str, str], str]: ...
 def tx_transition_table() -> dict[tuple[str, str], str]: ...
 
+@final
 class TrafficKey:
     @property
     def epoch(self) -> int: ...
@@ -27,6 +31,7 @@ class TrafficKey:
         window_size: int | None = None,
     ) -> TrafficKey: ...
 
+@final
 class EpochMachine:
     @property
     def rx_state(self) -> int: ...

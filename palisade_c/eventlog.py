@@ -5,14 +5,25 @@
 carry names, codes, epochs, counts and short fingerprint prefixes only (never keys, secrets or
 plaintext: the core never puts them in an event), so the file is safe to ship to a log
 collector. Each line is flushed as written, so a crash loses at most the line being written.
+
+Every line carries ``time``, the wall-clock time as RFC 3339 UTC with milliseconds (for
+correlating with other logs), beside the core's ``t``, the monotonic time the core was given
+(for intervals within one process). The path ``-`` means standard output.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
+from datetime import UTC, datetime
 from typing import IO, Any
+
+
+def rfc3339_now() -> str:
+    """The current UTC time as RFC 3339 with milliseconds, e.g. 2026-01-02T03:04:05.678Z."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class JsonLinesLog:
@@ -22,7 +33,11 @@ class JsonLinesLog:
                  stream: IO[str] | None = None) -> None:
         if (path is None) == (stream is None):
             raise ValueError("give exactly one of path or stream")
-        self._own = stream is None
+        if stream is None and os.fspath(path) == "-":  # type: ignore[arg-type]
+            stream, path = sys.stdout, None
+            self._own = False
+        else:
+            self._own = stream is None
         if stream is None:
             assert path is not None
             # Line-buffered append: the log is read while the server runs (tail -f).
@@ -32,6 +47,8 @@ class JsonLinesLog:
         self.lines = 0
 
     def __call__(self, event: dict[str, Any]) -> None:
+        if "time" not in event:
+            event = {"time": rfc3339_now(), **event}
         line = json.dumps(event, separators=(",", ":"), sort_keys=True, default=str)
         with self._lock:
             self._stream.write(line + "\n")

@@ -1,5 +1,5 @@
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, final
 
 CTRL_REKEY: Final[int]
 CTRL_MIGRATE: Final[int]
@@ -18,6 +18,7 @@ MIGRATE_FRAME_LEN: Final[int]
 MIGRATE_REASON_SOFT: Final[int]
 PATH_DATA_LEN: Final[int]
 
+@final
 class ControlFrame:
     @property
     def ctrl_type(self) -> int: ...

@@ -1,4 +1,4 @@
-from typing import Final
+from typing import Final, final
 
 CLIENT_STATES: Final[tuple[str, ...]]
 SERVER_STATES: Final[tuple[str, ...]]
@@ -7,6 +7,7 @@ EVENTS: Final[tuple[str, ...]]
 def transition_table(server: bool) -> dict[tuple[str, str], str]: ...
 def event_id(name: str) -> int: ...
 
+@final
 class StateMachine:
     @property
     def role(self) -> int: ...

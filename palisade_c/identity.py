@@ -260,6 +260,12 @@ class TrustStore:
         else:
             raise ConfigError(f"cannot use a {type(entry).__name__} as a trust entry")
 
+    def replace_with(self, other: TrustStore) -> None:
+        """Pin exactly what ``other`` pins, in place (a trust reload: every holder of this
+        store sees the change at its next handshake; live sessions are not re-checked)."""
+        self._fingerprints = set(other._fingerprints)
+        self._known_raw = {}
+
     def is_trusted(self, public_key: bytes) -> bool:
         """True if ``public_key`` (raw bytes, as received) is pinned. Never raises."""
         return self.pinned_fingerprint(public_key) is not None

@@ -1,5 +1,5 @@
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, final
 
 from palisade_c.epoch import EpochMachine
 
@@ -8,6 +8,9 @@ VERSION: Final[int]
 FLAG_CONTROL: Final[int]
 FLAG_KEY_PHASE: Final[int]
 FLAGS_RESERVED: Final[int]
+DIR_C2S: Final[bytes]
+DIR_S2C: Final[bytes]
+SEQ_HARD_LIMIT: Final[int]
 STREAM_KEEPALIVE: Final[int]
 STREAM_DUMMY: Final[int]
 EARLY_DATA_EPOCH: Final[int]
@@ -18,6 +21,7 @@ DROP_REASON_NAMES: Final[tuple[str, ...]]
 def make_rid(steering_prefix: bytes, rotation_epoch: int, random14: bytes) -> bytes: ...
 def split_rid(rid: bytes) -> tuple[bytes, int, bytes]: ...
 
+@final
 class PublicHeader:
     flags: int
     length: int
@@ -31,8 +35,10 @@ class PublicHeader:
     @staticmethod
     def decode(data: bytes) -> PublicHeader: ...
 
+@final
 class BufferWindow: ...
 
+@final
 class Record:
     @property
     def payload(self) -> bytes: ...
@@ -47,6 +53,7 @@ class Record:
     @property
     def keepalive(self) -> bool: ...
 
+@final
 class RecordLayer:
     @property
     def epochs(self) -> EpochMachine: ...

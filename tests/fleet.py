@@ -83,7 +83,7 @@ class Fleet:
 
     def tunnels_per_worker(self) -> Counter[str]:
         return Counter(line.split("]")[0] + "]" for line in self.text().splitlines()
-                       if line.startswith("[worker") and ": tunnel from" in line)
+                       if line.startswith("[worker") and ": session opened from" in line)
 
 
 @pytest.fixture(scope="module", name="keyfiles")

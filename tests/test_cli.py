@@ -176,7 +176,7 @@ def test_connect_reports_every_line_too_long_for_the_path_and_exits_non_zero(
     result = palisade("connect", echo_server.url, "--key", keys.key("client"), "--mtu", "512",
                       "--trust", keys.pub("server"), "--timeout", "5", cwd=workdir,
                       stdin="\n".join(lines) + "\n")
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 5, result.stderr  # data not delivered (docs/cli.md)
     assert result.stdout.splitlines() == [lines[0], "short"]
     errors = result.stderr.splitlines()
     assert errors[0] == ("palisade: line 2 skipped: 2000 bytes, more than the 451 bytes one "
@@ -208,7 +208,7 @@ def test_untrusted_client_key_fails_with_one_line(
     result = palisade("connect", echo_server.url, "--key", keys.key("stranger"),
                       "--trust", keys.pub("server"), "--timeout", "5", cwd=workdir,
                       stdin="never sent\n")
-    assert result.returncode == 2
+    assert result.returncode == 3  # EXIT_HANDSHAKE: refused
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1, result.stderr
     assert "ErrorCertificateInvalid" in result.stderr
@@ -219,7 +219,7 @@ def test_unpinned_server_key_fails_with_one_line(
 ) -> None:
     result = palisade("connect", echo_server.url, "--key", keys.key("client"),
                       "--trust", keys.pub("stranger"), "--timeout", "5", cwd=workdir)
-    assert result.returncode == 2
+    assert result.returncode == 3  # EXIT_HANDSHAKE: refused
     assert result.stderr.count("\n") == 1, result.stderr
     assert "ErrorCertificateInvalid" in result.stderr
 
@@ -229,7 +229,7 @@ def test_handshake_timeout_fails_with_one_line(keys: Keys, workdir: Path) -> Non
     result = palisade("connect", f"udp://127.0.0.1:{free_udp_port()}", "--key",
                       keys.key("client"), "--trust", keys.pub("server"), "--timeout", "1",
                       cwd=workdir, stdin="x\n")
-    assert result.returncode == 2
+    assert result.returncode == 4  # EXIT_TIMEOUT
     assert result.stderr.count("\n") == 1, result.stderr
     assert "handshake timed out" in result.stderr
     assert time.monotonic() - started < 10

@@ -17,6 +17,8 @@ import pytest
 from middlebox import Middlebox
 from test_cli import CMD_TIMEOUT, EchoServer, Keys, _start_server, cli_env, palisade
 
+from palisade_c.cli import EXIT_TIMEOUT
+
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
@@ -82,7 +84,7 @@ def test_silence_is_reported_as_no_answer(keys: Keys, server: EchoServer,
                                           tmp_path: Path) -> None:
     with Middlebox(target_of(server), pass_down=0) as box:
         result = connect(keys, box.url, tmp_path, "--timeout", "1")
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == EXIT_TIMEOUT, result.stderr
     assert f"(no answer from {box.url})" in result.stderr, result.stderr
 
 
@@ -92,6 +94,6 @@ def test_a_stalled_reply_is_not_called_silence(keys: Keys, server: EchoServer,
     how much arrived instead of 'no answer'."""
     with Middlebox(target_of(server), pass_down=2) as box:
         result = connect(keys, box.url, tmp_path, "--timeout", "1.5")
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == EXIT_TIMEOUT, result.stderr
     assert "then stalled" in result.stderr and "no answer" not in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1, result.stderr

@@ -193,6 +193,6 @@ def test_cli_reports_the_session_limit_in_one_line(
         done.set()
         thread.join(30)
     err = capsys.readouterr().err
-    assert status == 2
+    assert status == cli.EXIT_HANDSHAKE  # refused (docs/cli.md)
     assert err.count("\n") == 1 and err.startswith("palisade: handshake failed: ")
     assert "ErrorSessionLimitExceeded (0x0202)" in err

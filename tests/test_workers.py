@@ -477,3 +477,37 @@ async def _next_ticket(tunnel: Tunnel) -> Any:
             return tunnel.tickets[-1]
         await asyncio.sleep(0.05)
     raise AssertionError("no ticket issued")
+
+
+def test_each_worker_has_its_own_control_socket_and_metrics_port(
+        tmp_path: Path, keyfiles: tuple[Path, Path, Identity]) -> None:
+    """Workers hold disjoint sessions, so each answers `show` and metrics for its own: worker
+    i on PATH.i and PORT+i. One shared path or port would leave all but one worker blind."""
+    from fleet import free_tcp_port
+
+    control = tmp_path / "serve.sock"
+    port = free_tcp_port()
+    while port + 1 > 0xFFFF:
+        port = free_tcp_port()
+    fleet = Fleet(tmp_path, keyfiles[0], keyfiles[1], "--control", str(control),
+                  "--metrics", f"127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 20
+        want = [control, control.with_name("serve.sock.1")]
+        while time.monotonic() < deadline and not all(p.exists() for p in want):
+            time.sleep(0.05)
+        assert all(p.exists() for p in want), fleet.text()
+        for i in (0, 1):
+            with socket.create_connection(("127.0.0.1", port + i), timeout=10) as s:
+                s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                body = b""
+                while chunk := s.recv(65536):
+                    body += chunk
+            assert b"200" in body.split(b"\r\n", 1)[0] and b"palisade_" in body
+        for p in want:
+            out = subprocess.run([sys.executable, "-m", "palisade_c", "show", "--control",
+                                  str(p), "--json"], capture_output=True, text=True,
+                                 timeout=30, check=False)
+            assert out.returncode == 0, out.stderr
+    finally:
+        fleet.stop()

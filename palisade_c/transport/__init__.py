@@ -8,6 +8,8 @@ and needs pyserial), with :mod:`palisade_c.transport.pty` as a virtual serial li
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from palisade_c.transport.base import (
     SCHEMES,
     Addr,
@@ -16,7 +18,9 @@ from palisade_c.transport.base import (
     Transport,
     parse_url,
 )
-from palisade_c.transport.udp import UdpTransport
+
+if TYPE_CHECKING:
+    from palisade_c.transport.udp import UdpTransport
 
 __all__ = [
     "SCHEMES",
@@ -27,3 +31,13 @@ __all__ = [
     "UdpTransport",
     "parse_url",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # UdpTransport is loaded on first use: it needs asyncio, and the sans-IO core (which
+    # imports this package for the shared definitions) must not pull asyncio in.
+    if name == "UdpTransport":
+        from palisade_c.transport.udp import UdpTransport
+
+        return UdpTransport
+    raise AttributeError(f"module 'palisade_c.transport' has no attribute {name!r}")

@@ -28,7 +28,6 @@ serial transport itself, and a pyserial URL may carry only its handler's own par
 from __future__ import annotations
 
 import abc
-import asyncio
 import copy
 import ipaddress
 import re
@@ -40,6 +39,8 @@ from palisade_c.errors import ConfigError
 from palisade_c.hsrecord import HS_RECORD_OVERHEAD
 
 if TYPE_CHECKING:
+    import asyncio
+
     from palisade_c.config import Config
 
 __all__ = [
@@ -283,6 +284,8 @@ class Transport(abc.ABC):
     async def wait_closed(self) -> None:
         """Wait until the link is released after :meth:`close`."""
         if self._closed is not None:
+            import asyncio  # here: importing palisade_c must not load asyncio
+
             await asyncio.shield(self._closed)
 
     def deliver(self, data: bytes, addr: Addr) -> None:

@@ -154,6 +154,11 @@ cdef class ServerEndpoint:
         if len(raw) < HS_HEADER_LEN:
             self._drop("truncated")
             return
+        if raw[0] != 0x51 or (raw[1] != 0x48 and raw[1] != 0x50):
+            # Not PALISADE at all (a port scan, another protocol): its own drop class, so
+            # that the logs tell it apart from stale sessions (unknown-rid). [profile §11]
+            self._drop("bad-magic")
+            return
         rid = raw[RID_OFFSET:RID_OFFSET + RID_LEN]
         cdef Connection conn = self._by_rid.get(rid)
         if conn is None:
