@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from palisade_c import __version__
-from palisade_c.aio import HandshakeTimeoutError, Tunnel, connect, serve
+from palisade_c.aio import HandshakeTimeoutError, Tunnel, connect, describe_stall, serve
 from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION, Config
 from palisade_c.connection import Connection
 from palisade_c.errors import (
@@ -738,11 +738,12 @@ async def _open_tunnel(args: argparse.Namespace, config: Config) -> Tunnel | int
         tunnel = await connect(args.url, config, on_connection=watch,
                                tickets=cache, early_data=early if cache else None,
                                event_log=_event_log(args))
-    except HandshakeTimeoutError:
+    except HandshakeTimeoutError as exc:
         # The elapsed time, not the configured limit: the core may give up earlier, when its
-        # retransmissions are exhausted.
+        # retransmissions are exhausted. Silence and a stalled reply point at different
+        # faults (a wrong address or a firewall; a lossy path), so the message tells them apart.
         _error(f"handshake timed out after {loop.time() - started:.1f} s "
-               f"(no answer from {args.url})")
+               f"({describe_stall(exc.received, args.url)})")
         return EXIT_TIMEOUT
     except HandshakeError as exc:
         _error(f"handshake failed: {exc}")

@@ -94,6 +94,7 @@ static const uint8_t ZEROS[4] = {0, 0, 0, 0};
                 PAL_MLDSA65_PK_BYTES + 2u + PAL_MLDSA65_SIG_BYTES + 2u + 2u)
 
 static const char SERVER_CONTEXT[] = "PALISADE server";
+static const char SESSION_RID_LABEL[] = "PALISADE session rid"; /* §8.4 check bytes */
 static const char CLIENT_CONTEXT[] = "PALISADE client";
 
 /* ---- state machine (§15, server half that CORE uses) -------------------------------------- */
@@ -997,14 +998,26 @@ static void on_client_hello(pal_device *d, uint64_t now)
         fail(d, E_INTERNAL, "internal error", 1, d->hello_rid, now);
         return;
     }
-    /* Session RID: node id (or the client's prefix without one), rotation epoch 0, 14 random
-     * bytes (§8.4). */
+    /* Session RID: node id (or the client's prefix without one), rotation epoch 0, 7 random
+     * bytes, then 7 check bytes, SHA3-256(label || hello RID || the first 17 bytes), which let
+     * the client tie this reply to its own hello (docs/protocol.md §8.4). */
     memcpy(d->rid, d->cfg.has_node_id ? d->cfg.node_id : d->hello_rid, 8);
     d->rid[8] = 0;
     d->rid[9] = 0;
-    if (pal_crypto_random(port, d->rid + 10, 14) != 0) {
+    if (pal_crypto_random(port, d->rid + 10, 7) != 0) {
         fail(d, E_INTERNAL, "internal error", 1, d->hello_rid, now);
         return;
+    }
+    {
+        pal_sha3_ctx tag_h;
+        uint8_t tag[PAL_SHA3_256_BYTES];
+        pal_crypto_sha3_256_init(port, &tag_h);
+        pal_crypto_sha3_256_update(port, &tag_h, (const uint8_t *)SESSION_RID_LABEL,
+                                   sizeof SESSION_RID_LABEL - 1u);
+        pal_crypto_sha3_256_update(port, &tag_h, d->hello_rid, PAL_DEVICE_RID_LEN);
+        pal_crypto_sha3_256_update(port, &tag_h, d->rid, PAL_DEVICE_RID_LEN - 7u);
+        pal_crypto_sha3_256_final(port, &tag_h, tag);
+        memcpy(d->rid + PAL_DEVICE_RID_LEN - 7u, tag, 7);
     }
     d->rid_set = 1;
     d->ch_len = d->r_len;
