@@ -742,9 +742,15 @@ class _ServerEngine(_Engine):
                     self._early.pop(conn, None)
                     # INFO on the sessions logger (rate-limited by the CLI): an operator
                     # wants to see refused clients, with the code and where they came from.
-                    _session_log.info("%s: handshake refused from %s: %s %s", conn.name,
-                                      conn.peer_addr, code_name(event.error_code),
-                                      printable(event.reason))
+                    # A half-open session we drop ourselves without an error (the server
+                    # shutting down) refused nobody: that is only worth a debug line.
+                    if event.error_code or event.by_peer:
+                        _session_log.info("%s: handshake refused from %s: %s %s", conn.name,
+                                          conn.peer_addr, code_name(event.error_code),
+                                          printable(event.reason))
+                    else:
+                        _session_log.debug("%s: handshake from %s abandoned: %s", conn.name,
+                                           conn.peer_addr, printable(event.reason))
                 elif isinstance(event, DataReceived):
                     # 0-RTT data arrives before the handshake completes: keep it for the
                     # tunnel (bounded by the ticket's early-data allowance in the core).
