@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from simlink import CLIENT_ADDR, SERVER_ADDR, make_pair, seeded_rng
 
+import palisade_c
 from palisade_c import frames as F
 from palisade_c.config import Config
 from palisade_c.connection import Connection
@@ -30,7 +31,10 @@ from palisade_c.endpoint import ServerEndpoint
 from palisade_c.errors import StateError
 from palisade_c.identity import Identity
 
-ROOT = Path(__file__).resolve().parent.parent
+# The child runs where the imported package lives (the checkout when built in place, else the
+# installed tree): started in the checkout, it would import the uncompiled sources instead.
+ROOT = Path(palisade_c.__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
 
 
 @functools.cache
@@ -155,7 +159,7 @@ def _run_child(script: str) -> None:
 
 
 def test_endpoint_timer_loop_ends_for_both_ways_in() -> None:
-    _run_child(_CHILD.format(tests=str(ROOT / "tests")))
+    _run_child(_CHILD.format(tests=str(TESTS)))
 
 
 _CHILD_STUCK = textwrap.dedent("""
@@ -182,7 +186,7 @@ _CHILD_STUCK = textwrap.dedent("""
 
 
 def test_endpoint_closes_and_counts_a_session_whose_deadline_does_not_advance() -> None:
-    _run_child(_CHILD_STUCK.format(tests=str(ROOT / "tests")))
+    _run_child(_CHILD_STUCK.format(tests=str(TESTS)))
 
 
 # --- property: random activity, a close during any of it ----------------------------------------

@@ -507,7 +507,7 @@ def test_each_worker_has_its_own_control_socket_and_metrics_port(
         for p in want:
             out = subprocess.run([sys.executable, "-m", "palisade_c", "show", "--control",
                                   str(p), "--json"], capture_output=True, text=True,
-                                 timeout=30, check=False)
+                                 timeout=30, check=False, cwd=tmp_path, env=_env())
             assert out.returncode == 0, out.stderr
     finally:
         fleet.stop()
