@@ -56,7 +56,7 @@ from typing import Any
 
 from palisade_c import __version__
 from palisade_c.aio import HandshakeTimeoutError, Tunnel, connect, serve
-from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION, Config
+from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION, PLUS_SHAPING, Config
 from palisade_c.connection import Connection
 from palisade_c.errors import (
     ConfigError,
@@ -82,6 +82,7 @@ from palisade_c.ridlayout import MAX_WORKERS, RidLayout
 from palisade_c.safetext import printable
 from palisade_c.settings import apply_sources
 from palisade_c.settings import finish as finish_sources
+from palisade_c.shaping import Shaping
 from palisade_c.ticketkeys import FileTicketKeyRing
 from palisade_c.tickets import ClientTicketCache, SqliteTicketStore, TicketService, TicketStore
 from palisade_c.transport.base import (
@@ -213,6 +214,13 @@ def _socket_buffer(text: str) -> int:
     return value
 
 
+def _shaping(text: str) -> Shaping:
+    try:
+        return Shaping.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _workers(text: str) -> int:
     n = _count(text)
     if not 1 <= n <= MAX_WORKERS:
@@ -294,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="8-byte node id (16 hex digits): the RID steering prefix")
         p.add_argument("--plus", action="store_true",
                        help="offer/allow PALISADE-PLUS resumption and migration")
+        p.add_argument("--shaping", type=_shaping, metavar="MODE",
+                       help="traffic shaping (spec §10): off, pad:MIN-MAX (random padding) "
+                       "or rate:PPS:SIZE (constant rate); a client asks for it, a server "
+                       "imposes it (off: each client chooses). Implies PLUS shaping")
         p.add_argument("--socket-buffer", type=_socket_buffer, metavar="BYTES",
                        help="UDP receive/send buffer size to ask of the kernel (default "
                        "4194304; 0: the kernel's default; Linux caps it at "
@@ -438,6 +450,10 @@ def _make_config(args: argparse.Namespace, **extra: Any) -> Config:
     plus = _plus_requested(args)
     if plus:
         extra.setdefault("plus_features", PLUS_RESUMPTION | PLUS_MIGRATION)
+    shaping = getattr(args, "shaping", None)
+    if shaping is not None:
+        extra["shaping"] = shaping
+        extra["plus_features"] = extra.get("plus_features", 0) | PLUS_SHAPING
     buffer = getattr(args, "socket_buffer", None)
     if buffer is not None:
         extra["socket_buffer_bytes"] = buffer or None
