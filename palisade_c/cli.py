@@ -408,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="messages to echo through the tunnel (default 10)")
     demo_p.add_argument("--engine", choices=("python", "c"), default="python",
                         help="which implementation plays the device (see serve --engine)")
+    demo_p.add_argument("--shaping", type=_shaping, metavar="MODE",
+                        help="the client asks for traffic shaping (off, pad:MIN-MAX, "
+                        "rate:PPS:SIZE); the summary then shows its overhead")
     demo_p.set_defaults(func=_cmd_demo)
     _add_key_commands(sub, verbose)
     _add_show_command(sub, verbose)
@@ -968,7 +971,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     return run(baud=args.baud, messages=args.messages,
                verbose=bool(getattr(args, "verbose", False)),
-               engine=getattr(args, "engine", "python"))
+               engine=getattr(args, "engine", "python"),
+               shaping=getattr(args, "shaping", None))
 
 
 # -- key tools, trust reload, SIGTERM (issue 14) -------------------------------------------------

@@ -90,7 +90,7 @@ class Config:
     #: ``migration_window`` seconds, or on a PATH_RESPONSE.
     migration_packets: int = 3
     migration_window: float = 5.0
-    #: Traffic shaping (spec §10, docs/protocol.md §10). Client: the mode it asks for (a mode
+    #: Traffic shaping (spec §10, docs/protocol.md §17). Client: the mode it asks for (a mode
     #: other than off implies PLUS_SHAPING). Server: off lets each client choose; any other
     #: mode is imposed on every client that negotiates PLUS shaping.
     shaping: Shaping = field(default_factory=Shaping)

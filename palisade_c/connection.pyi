@@ -11,6 +11,7 @@ from palisade_c.reassembly import AmplificationLimiter
 from palisade_c.record import STREAM_DUMMY as STREAM_DUMMY
 from palisade_c.record import STREAM_KEEPALIVE as STREAM_KEEPALIVE
 from palisade_c.record import RecordLayer
+from palisade_c.shaping import MODE_RATE as MODE_RATE
 from palisade_c.shaping import Shaping
 from palisade_c.tickets import ClientTicket, TicketService
 from palisade_c.wire import PLUS_MIGRATION as PLUS_MIGRATION

@@ -1,4 +1,4 @@
-"""Traffic shaping (spec §10; docs/protocol.md §10): modes, negotiation, and the per-session
+"""Traffic shaping (spec §10; docs/protocol.md §17): modes, negotiation, and the per-session
 shaper the connection consults on its send path.
 
 Mode 0 sends every packet at once, unpadded. Mode 1 hides a uniformly drawn number of zero
@@ -16,6 +16,7 @@ refuses the handshake with ErrorUnsupportedExtension.
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,7 @@ MODE_OFF = 0
 MODE_PAD = 1
 MODE_RATE = 2
 
-#: Handshake extension carrying ``mode u8 | a u16 | b u16`` [profile §10.4]. The 0x8000 bit
+#: Handshake extension carrying ``mode u8 | a u16 | b u16`` [docs §17]. The 0x8000 bit
 #: makes it ignorable, so a CORE peer that does not know it answers without it (Mode 0).
 EXT_SHAPING = 0x8004
 _EXT_LEN = 5
@@ -44,7 +45,7 @@ _EXT_LEN = 5
 #: Bytes every encrypted packet adds to its payload: headers and tag (record.MIN_PACKET_LEN).
 RECORD_OVERHEAD = 61
 #: The smallest Mode 2 datagram: room for every control frame the session may need to send
-#: (a NEW_TICKET is the largest, well under 200 bytes) [profile §10.4].
+#: (a NEW_TICKET is the largest, well under 200 bytes) [docs §17].
 MIN_RATE_SIZE = 256
 MAX_RATE_PPS = 10_000
 _MAX_PAD = 0xFFFF
@@ -184,7 +185,7 @@ def server_shaping(config: Config, plus: int, extensions: tuple[Extension, ...])
         raise HandshakeError(ErrorCode.ErrorInvalidClientHello, str(exc)) from exc
     chosen = config.shaping if config.shaping.mode != MODE_OFF else asked
     if chosen.mode == MODE_RATE and chosen.b > config.max_datagram_size:
-        # The slot must fit the path: shrink it to our datagram size [profile §10.4].
+        # The slot must fit the path: shrink it to our datagram size [docs §17].
         chosen = Shaping.rate(chosen.a, max(config.max_datagram_size, MIN_RATE_SIZE))
     return _permitted(config, chosen, "this server's")
 
@@ -211,8 +212,7 @@ class Shaper:
     (Mode 2). Randomness comes from ``rng`` in blocks, so a seeded Config replays exactly."""
 
     __slots__ = (
-        "_pool",
-        "_pos",
+        "_pads",
         "_rng",
         "bypass",
         "control",
@@ -233,8 +233,7 @@ class Shaper:
         self.shaping = shaping
         self.mode = shaping.mode
         self._rng = rng
-        self._pool = b""
-        self._pos = 0
+        self._pads: list[int] = []
         self.interval = 1.0 / shaping.a if shaping.mode == MODE_RATE else 0.0
         self.next_slot = now
         self.size = shaping.b if shaping.mode == MODE_RATE else 0
@@ -247,26 +246,23 @@ class Shaper:
         self.pad_bytes = 0     # padding bytes added (both modes)
         self.refused = 0       # Mode 2: send_data calls refused for a full queue
 
-    def _random_below(self, n: int) -> int:
-        """Uniform in [0, n) by rejection on 32-bit draws (no modulo bias)."""
-        if n <= 1:
-            return 0
+    def _refill(self, n: int) -> None:
+        """64 draws at a time from ``rng``: 32-bit values, those above the largest multiple of
+        ``n`` rejected (no modulo bias), the rest reduced mod ``n``. Batching keeps the
+        per-packet cost to a list pop (bench/shaping.py)."""
         limit = (1 << 32) - (1 << 32) % n
-        while True:
-            if self._pos + 4 > len(self._pool):
-                self._pool = bytes(self._rng(256))
-                self._pos = 0
-            v = int.from_bytes(self._pool[self._pos:self._pos + 4], "big")
-            self._pos += 4
-            if v < limit:
-                return v % n
+        while not self._pads:
+            vals = struct.unpack(">64I", bytes(self._rng(256)))
+            self._pads = [v % n for v in vals if v < limit]
 
     def pad_for(self, payload_len: int, datagram_size: int) -> int:
         """Mode 1: padding for one packet, uniform over the range, clamped to the datagram."""
-        low, high = self.shaping.a, self.shaping.b
-        pad = low + self._random_below(high - low + 1)
+        if not self._pads:
+            self._refill(self.shaping.b - self.shaping.a + 1)
+        pad = self.shaping.a + self._pads.pop()
         room = datagram_size - RECORD_OVERHEAD - payload_len
-        pad = max(0, min(pad, room))
+        if pad > room:
+            pad = room if room > 0 else 0
         self.pad_bytes += pad
         return pad
 
@@ -294,7 +290,7 @@ class Shaper:
 
     def advance(self, now: float) -> None:
         """Mode 2: after a slot at ``now``. Slots a late caller missed are skipped, never
-        sent as a burst [profile §10.4], and the next one is always after ``now``."""
+        sent as a burst [docs §17], and the next one is always after ``now``."""
         self.next_slot += self.interval
         if self.next_slot <= now:
             self.next_slot = now + self.interval

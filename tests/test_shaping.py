@@ -23,6 +23,7 @@ from palisade_c.events import (
 )
 from palisade_c.identity import Identity
 from palisade_c.shaping import EXT_SHAPING, RECORD_OVERHEAD, Shaper, Shaping
+from palisade_c.transport.base import tune_for_link
 
 OFF = Shaping()
 
@@ -454,3 +455,37 @@ def test_resumption_keeps_the_agreed_mode() -> None:
     client.connect(SERVER_ADDR, pair.link.now, ticket=tickets[0])
     pair.run(lambda: client.established or client.closed, duration=5.0)
     assert client.established and client.resumed and client.shaping == Shaping.pad(0, 32)
+
+
+def test_tune_for_link_refuses_a_rate_over_the_share() -> None:
+    ci, _ = _ids()
+    cfg = Config(identity=ci, shaping=Shaping.rate(40, 256))  # fine on UDP
+    with pytest.raises(ConfigError, match="over 50% of the link's 115200 bit/s"):
+        tune_for_link(cfg, 512, 115200)  # what a serial URL does to it
+    assert tune_for_link(cfg, 512, 1_000_000).link_bits_per_second == 1_000_000
+
+
+def test_server_on_a_slow_link_refuses_a_rate_over_its_share() -> None:
+    pair = make_pair(*_configs(Shaping.rate(100, 400),
+                               server_kw={"link_bits_per_second": 115200}))
+    pair.connect()
+    pair.run(lambda: pair.client.closed, duration=30.0)
+    closed = _closed(pair, "client")
+    assert [e.error_code for e in closed] == [ErrorCode.ErrorUnsupportedExtension]
+    assert "of the link" in closed[0].reason
+
+
+def test_mode2_smallest_slot_carries_every_control_frame() -> None:
+    """A NEW_TICKET (the largest control frame), rekeys and the close all fit 256 bytes."""
+    pair, session = _pair(Shaping.rate(20, 256), client_plus=PLUS_SHAPING | PLUS_RESUMPTION,
+                          server_plus=PLUS_SHAPING | PLUS_RESUMPTION)
+    start = pair.link.now
+    pair.run(duration=0.5)
+    assert len(pair.link.events_of("client", NewTicket)) == 1
+    pair.client.request_rekey(now=pair.link.now)
+    pair.run(duration=2.0)
+    pair.client.close(0, "x" * 64, now=pair.link.now)
+    pair.run(lambda: pair.client.closed and session.closed, duration=5.0)
+    assert pair.link.events_of("client", EpochChanged)
+    for src in (CLIENT_ADDR, SERVER_ADDR):
+        assert {len(w.data) for w in _packets(pair, src, start)} == {256}

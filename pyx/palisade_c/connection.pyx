@@ -485,7 +485,7 @@ cdef class Connection:
             sh = self._shaper
             if sh is not None and sh.mode == MODE_RATE \
                     and (not found or <double>sh.next_slot < best):
-                best = sh.next_slot  # Mode 2: the next constant-rate slot (docs §10.4)
+                best = sh.next_slot  # Mode 2: the next constant-rate slot (docs §17.4)
                 found = True
             if self._fsm.established:
                 t = min(self._last_recv + <double>cfg.idle_timeout,
@@ -639,7 +639,7 @@ cdef class Connection:
                 f"(datagrams of {self.config.max_datagram_size} bytes)", room)
         sh = self._shaper
         if sh is not None and sh.mode == MODE_RATE:
-            # Mode 2 refuses what does not fit a slot rather than split or grow it (§10.4).
+            # Mode 2 refuses what does not fit a slot rather than split or grow it (docs §17.4).
             room = self.max_payload
             if n > room:
                 raise PacketTooLargeError(
@@ -1331,7 +1331,7 @@ cdef class Connection:
         """An authenticated dummy (stream 0xFF): discarded by the record layer, never
         delivered (spec §10.1), yet proof that the peer is alive. Under constant-rate
         shaping dummies are all a quiet peer sends; without this the idle timer would end a
-        healthy session (docs §10.4)."""
+        healthy session (docs §17.4)."""
         self.packets_in += 1
         self.bytes_in += n
         self._epoch_bytes += n
@@ -1653,7 +1653,7 @@ cdef class Connection:
 
     cdef int _send_slot(self) except -1:
         """Mode 2: one slot's packet, of the session's fixed size: a queued control message,
-        else queued data, else a dummy on stream 0xFF (docs §10.4)."""
+        else queued data, else a dummy on stream 0xFF (docs §17.4)."""
         cdef bytes pkt
         sh = self._shaper
         payload, stream_id, control = sh.next_item()
