@@ -59,6 +59,7 @@ from palisade_c.aio import HandshakeTimeoutError, Tunnel, connect, serve
 from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION, PLUS_SHAPING, Config
 from palisade_c.connection import Connection
 from palisade_c.errors import (
+    BackPressureError,
     ConfigError,
     ConnectionClosedError,
     ErrorCode,
@@ -528,7 +529,10 @@ async def _echo(tunnel: Tunnel) -> None:
         if isinstance(event, ConnectionClosed):
             return
         if isinstance(event, DataReceived):
-            tunnel.send(event.data, event.stream_id)
+            try:
+                tunnel.send(event.data, event.stream_id)
+            except BackPressureError:
+                pass  # constant-rate shaping, queue full: an echo is best effort
 
 
 async def _sink(tunnel: Tunnel) -> None:
@@ -832,6 +836,10 @@ async def _connect_main(args: argparse.Namespace) -> int:
                     _error(f"line {line_no} skipped: {len(data)} bytes, more than the "
                            f"{exc.max_payload} bytes one datagram of this path carries")
                     break
+                except BackPressureError:
+                    # Constant-rate shaping: the send queue is full; wait one slot.
+                    await asyncio.sleep(1.0 / max(1, current.connection.shaping.a))
+                    continue
                 except ConnectionClosedError:
                     if not can_reconnect:
                         return  # the printer sees the close too and ends the session
