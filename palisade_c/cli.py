@@ -56,7 +56,7 @@ from typing import Any
 
 from palisade_c import __version__
 from palisade_c.aio import HandshakeTimeoutError, Tunnel, connect, serve
-from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION, PLUS_SHAPING, Config
+from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION, Config
 from palisade_c.connection import Connection
 from palisade_c.errors import (
     BackPressureError,
@@ -94,6 +94,7 @@ from palisade_c.transport.base import (
     tune_for_link,
 )
 from palisade_c.trustdir import TrustReloader, read_trust_source
+from palisade_c.wire import PLUS_SHAPING
 
 __all__ = [
     "EXIT_ERROR",
