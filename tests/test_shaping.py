@@ -9,6 +9,8 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from simlink import CLIENT_ADDR, SERVER_ADDR, Pair, WireEntry, make_pair, seeded_rng
 
 from palisade_c.config import PLUS_RESUMPTION, PLUS_SHAPING, Config
@@ -152,6 +154,7 @@ def test_server_policy_is_imposed() -> None:
     pair, session = _pair(client=OFF, server=Shaping.rate(20, 300))
     assert pair.client.shaping == session.shaping == Shaping.rate(20, 300)
     assert _completed(pair, "client").shaping == Shaping.rate(20, 300)
+    assert _completed(pair, "server").shaping == Shaping.rate(20, 300)
 
 
 def test_server_refuses_a_mode_its_policy_forbids() -> None:
@@ -263,7 +266,7 @@ def _rate_run(seed: int, app: list[tuple[float, int]], *, duration: float = 3.0,
         def send(now: float, n: int = n) -> None:
             try:
                 pair.client.send_data(bytes([n % 251]) * n, now=now)
-            except BackPressureError:
+            except (BackPressureError, PacketTooLargeError):
                 pass
         pair.link.schedule(start + at, send)
     pair.run(duration=duration)
@@ -286,6 +289,20 @@ def test_mode2_observer_sees_constant_sizes_and_spacing(load: str) -> None:
     got = _data(pair, "server")
     sent = [bytes([n % 251]) * n for _, n in app]
     assert got == sent[:len(got)] and len(got) == len(sent)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.floats(0.0, 1.5), st.integers(0, 400)), max_size=60),
+       st.integers(0, 2**16))
+def test_mode2_wire_is_constant_whatever_the_application_sends(
+        app: list[tuple[float, int]], seed: int) -> None:
+    """Any send pattern, oversize and back-pressured sends included: one size, one spacing."""
+    pair, _session, start = _rate_run(seed, app, duration=2.0,
+                                      client_kw={"shaping_queue_limit": 8})
+    pkts = _packets(pair, CLIENT_ADDR, start + 0.05)
+    assert {len(w.data) for w in pkts} == {SIZE}
+    gaps = [b.time - a.time for a, b in itertools.pairwise(pkts)]
+    assert gaps and all(abs(g - 1 / PPS) < 1e-6 for g in gaps)
 
 
 def test_mode2_back_pressure_and_oversize() -> None:
