@@ -70,6 +70,7 @@ __all__ = [
     "Server",
     "Tunnel",
     "connect",
+    "describe_stall",
     "serve",
 ]
 
@@ -96,17 +97,26 @@ class HandshakeTimeoutError(HandshakeError, TimeoutError):
 
     It is a :class:`~palisade_c.errors.HandshakeError` with code ``ErrorHandshakeTimeout`` and
     also a :class:`TimeoutError` (which ``asyncio.TimeoutError`` is), so either ``except``
-    clause catches it.
+    clause catches it. ``received`` is how many handshake bytes did arrive from the server:
+    0 means nothing answered, anything else a reply that started and then stalled.
     """
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, received: int = 0) -> None:
         super().__init__(ErrorCode.ErrorHandshakeTimeout, message)
+        self.received = received
 
 
-def _handshake_error(event: ConnectionClosed) -> HandshakeError:
+def describe_stall(received: int, url: object) -> str:
+    """What a handshake timeout saw: no answer at all, or part of one."""
+    if not received:
+        return f"no answer from {url}"
+    return f"received {received} bytes from {url}, then stalled"
+
+
+def _handshake_error(event: ConnectionClosed, received: int = 0) -> HandshakeError:
     """The exception for a handshake that ended in ``event``."""
     if event.error_code == ErrorCode.ErrorHandshakeTimeout:
-        return HandshakeTimeoutError(event.reason or "handshake timed out")
+        return HandshakeTimeoutError(event.reason or "handshake timed out", received)
     try:
         code = ErrorCode(event.error_code)
     except ValueError:
@@ -688,7 +698,8 @@ async def connect(
         engine.stop()
         await transport.wait_closed()
         raise HandshakeTimeoutError(
-            f"handshake timed out after {bound:g} s (no answer from {url})"
+            f"handshake timed out after {bound:g} s ({describe_stall(conn.hs_bytes_in, url)})",
+            conn.hs_bytes_in,
         ) from None
     except BaseException:
         # Cancelled, or the core raised: never leave the socket open behind us.
@@ -698,7 +709,7 @@ async def connect(
         raise
     if isinstance(outcome, ConnectionClosed):
         await transport.wait_closed()
-        raise _handshake_error(outcome)
+        raise _handshake_error(outcome, conn.hs_bytes_in)
     log.debug("connected to %s, peer %s", url, outcome.peer_fingerprint[:16])
     return engine.tunnel
 
@@ -733,9 +744,15 @@ class _ServerEngine(_Engine):
                     self._early.pop(conn, None)
                     # INFO on the sessions logger (rate-limited by the CLI): an operator
                     # wants to see refused clients, with the code and where they came from.
-                    _session_log.info("%s: handshake refused from %s: %s %s", conn.name,
-                                      conn.peer_addr, code_name(event.error_code),
-                                      printable(event.reason))
+                    # A half-open session we drop ourselves without an error (the server
+                    # shutting down) refused nobody: that is only worth a debug line.
+                    if event.error_code or event.by_peer:
+                        _session_log.info("%s: handshake refused from %s: %s %s", conn.name,
+                                          conn.peer_addr, code_name(event.error_code),
+                                          printable(event.reason))
+                    else:
+                        _session_log.debug("%s: handshake from %s abandoned: %s", conn.name,
+                                           conn.peer_addr, printable(event.reason))
                 elif isinstance(event, DataReceived):
                     # 0-RTT data arrives before the handshake completes: keep it for the
                     # tunnel (bounded by the ticket's early-data allowance in the core).

@@ -50,12 +50,12 @@ import socket
 import sys
 import threading
 import warnings
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
 from palisade_c import __version__
-from palisade_c.aio import HandshakeTimeoutError, Tunnel, connect, serve
+from palisade_c.aio import HandshakeTimeoutError, Tunnel, connect, describe_stall, serve
 from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION, Config
 from palisade_c.connection import Connection
 from palisade_c.errors import (
@@ -570,6 +570,8 @@ async def _serve_c_engine(args: argparse.Namespace, config: Config) -> int:
         _error(f"cannot open {args.url}: {exc.strerror or exc}")
         return EXIT_ERROR
     stop = _stop_on_signals()
+    # The C peer's pins are fixed when its context is set up: nothing to re-read.
+    _on_sighup(lambda: log.warning("SIGHUP: the C device engine has nothing to reload"))
     print(f"palisade: listening on {args.url} with the C device engine "
           f"(fingerprint {config.identity.fingerprint})", file=sys.stderr, flush=True)
     try:
@@ -673,7 +675,12 @@ def _serve_workers(args: argparse.Namespace) -> int | None:
                             has_store=bool(args.ticket_db or args.ticket_store))
 
     async def run() -> int:
-        return await supervisor.run(_stop_on_signals())
+        stop = _stop_on_signals()
+        # The workers hold the sessions and the trust stores: SIGHUP goes on to each of
+        # them (it must not stop the supervisor, which would take every worker with it).
+        _on_sighup(lambda: log.warning("SIGHUP passed on to %d workers",
+                                       supervisor.signal_workers(signal.SIGHUP)))
+        return await supervisor.run(stop)
 
     return asyncio.run(run())
 
@@ -762,11 +769,12 @@ async def _open_tunnel(args: argparse.Namespace, config: Config) -> Tunnel | int
         tunnel = await connect(args.url, config, on_connection=watch,
                                tickets=cache, early_data=early if cache else None,
                                event_log=_event_log(args))
-    except HandshakeTimeoutError:
+    except HandshakeTimeoutError as exc:
         # The elapsed time, not the configured limit: the core may give up earlier, when its
-        # retransmissions are exhausted.
+        # retransmissions are exhausted. Silence and a stalled reply point at different
+        # faults (a wrong address or a firewall; a lossy path), so the message tells them apart.
         _error(f"handshake timed out after {loop.time() - started:.1f} s "
-               f"(no answer from {args.url})")
+               f"({describe_stall(exc.received, args.url)})")
         return EXIT_TIMEOUT
     except HandshakeError as exc:
         _error(f"handshake failed: {exc}")
@@ -944,6 +952,8 @@ async def _gateway_main(args: argparse.Namespace) -> int:
         _error(f"cannot listen on {args.listen}: {exc.strerror or exc}")
         return EXIT_ERROR
     stop = _stop_on_signals()
+    # A gateway holds no keys and no trust: SIGHUP (a reload by habit) must not stop it.
+    _on_sighup(lambda: log.warning("SIGHUP: the gateway has nothing to reload"))
     host, port = gateway.address
     try:
         observers = await _start_observers(args, _gateway_snapshot(
@@ -1023,6 +1033,13 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _on_sighup(handler: Callable[[], None]) -> None:
+    """Run ``handler`` on SIGHUP instead of dying of it (the default action), where the
+    platform lets the loop catch signals. Long-running commands all install one."""
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, handler)
+
+
 def _reload_trust_on_sighup(args: argparse.Namespace, config: Config) -> None:
     """SIGHUP re-reads --trust-dir into the running server's trust store; established
     sessions stay up. Without --trust-dir it only logs (it no longer kills the server)."""
@@ -1037,8 +1054,7 @@ def _reload_trust_on_sighup(args: argparse.Namespace, config: Config) -> None:
             return
         log.warning("trust reloaded on SIGHUP: %d keys pinned", count)
 
-    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_hup)
+    _on_sighup(on_hup)
 
 
 async def _close_on_sigterm(main: Coroutine[Any, Any, int]) -> int:

@@ -31,6 +31,10 @@ MAX_APP_STREAM: Final[int]
 MAX_ERROR_DETAIL: Final[int]
 PROBE_TIMEOUT: Final[float]
 REKEY_ATTEMPTS: Final[int]
+SESSION_RID_TAG_LEN: Final[int]
+
+def session_rid(hello_rid: bytes, prefix: bytes, random7: bytes) -> bytes: ...
+def answers_hello(hello_rid: bytes, rid: bytes) -> bool: ...
 
 class EarlyBufferPool:
     def __init__(self, limit: int) -> None: ...

@@ -215,16 +215,19 @@ async def run_demo(
 
 
 async def _serve_c_device(url: str, config: Config,
-                          established: asyncio.Future[float]) -> Any:
-    """The device played by the C peer: echo, and note when it holds keys."""
+                          established: asyncio.Future[tuple[float, int, int]]) -> Any:
+    """The device played by the C peer: echo, and note when it holds keys and the bytes its
+    link carried until then (all of them handshake records: the device had no keys)."""
     from palisade_c.device_engine import echo, serve_device
 
     loop = asyncio.get_running_loop()
     server = await serve_device(url, config, echo)
+    link = server.transport
 
     def on_event(event: object) -> None:
         if isinstance(event, HandshakeCompleted) and not established.done():
-            established.set_result(loop.time())
+            established.set_result((loop.time(), link.datagram_bytes_in,
+                                    link.datagram_bytes_out))
 
     server.on_event = on_event
     return server

@@ -136,7 +136,9 @@ async def serve_device(url: str, config: Config, on_data: DataHandler) -> Device
     """Open the serial link at ``url`` as its device end and serve it with the C peer."""
     from palisade_c.transport.serial import SerialTransport  # pyserial only when used
 
-    transport = await SerialTransport.open(url, role="device")
+    # The link HELLO (v2) announces the node id, as the Python engine's does, so a gateway
+    # with no ``node=`` pin routes to this device from its first HELLO (LINK.md §6.1).
+    transport = await SerialTransport.open(url, role="device", node_id=config.node_id)
     try:
         config = link_config(config, transport)
         return DeviceServer(transport, make_device(config), on_data)

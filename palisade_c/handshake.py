@@ -193,6 +193,9 @@ class ClientHandshake:
         )
         self.client_hello_bytes = self.client_hello.encode()
         self.result: HandshakeResult | None = None
+        #: True once an SH's signature verified: from then on a failure is the server's own,
+        #: and the handshake is over; before that, a failing SH may be a forgery.
+        self.authentic = False
 
     def erase(self) -> None:
         """Drop the ephemeral KEM key. ``cryptography`` holds it inside the key object, out of
@@ -200,11 +203,17 @@ class ClientHandshake:
         self._kem_key = None
 
     def on_server_hello(self, data: bytes) -> bytes:
-        """Check SH; return the encoded ClientFinished. ``self.result`` is then set."""
+        """Check SH; return the encoded ClientFinished. ``self.result`` is then set.
+
+        An SH whose signature did not verify may be a forgery, not the server's answer: it
+        leaves this object usable for the genuine SH that may still come (the connection
+        decides when to give up). Past the signature the SH is the server's own, and any
+        failure there erases the handshake."""
         try:
             return self._on_server_hello(data)
         except HandshakeError:
-            self.erase()
+            if self.authentic:
+                self.erase()
             raise
 
     def _on_server_hello(self, data: bytes) -> bytes:
@@ -235,6 +244,7 @@ class ClientHandshake:
             sh.server_certificate, sh.server_signature, signed, SERVER_CONTEXT
         ):
             raise HandshakeError(ErrorCode.ErrorSignatureVerifyFailed, "server signature")
+        self.authentic = True
         ss_c = _decapsulate(self._kem_key, sh.ct_c)
         try:
             ss_s, ct_s = _encapsulate(sh.kem_choice, sh.k_s, ErrorCode.ErrorInvalidServerHello)
@@ -426,6 +436,8 @@ class ClientResumeHandshake:
         )
         self.result: HandshakeResult | None = None
         self.accepted_0rtt = False
+        #: True once an SHR's MAC verified: from then on a failure is the server's.
+        self.authentic = False
 
     def erase(self) -> None:
         self._kem_key = None
@@ -433,10 +445,13 @@ class ClientResumeHandshake:
         ks.wipe(self.early_secret)
 
     def on_server_hello_resume(self, data: bytes) -> bytes:
+        """Check SHR; return the encoded CFR. As for SH, a reply whose MAC does not verify
+        leaves this object usable for the genuine one."""
         try:
             return self._on_shr(data)
         except HandshakeError:
-            self.erase()
+            if self.authentic:
+                self.erase()
             raise
 
     def _on_shr(self, data: bytes) -> bytes:
@@ -451,6 +466,7 @@ class ClientResumeHandshake:
                                     shr.mac):
             # Only a holder of the PSK, sealed in the ticket by the real server, can make it.
             raise HandshakeError(ErrorCode.ErrorSignatureVerifyFailed, "resumption MAC")
+        self.authentic = True
         ss_c = _decapsulate(self._kem_key, shr.ct_c)
         try:
             ss_s, ct_s = _encapsulate(wire.KEM_MLKEM768, shr.k_s,

@@ -8,7 +8,9 @@ issues, in the manner of QUIC-LB's plaintext mode::
     tail[0]     config id (high 3 bits; 7 = "not issued under a layout") | 5 random bits
     tail[1:3]   host id   (u16, big-endian): which host of a fleet
     tail[3]     worker id (u8): which worker process on that host
-    tail[4:14]  10 random bytes, fresh per session
+    tail[4:7]   3 random bytes, fresh per session
+    tail[7:14]  check bytes over the client's hello RID (palisade_c.connection.session_rid;
+                docs/protocol.md §8.4), which replace the rest of what ``tail`` draws
 
 Routing is a pure function of the RID, so every datagram that carries one RID reaches the same
 place. A client's first-flight RID is random, so the same function spreads new ClientHellos
@@ -16,8 +18,9 @@ place. A client's first-flight RID is random, so the same function spreads new C
 the server issued decodes to the worker and host that hold the session. No key is needed.
 
 Unlinkability: the fields an observer can read are the same for every session on a worker,
-and the 80 random bits are fresh for each session, so two sessions of one client on one worker
-look exactly like two sessions of two clients. What the fields reveal (which host and worker)
+and the 29 random bits and 56 check bits (a hash over the client's random hello RID) are fresh
+for each session, so two sessions of one client on one worker look exactly like two sessions
+of two clients. What the fields reveal (which host and worker)
 is no more than the server's address already tells.
 """
 

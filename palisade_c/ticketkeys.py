@@ -34,13 +34,18 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from palisade_c.errors import ConfigError
 from palisade_c.identity import write_atomic
 from palisade_c.keyschedule import wipe
-from palisade_c.tickets import _HEADER, DEFAULT_LIFETIME, MAX_TICKET_LEN, Clock, TicketInner
+from palisade_c.tickets import (
+    DEFAULT_LIFETIME,
+    Clock,
+    TicketInner,
+    open_ticket,
+    seal_ticket,
+)
 
 log = logging.getLogger("palisade_c.tickets")
 
@@ -194,28 +199,19 @@ class FileTicketKeyRing:
 
     def seal(self, inner: TicketInner) -> bytes:
         self._refresh()
-        nonce = self._rng(12)
-        header = _HEADER.pack(self._current, nonce)
-        return header + self._keys[self._current][1].encrypt(nonce, inner.encode(),
-                                                             header[:4] + self._fp)
+        return seal_ticket(inner, self._current, self._keys[self._current][1], self._rng(12),
+                           self._fp)
 
     def open(self, ticket: bytes) -> TicketInner | None:
         """The inner ticket, or None for anything no key in the file sealed (never raises
         for what a peer sends; a key file made unreadable raises ConfigError)."""
-        if not isinstance(ticket, bytes) or not _HEADER.size < len(ticket) <= MAX_TICKET_LEN:
-            return None
         self._refresh()
-        key_id, nonce = _HEADER.unpack_from(ticket)
+        return open_ticket(ticket, self._fp, self._lookup)
+
+    def _lookup(self, key_id: int) -> tuple[bytearray, ChaCha20Poly1305] | None:
         if key_id not in self._keys:
             self._refresh(force=True)  # one stat: another process may have rotated
-        entry = self._keys.get(key_id)
-        if entry is None:
-            return None
-        try:
-            plain = entry[1].decrypt(nonce, ticket[_HEADER.size:], ticket[:4] + self._fp)
-            return TicketInner.decode(plain)
-        except (InvalidTag, ValueError):
-            return None
+        return self._keys.get(key_id)
 
     @property
     def key_ids(self) -> list[int]:

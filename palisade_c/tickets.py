@@ -97,6 +97,33 @@ class TicketInner:
         return cls(tid, issued_ms / 1000, life, psk, early, fp, kem, sig, aead)
 
 
+def seal_ticket(inner: TicketInner, key_id: int, aead: ChaCha20Poly1305, nonce: bytes,
+                server_fingerprint: bytes) -> bytes:
+    """``key_id ‖ nonce ‖ AEAD(inner)``, the AAD binding the key id and the server's
+    fingerprint: one format for every key ring (in memory or in a shared file)."""
+    header = _HEADER.pack(key_id, nonce)
+    return header + aead.encrypt(nonce, inner.encode(), header[:4] + server_fingerprint)
+
+
+def open_ticket(ticket: object, server_fingerprint: bytes,
+                lookup: Callable[[int], tuple[bytearray, ChaCha20Poly1305] | None]
+                ) -> TicketInner | None:
+    """The inner ticket sealed by :func:`seal_ticket` under the key ``lookup(key_id)`` gives,
+    or None for anything else: wrong size, unknown key, failed tag, bad inner encoding. Never
+    raises for what a peer sends."""
+    if not isinstance(ticket, bytes) or not _HEADER.size < len(ticket) <= MAX_TICKET_LEN:
+        return None
+    key_id, nonce = _HEADER.unpack_from(ticket)
+    entry = lookup(key_id)
+    if entry is None:
+        return None
+    try:
+        plain = entry[1].decrypt(nonce, ticket[_HEADER.size:], ticket[:4] + server_fingerprint)
+        return TicketInner.decode(plain)
+    except (InvalidTag, ValueError):
+        return None
+
+
 class TicketKeyRing:
     """The server's rotating ticket-sealing keys: the current one and the one before it."""
 
@@ -134,24 +161,11 @@ class TicketKeyRing:
     def seal(self, inner: TicketInner) -> bytes:
         self._maybe_rotate()
         key_id = self._current_id
-        nonce = self._rng(12)
-        aead = self._keys[key_id][1]
-        header = _HEADER.pack(key_id, nonce)
-        return header + aead.encrypt(nonce, inner.encode(), header[:4] + self._fp)
+        return seal_ticket(inner, key_id, self._keys[key_id][1], self._rng(12), self._fp)
 
     def open(self, ticket: bytes) -> TicketInner | None:
         """The inner ticket, or None for anything this server did not seal (never raises)."""
-        if not isinstance(ticket, bytes) or not _HEADER.size < len(ticket) <= MAX_TICKET_LEN:
-            return None
-        key_id, nonce = _HEADER.unpack_from(ticket)
-        entry = self._keys.get(key_id)
-        if entry is None:
-            return None
-        try:
-            plain = entry[1].decrypt(nonce, ticket[_HEADER.size:], ticket[:4] + self._fp)
-            return TicketInner.decode(plain)
-        except (InvalidTag, ValueError):
-            return None
+        return open_ticket(ticket, self._fp, self._keys.get)
 
 
 class SealingKeys(Protocol):

@@ -184,6 +184,16 @@ class Supervisor:
             if self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
 
+    def signal_workers(self, sig: int) -> int:
+        """Send ``sig`` to every live worker (SIGHUP: each re-reads its trust); how many."""
+        sent = 0
+        for p in self.procs:
+            if p is not None and p.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(sig)
+                    sent += 1
+        return sent
+
     async def _stop_all(self) -> None:
         live = [p for p in self.procs if p is not None and p.returncode is None]
         for p in live:

@@ -10,7 +10,10 @@ to the node attached at that address, with the sender's address as source. On th
 
 * rewritten or swallowed by a man-in-the-middle hook (``mitm``),
 * duplicated (``duplicate`` probability; each copy has its own fate),
-* lost (``loss`` probability, per copy),
+* lost (``loss`` probability, per copy; ``loss_to`` sets it per destination, for asymmetric
+  paths; ``burst = (p, seconds)`` adds loss bursts: each datagram starts, with probability
+  ``p``, an outage of the path to its destination lasting up to ``seconds`` (uniformly drawn),
+  during which everything sent there is lost),
 * delayed by a random amount in ``[min_delay, max_delay]`` (per copy), which reorders datagrams
   that leave close together.
 
@@ -111,9 +114,15 @@ class SimLink:
         max_delay: float = 0.01,
         mitm: MitmHook | None = None,
         start: float = 0.0,
+        loss_to: dict[Addr, float] | None = None,
+        burst: tuple[float, float] | None = None,
     ) -> None:
         if not (0.0 <= loss < 1.0 and 0.0 <= duplicate < 1.0):
             raise ValueError("loss and duplicate are probabilities in [0, 1)")
+        if loss_to is not None and not all(0.0 <= p < 1.0 for p in loss_to.values()):
+            raise ValueError("loss_to holds probabilities in [0, 1)")
+        if burst is not None and not (0.0 <= burst[0] < 1.0 and burst[1] > 0.0):
+            raise ValueError("burst is (probability in [0, 1), positive seconds)")
         if not 0.0 <= min_delay <= max_delay:
             raise ValueError("need 0 <= min_delay <= max_delay")
         self.rng = random.Random(seed)
@@ -122,6 +131,9 @@ class SimLink:
         self.min_delay = min_delay
         self.max_delay = max_delay
         self.mitm = mitm
+        self.loss_to = dict(loss_to or {})
+        self.burst = burst
+        self._outage: dict[Addr, float] = {}  # destination -> end of its current burst
         self.now = start
         self.nodes: dict[str, Node] = {}
         self._by_addr: dict[Addr, Node] = {}
@@ -297,11 +309,23 @@ class SimLink:
                 copies = 2
                 self.duplicated += 1
             for _ in range(copies):
-                if self.loss and self.rng.random() < self.loss:
+                if self._lose(dst):
                     self.lost += 1
                     continue
                 delay = self.rng.uniform(self.min_delay, self.max_delay)
                 self._push(datagram, src, dst, self.now + delay)
+
+    def _lose(self, dst: Addr) -> bool:
+        # Random numbers are drawn only for the features in use, so runs without bursts or
+        # per-destination loss replay exactly as before these existed.
+        if self.burst is not None:
+            if self.now < self._outage.get(dst, 0.0):
+                return True
+            if self.rng.random() < self.burst[0]:
+                self._outage[dst] = self.now + self.rng.uniform(0.0, self.burst[1])
+                return True
+        loss = self.loss_to.get(dst, self.loss) if self.loss_to else self.loss
+        return bool(loss) and self.rng.random() < loss
 
     def _push(self, data: bytes, src: Addr, dst: Addr, at: float) -> None:
         self._seq += 1
@@ -467,10 +491,12 @@ def make_pair(
     min_delay: float = 0.01,
     max_delay: float = 0.01,
     mitm: MitmHook | None = None,
+    loss_to: dict[Addr, float] | None = None,
+    burst: tuple[float, float] | None = None,
 ) -> Pair:
     log: list[dict[str, Any]] = []
     link = SimLink(seed, loss=loss, duplicate=duplicate, min_delay=min_delay,
-                   max_delay=max_delay, mitm=mitm)
+                   max_delay=max_delay, mitm=mitm, loss_to=loss_to, burst=burst)
     client = Connection(client_config, True, event_log=log.append, name="client")
     server = ServerEndpoint(server_config, event_log=log.append)
     link.add("client", CLIENT_ADDR, client)

@@ -111,6 +111,48 @@ def test_handshake_timeout_when_the_client_vanishes(ids: Ids) -> None:
     assert d.error_code == ErrorCode.ErrorHandshakeTimeout
 
 
+def test_handshake_expiry_tells_the_client_session_expired(ids: Ids) -> None:
+    """As the Python server does (docs/protocol.md §8.6): a half-open session that expires in
+    WAIT_FIN answers with ErrorSessionExpired (0x0201) under the session RID, so the client
+    stops at once instead of resending its Finished until its own timers end."""
+    def drop_cf(data: bytes, src: Any, dst: Any, now: float) -> list[bytes] | None:
+        # Every CF fragment but the first is lost: the client's address is validated, but
+        # the device never holds a whole CF.
+        if src == "C" and data[:2] == b"QH" and data[3] == 3 and int.from_bytes(
+                data[31:35], "big") > 0:
+            return []
+        return None
+
+    link, client, dev = make(ids, 10, handshake_timeout=2.0)
+    link.mitm = drop_cf
+    link.run(lambda: client.closed and dev.closed, duration=10)
+    assert of(link, "device", ConnectionClosed)[-1].error_code == ErrorCode.ErrorHandshakeTimeout
+    got = of(link, "client", ConnectionClosed)
+    assert [c.error_code for c in got] == [ErrorCode.ErrorSessionExpired]
+    assert got[0].by_peer
+    assert link.now < 4.0  # told at the device's expiry, not after the client's resends
+
+
+def test_gateway_notices_are_for_clients_and_a_device_only_counts_them(ids: Ids) -> None:
+    """A gateway sends PATH and REBOOT notices to clients only; one that reaches the device
+    anyway (a misrouted or forged datagram) is dropped and counted, with no effect on the
+    handshake or the session, under either RID."""
+    from palisade_c.pathinfo import encode_path_notice, encode_reboot_notice
+
+    link, client, dev = make(ids, 11)
+    hello = b"\x00" * 24
+    dev.receive_datagram(encode_path_notice(hello, 256, 9600), "C", 0.0)
+    link.run(lambda: client.established and dev.established, duration=30)
+    assert client.established and dev.established
+    before = (dev.state, dev.epoch, dev.packets_in)
+    rid = client.rid
+    dev.receive_datagram(encode_reboot_notice(rid, 7), "C", link.now)
+    dev.receive_datagram(encode_path_notice(rid, 300, None), "C", link.now)
+    assert (dev.state, dev.epoch, dev.packets_in) == before
+    assert dev.drop_counts.get("bad-magic") == 3
+    assert exchange(link, client, b"after notices")
+
+
 def test_client_rekey_request_is_answered_by_an_announcement(ids: Ids) -> None:
     link, client, dev = established(ids)
     client.request_rekey()

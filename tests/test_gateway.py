@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -472,6 +473,18 @@ def test_cli_gateway_serve_and_connect(tmp_path: Path) -> None:
             )
             assert result.returncode == 0, result.stderr
             assert result.stdout.splitlines() == ["alpha", "beta"]
+            # A reload by habit (SIGHUP) stops neither the device nor the gateway.
+            for proc in procs:
+                proc.send_signal(signal.SIGHUP)
+            time.sleep(0.5)
+            assert [proc.poll() for proc in procs] == [None, None]
+            again = subprocess.run(
+                [sys.executable, "-m", "palisade_c", "connect", f"udp://127.0.0.1:{port}",
+                 "--node-id", node, "--key", "client.key", "--trust", "device.key.pub"],
+                cwd=tmp_path, env=env, input="gamma\n", capture_output=True, text=True,
+                timeout=30, check=False,
+            )
+            assert again.returncode == 0 and again.stdout == "gamma\n", again.stderr
         finally:
             for proc in procs:
                 proc.terminate()

@@ -19,9 +19,9 @@ from simlink import free_udp_port
 from test_cli import CMD_TIMEOUT, cli_env
 from test_forward import Procs, procs  # noqa: F401  (fixture)
 
-from firmware_bridge.pty_link import PtyLink
 from palisade_c import Config, Identity, ServerEndpoint
 from palisade_c.logsetup import DropReporter, RateLimitFilter, setup_logging
+from palisade_c.transport.pty import PtyLink
 
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 NODE = "0a0b0c0d0e0f1011"
@@ -245,3 +245,42 @@ def test_connect_log_json_ends_with_its_session_drops(keydir: Path, tmp_path: Pa
     drops = [e for e in events if e["kind"] == "drops"]
     assert len(drops) == 1 and drops[0]["source"] == "client", events
     assert sum(drops[0]["drops"].values()) == 1
+
+
+def test_a_half_open_session_dropped_at_shutdown_is_not_a_refused_handshake(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Only a handshake that failed (an error code, or the client gave up) is 'refused'. A
+    server stopping with half-open sessions refused nobody: each was logged as a refusal with
+    ErrorNone, one INFO line per stray ClientHello fragment."""
+    import asyncio
+
+    from aiohelpers import run_bounded
+
+    from palisade_c.aio import serve
+    from palisade_c.connection import Connection
+
+    server_id, client_id = Identity.generate(), Identity.generate()
+
+    async def main() -> None:
+        config = Config(identity=server_id, trusted_peers=[client_id.fingerprint])
+        server = await serve("udp://127.0.0.1:0", config, lambda tunnel: asyncio.sleep(0))
+        host, port = server.address
+        client = Connection(Config(identity=client_id, trusted_peers=[server_id.fingerprint]),
+                            True)
+        client.connect((host, port), 0.0)
+        first = client.datagrams_to_send()[0][0]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(first, (host, port))  # one fragment: a half-open session, never finished
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if server.endpoint.half_open:
+                    break
+        assert server.endpoint.half_open == 1
+        server.close()
+        await server.wait_closed()
+
+    with caplog.at_level(logging.DEBUG, logger="palisade_c.sessions"):
+        run_bounded(main(), 30)
+    lines = [r for r in caplog.records if r.name == "palisade_c.sessions"]
+    assert not [r for r in lines if "refused" in r.getMessage()]
+    assert [r for r in lines if r.levelno == logging.DEBUG and "abandoned" in r.getMessage()]

@@ -511,3 +511,38 @@ def test_each_worker_has_its_own_control_socket_and_metrics_port(
             assert out.returncode == 0, out.stderr
     finally:
         fleet.stop()
+
+
+def test_sighup_reaches_every_worker_and_stops_none(
+        tmp_path: Path, keyfiles: tuple[Path, Path, Identity]) -> None:
+    """`serve --workers 2 --trust-dir D`: a key added to D and a SIGHUP to the supervisor must
+    reach both workers (each holds its own trust store), and must not stop the supervisor:
+    its default action would take every worker and every session down with it."""
+    trust = tmp_path / "trusted"
+    trust.mkdir()
+    newcomer = Identity.generate()
+    fleet = Fleet(tmp_path, keyfiles[0], keyfiles[1], "--trust-dir", str(trust))
+    try:
+        newcomer.save_public(trust / "newcomer.pub")
+        fleet.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and fleet.text().count("trust reloaded") < 2:
+            time.sleep(0.05)
+        reloaded = [ln for ln in fleet.text().splitlines() if "trust reloaded" in ln]
+        assert {ln.split("]")[0] for ln in reloaded} == {"[worker 0", "[worker 1"}, fleet.text()
+        assert fleet.proc.poll() is None
+        config = _client_config((keyfiles[0], keyfiles[1], newcomer))
+
+        async def main() -> list[int]:
+            async def one(i: int) -> int:
+                tunnel = await connect(fleet.url, config, timeout=30)
+                try:
+                    await _round_trip(tunnel, f"newcomer {i}".encode())
+                    return ridlayout.decode(tunnel.connection.rid)[2]
+                finally:
+                    await tunnel.close()
+            return await asyncio.gather(*(one(i) for i in range(12)))
+
+        assert set(run_bounded(main(), 60)) == {0, 1}  # both workers now pin the newcomer
+    finally:
+        fleet.stop()

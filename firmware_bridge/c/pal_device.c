@@ -60,7 +60,9 @@
 #define E_INVALID_CF 0x0109u
 #define E_HS_TIMEOUT 0x010Au
 #define E_UNSUPPORTED_EXT 0x010Bu
+#define E_SESSION_EXPIRED 0x0201u
 #define E_IDLE 0x0203u
+#define E_REKEY_TIMEOUT 0x0204u
 #define E_TICKET_INVALID 0x0400u
 #define E_PROTOCOL 0x0601u
 #define E_INTERNAL 0xFF00u
@@ -92,6 +94,7 @@ static const uint8_t ZEROS[4] = {0, 0, 0, 0};
                 PAL_MLDSA65_PK_BYTES + 2u + PAL_MLDSA65_SIG_BYTES + 2u + 2u)
 
 static const char SERVER_CONTEXT[] = "PALISADE server";
+static const char SESSION_RID_LABEL[] = "PALISADE session rid"; /* §8.4 check bytes */
 static const char CLIENT_CONTEXT[] = "PALISADE client";
 
 /* ---- state machine (§15, server half that CORE uses) -------------------------------------- */
@@ -354,10 +357,10 @@ static int epochs_install_master(pal_device *d, const uint8_t master[32])
     d->rx_state = RX_STEADY;
     d->tx_state = TX_STEADY;
     d->tx_seq = 0;
-    d->packets_on_next = 0;
-    d->tx_phase_packets = 0;
-    d->first_next_at = NO_TIME;
-    d->tx_installed_at = NO_TIME;
+    d->packets_on_next = d->phase0_on_next = 0;
+    d->next_seen = d->secret_ahead = 0;
+    d->armed_at = NO_TIME;
+    d->transition_ms = d->cfg.max_transition_ms;
     return 0;
 }
 
@@ -368,13 +371,15 @@ static void rx_commit(pal_device *d)
     d->win_cur = d->win_next;
     d->rx_next.live = 0;
     replay_clear(&d->win_next);
-    d->packets_on_next = 0;
-    d->first_next_at = NO_TIME;
+    d->packets_on_next = d->phase0_on_next = 0;
+    d->armed_at = NO_TIME;
     d->rx_state = RX_STEADY;
 }
 
-/* arm_next_epoch: derive epoch N+1 both ways; receiver STEADY -> TRANSITION. */
-static int epochs_arm(pal_device *d)
+/* arm_next_epoch: derive epoch N+1 both ways; receiver STEADY -> TRANSITION. The transition
+ * clock starts now (§5.1). After an abandoned attempt `secret` already is N+1's: the retry
+ * arms the very same keys. */
+static int epochs_arm(pal_device *d, uint64_t now)
 {
     uint8_t next[32];
     uint32_t e;
@@ -382,25 +387,48 @@ static int epochs_arm(pal_device *d)
         || d->tx_state != TX_STEADY || d->rx_cur.epoch >= MAX_EPOCH)
         return -1;
     e = d->rx_cur.epoch + 1u;
-    if (expand_label(d->cfg.port, d->secret, LIT("epoch step"), next, 32) != 0
-        || derive_tkey(d, next, "c2s", e, &d->rx_next) != 0
-        || derive_tkey(d, next, "s2c", e, &d->tx_pending) != 0) {
-        wipe(next, sizeof next);
-        erase_tkey(&d->rx_next);
-        erase_tkey(&d->tx_pending);
-        return -1;
-    }
+    if (d->secret_ahead)
+        memcpy(next, d->secret, 32);
+    else if (expand_label(d->cfg.port, d->secret, LIT("epoch step"), next, 32) != 0)
+        goto failed;
+    if (derive_tkey(d, next, "c2s", e, &d->rx_next) != 0
+        || derive_tkey(d, next, "s2c", e, &d->tx_pending) != 0)
+        goto failed;
     memcpy(d->secret, next, 32); /* epoch N's secret has no further use */
     wipe(next, sizeof next);
+    d->secret_ahead = 0;
     replay_clear(&d->win_next);
-    d->packets_on_next = 0;
-    d->first_next_at = NO_TIME;
+    d->packets_on_next = d->phase0_on_next = 0;
+    d->next_seen = 0;
+    d->armed_at = now;
     d->rx_state = RX_TRANSITION;
-    return (int)0;
+    return 0;
+failed:
+    wipe(next, sizeof next);
+    erase_tkey(&d->rx_next);
+    erase_tkey(&d->tx_pending);
+    return -1;
 }
 
-/* install_next_epoch: the sender moves to the armed epoch, seq 0, key_phase 1. */
-static int epochs_install(pal_device *d, uint64_t now)
+/* abandon_next_epoch [profile]: nothing authenticated on the armed epoch by the bound and our
+ * sender never moved: erase its keys, STEADY on the current epoch. The secret is kept for the
+ * retry (§5.1). */
+static void epochs_abandon(pal_device *d)
+{
+    erase_tkey(&d->rx_next);
+    erase_tkey(&d->tx_pending);
+    replay_clear(&d->win_next);
+    d->secret_ahead = 1;
+    d->packets_on_next = d->phase0_on_next = 0;
+    d->armed_at = NO_TIME;
+    d->rx_state = RX_STEADY;
+}
+
+/* install_next_epoch: the sender moves to the armed epoch, seq 0. It sets key_phase 1 only
+ * while the peer has not been seen sending on that epoch: once it has, key_phase 0 opens there
+ * whatever the peer's receiver state (§5.2). The device installs on that evidence, so in
+ * practice it never sets key_phase 1. */
+static int epochs_install(pal_device *d)
 {
     if (d->tx_state != TX_STEADY || !d->tx_pending.live)
         return -1;
@@ -408,30 +436,39 @@ static int epochs_install(pal_device *d, uint64_t now)
     d->tx_cur = d->tx_pending;
     d->tx_pending.live = 0;
     d->tx_seq = 0;
-    d->tx_phase_packets = 0;
-    d->tx_installed_at = now;
-    d->tx_state = TX_TRANSITION;
+    d->tx_state = (d->next_seen || d->rx_cur.epoch == d->tx_cur.epoch) ? TX_STEADY
+                                                                       : TX_TRANSITION;
     return 0;
 }
 
-static void epochs_poll(pal_device *d, uint64_t now)
-{
-    if (d->rx_state == RX_TRANSITION && d->first_next_at != NO_TIME
-        && now >= d->first_next_at + d->cfg.max_transition_ms)
-        rx_commit(d);
-    if (d->tx_state == TX_TRANSITION && d->tx_installed_at != NO_TIME
-        && now >= d->tx_installed_at + d->cfg.max_transition_ms / 2u)
-        d->tx_state = TX_STEADY;
-}
-
+/* When TRANSITION ends by time, or NO_TIME (§5.1): commit at T with a key_phase 0 packet on
+ * the new epoch, at 2T with only key_phase 1 ones, abandon at T with none while our sender has
+ * not moved. */
 static uint64_t epochs_deadline(const pal_device *d)
 {
-    uint64_t t = NO_TIME;
-    if (d->rx_state == RX_TRANSITION && d->first_next_at != NO_TIME)
-        t = d->first_next_at + d->cfg.max_transition_ms;
-    if (d->tx_state == TX_TRANSITION && d->tx_installed_at != NO_TIME)
-        t = min64(t, d->tx_installed_at + d->cfg.max_transition_ms / 2u);
-    return t;
+    if (d->rx_state != RX_TRANSITION || d->armed_at == NO_TIME)
+        return NO_TIME;
+    if (d->next_seen)
+        return d->armed_at + (d->phase0_on_next ? 1u : 2u) * (uint64_t)d->transition_ms;
+    if (d->tx_pending.live)
+        return d->armed_at + d->transition_ms;
+    return NO_TIME;
+}
+
+/* The time-based rules. Returns 1 when it abandoned the armed epoch. The receive path passes
+ * may_abandon 0: the packet it is about to open may be the evidence that saves the epoch. */
+static int epochs_poll(pal_device *d, uint64_t now, int may_abandon)
+{
+    uint64_t t = epochs_deadline(d);
+    if (t == NO_TIME || now < t)
+        return 0;
+    if (d->next_seen) {
+        rx_commit(d);
+    } else if (may_abandon) {
+        epochs_abandon(d);
+        return 1;
+    }
+    return 0;
 }
 
 /* ---- sealing (§3) ------------------------------------------------------------------------- */
@@ -481,11 +518,6 @@ static size_t seal(pal_device *d, const uint8_t *pt, size_t len, uint8_t stream,
     if (hp_mask(d, d->hp_tx, out) != 0)
         return 0;
     d->tx_seq++;
-    if (d->tx_state == TX_TRANSITION) {
-        d->tx_phase_packets++;
-        if (d->tx_phase_packets >= max32(1u, d->cfg.commit_threshold / 2u))
-            d->tx_state = TX_STEADY;
-    }
     d->last_send = now;
     d->epoch_bytes += total;
     d->packets_out++;
@@ -966,14 +998,26 @@ static void on_client_hello(pal_device *d, uint64_t now)
         fail(d, E_INTERNAL, "internal error", 1, d->hello_rid, now);
         return;
     }
-    /* Session RID: node id (or the client's prefix without one), rotation epoch 0, 14 random
-     * bytes (§8.4). */
+    /* Session RID: node id (or the client's prefix without one), rotation epoch 0, 7 random
+     * bytes, then 7 check bytes, SHA3-256(label || hello RID || the first 17 bytes), which let
+     * the client tie this reply to its own hello (docs/protocol.md §8.4). */
     memcpy(d->rid, d->cfg.has_node_id ? d->cfg.node_id : d->hello_rid, 8);
     d->rid[8] = 0;
     d->rid[9] = 0;
-    if (pal_crypto_random(port, d->rid + 10, 14) != 0) {
+    if (pal_crypto_random(port, d->rid + 10, 7) != 0) {
         fail(d, E_INTERNAL, "internal error", 1, d->hello_rid, now);
         return;
+    }
+    {
+        pal_sha3_ctx tag_h;
+        uint8_t tag[PAL_SHA3_256_BYTES];
+        pal_crypto_sha3_256_init(port, &tag_h);
+        pal_crypto_sha3_256_update(port, &tag_h, (const uint8_t *)SESSION_RID_LABEL,
+                                   sizeof SESSION_RID_LABEL - 1u);
+        pal_crypto_sha3_256_update(port, &tag_h, d->hello_rid, PAL_DEVICE_RID_LEN);
+        pal_crypto_sha3_256_update(port, &tag_h, d->rid, PAL_DEVICE_RID_LEN - 7u);
+        pal_crypto_sha3_256_final(port, &tag_h, tag);
+        memcpy(d->rid + PAL_DEVICE_RID_LEN - 7u, tag, 7);
     }
     d->rid_set = 1;
     d->ch_len = d->r_len;
@@ -985,7 +1029,7 @@ static void on_client_hello(pal_device *d, uint64_t now)
     d->rto_floor = 2u * link_ms(d, (uint32_t)(SH_LEN + d->sh_nrec * HS_OVERHEAD) + SH_REPLY_BYTES);
     d->rto = max32(d->cfg.initial_rto_ms, d->rto_floor);
     d->attempts = 0;
-    d->flight_sent_at = now;
+    d->flight_sent_at = d->flight_started_at = now;
     flight_arm(d, now);
     reasm_reset(d); /* the buffer now waits for CF */
 }
@@ -1044,6 +1088,11 @@ static void on_client_finished(pal_device *d, uint64_t now)
     d->cf_ack_pending = 1;
     erase_handshake(d);
     fire(d, EV_FIN_OK);
+    /* A rekey attempt must outlast a few round trips of this path (§5.1); the SH flight
+     * and the CF that answered it gave one sample. */
+    d->transition_ms = max32(d->cfg.max_transition_ms,
+                             3u * min32((uint32_t)min64(now - d->flight_started_at, 0xFFFFFFFFu),
+                                        d->cfg.max_rto_ms));
     d->last_recv = d->last_send = d->epoch_started = now;
     d->epoch_bytes = 0;
     d->reported_epoch = 0;
@@ -1252,29 +1301,94 @@ static void on_handshake_record(pal_device *d, const uint8_t *p, size_t n, uint6
 
 /* ---- control frames (§6, §9, §10) ------------------------------------------------------- */
 
+/* The retransmission interval restarts at rekey_retransmit, and never exceeds T / 4, so at
+ * least four announcements (or acks) go out in one attempt (§9). */
+static void rekey_timer_arm(pal_device *d, uint64_t now)
+{
+    d->rekey_interval = min32(d->cfg.rekey_retransmit_ms, d->transition_ms / 4u);
+    d->rekey_deadline = now + d->rekey_interval;
+}
+
+/* Longest a rekey may run: every attempt at its longest (2T) plus the longest back-off (§9). */
+static uint64_t rekey_budget(const pal_device *d)
+{
+    return (uint64_t)PAL_DEVICE_REKEY_ATTEMPTS
+           * (2u * (uint64_t)d->transition_ms + max32(d->cfg.max_rto_ms,
+                                                       d->cfg.rekey_retransmit_ms));
+}
+
 static void start_rekey(pal_device *d, uint64_t now)
 {
     if (d->rekey_next >= 0 || d->rx_state != RX_STEADY || d->tx_pending.live)
         return;
     if (d->tx_state == TX_TRANSITION)
         d->tx_state = TX_STEADY; /* both halves are on the current epoch already */
-    if (epochs_arm(d) != 0)
+    if (epochs_arm(d, now) != 0)
         return;
     d->rekey_next = (int64_t)d->rx_next.epoch;
+    d->rekey_started = now;
+    d->rekey_attempt = 1;
     d->pend_announce = 1;
-    d->rekey_interval = d->cfg.rekey_retransmit_ms;
+    rekey_timer_arm(d, now);
+}
+
+/* The rekey timer (§9): after an abandoned attempt's back-off, arm the same epoch again and
+ * announce it afresh; before the client's evidence, repeat the announcement; after it, repeat
+ * our kind 2 frame on the new epoch until a key_phase 0 packet of the client's arrives. */
+static void rekey_retransmit(pal_device *d, uint64_t now)
+{
+    if (d->rx_state == RX_STEADY && d->rx_cur.epoch + 1u == (uint32_t)d->rekey_next) {
+        if (epochs_arm(d, now) != 0) {
+            d->rekey_deadline = NO_TIME; /* cannot happen: the budget still ends the rekey */
+            return;
+        }
+        d->rekey_attempt++;
+        d->pend_announce = 1;
+        rekey_timer_arm(d, now);
+        return;
+    }
+    if (!d->tx_pending.live) {
+        if (d->phase0_on_next || d->rx_state == RX_STEADY) {
+            d->rekey_deadline = NO_TIME;
+            return;
+        }
+        d->pend_rekey_ack = 1;
+        d->pend_rekey_ack_epoch = (uint32_t)d->rekey_next;
+    } else {
+        d->pend_announce = 1;
+    }
+    d->rekey_interval = min32(min32(d->rekey_interval * 2u, d->cfg.max_rto_ms),
+                              d->transition_ms / 4u);
     d->rekey_deadline = now + d->rekey_interval;
 }
 
-/* The client is on the new epoch: install our sender and say so (§9). */
+/* An attempt ended with no sign that the client moved: retry after a back-off, or give up
+ * after PAL_DEVICE_REKEY_ATTEMPTS attempts (§9). */
+static void rekey_abandoned(pal_device *d, uint64_t now)
+{
+    uint32_t backoff;
+    if (d->rekey_next < 0 || d->state != PAL_DEV_ESTABLISHED) {
+        d->rekey_deadline = NO_TIME;
+        return;
+    }
+    if (d->rekey_attempt >= PAL_DEVICE_REKEY_ATTEMPTS) {
+        fail(d, E_REKEY_TIMEOUT, "peer never moved to the next epoch", 1, NULL, now);
+        return;
+    }
+    backoff = d->cfg.rekey_retransmit_ms << (d->rekey_attempt - 1u);
+    d->rekey_deadline = now + min32(backoff, d->cfg.max_rto_ms);
+}
+
+/* The client is on the new epoch: install our sender and say so, on the new epoch (§9). */
 static void rekey_evidence(pal_device *d, uint64_t now)
 {
-    if (d->tx_pending.live && epochs_install(d, now) == 0) {
+    if (d->tx_pending.live && epochs_install(d) == 0) {
         d->pend_rekey_ack = 1;
         d->pend_rekey_ack_epoch = d->tx_cur.epoch;
         d->pend_announce = 0; /* an announcement still queued would now go out on N+1 */
+        rekey_timer_arm(d, now);
     }
-    if (!d->tx_pending.live)
+    if (d->phase0_on_next || d->rx_state == RX_STEADY)
         d->rekey_deadline = NO_TIME;
 }
 
@@ -1286,6 +1400,7 @@ static void after_epoch_activity(pal_device *d, uint64_t now)
     if (e != d->reported_epoch && d->tx_cur.epoch == e) {
         d->reported_epoch = e;
         d->rekey_next = -1;
+        d->rekey_attempt = 0;
         d->rekey_deadline = NO_TIME;
         d->epoch_started = now;
         d->epoch_bytes = 0;
@@ -1328,6 +1443,7 @@ static void on_close_frame(pal_device *d, const uint8_t *f, uint32_t n, uint64_t
     d->close_by_peer = 1;
     set_reason(d, (const char *)(f + 4), rlen);
     d->pend_close_answer = 1;
+    d->rekey_deadline = NO_TIME; /* a closing session finishes no rekey */
     d->drain_deadline = now + d->cfg.close_drain_ms;
 }
 
@@ -1433,7 +1549,7 @@ static void on_packet(pal_device *d, uint8_t *p, size_t n, uint64_t now)
     pad_len = ld16(aad + 43);
     pt_len = (uint32_t)(n - HEADER_LEN - TAG_LEN);
     if (pad_len > pt_len) { d->drops[PAL_DROP_BAD_PADDING]++; return; }
-    epochs_poll(d, now);
+    epochs_poll(d, now, 0);
     phase = (uint8_t)((flags >> 2) & 1u);
     for (attempt = 0; attempt < 2; attempt++) {
         /* The indicated key_phase first, the other second; a key whose epoch is not the
@@ -1490,11 +1606,13 @@ static void on_packet(pal_device *d, uint8_t *p, size_t n, uint64_t now)
     replay_mark(win, seq);
     if (key == &d->rx_next) {
         d->packets_on_next++;
-        if (d->first_next_at == NO_TIME)
-            d->first_next_at = now;
-        if (d->packets_on_next >= d->cfg.commit_threshold)
+        d->next_seen = 1;
+        /* Only key_phase 0 counts: the peer's sender has finished its transition (§5.1). */
+        if (phase == 0 && ++d->phase0_on_next >= d->cfg.commit_threshold)
             rx_commit(d);
     }
+    if (d->tx_state == TX_TRANSITION && epoch_id == d->tx_cur.epoch)
+        d->tx_state = TX_STEADY; /* the peer sends on our epoch: the hint is over (§5.2) */
     d->packets_in++;
     d->last_recv = now;
     d->epoch_bytes += n;
@@ -1551,7 +1669,7 @@ int pal_device_init(pal_device *d, const pal_device_config *cfg, uint64_t now)
     d->rekey_next = -1;
     d->hs_deadline = d->ack_deadline = d->flight_deadline = NO_TIME;
     d->rekey_deadline = d->drain_deadline = d->close_resend_at = NO_TIME;
-    d->first_next_at = d->tx_installed_at = NO_TIME;
+    d->armed_at = NO_TIME;
     d->last_recv = d->last_send = d->epoch_started = now;
     replay_clear(&d->win_cur);
     replay_clear(&d->win_next);
@@ -1660,8 +1778,10 @@ int pal_device_next_deadline(const pal_device *d, uint64_t *deadline)
             t = min64(t, d->last_recv + d->cfg.idle_timeout_ms);
         if (d->state == PAL_DEV_ESTABLISHED) {
             t = min64(t, d->last_send + d->cfg.keepalive_ms);
-            if (d->rekey_next < 0)
+            if (d->rekey_next < 0) /* the age trigger waits while a rekey runs */
                 t = min64(t, d->epoch_started + d->cfg.rekey_after_ms);
+            else /* and a running rekey has a budget */
+                t = min64(t, d->rekey_started + rekey_budget(d));
         }
     }
     if (t == NO_TIME)
@@ -1676,12 +1796,28 @@ static void close_resend(pal_device *d, uint64_t now)
     d->close_resend_at = now + d->cfg.close_drain_ms / 3u;
 }
 
+/* The handshake ran out of time. In WAIT_FIN the client may still wait for our ack of its
+ * Finished: tell it the half-open session is gone, ErrorSessionExpired under the session RID
+ * within the anti-amplification budget, as the Python server does (§8.6). Locally it remains
+ * a handshake timeout. */
+static void expire_handshake(pal_device *d, const char *why, size_t why_len, uint64_t now)
+{
+    static const char detail[] = "handshake expired before the client finished it";
+    int tell = d->state == PAL_DEV_WAIT_FIN && d->rid_set;
+    fail_n(d, E_HS_TIMEOUT, why, why_len, 0, NULL, now);
+    if (tell && amp_allows(d, HS_OVERHEAD + 4u + sizeof detail - 1u)) {
+        error_response(d, E_SESSION_EXPIRED, detail, sizeof detail - 1u, d->rid);
+        if (!d->amp_validated)
+            d->amp_out += d->last_len;
+    }
+}
+
 void pal_device_handle_timer(pal_device *d, uint64_t now)
 {
     if (d->state == PAL_DEV_CLOSED)
         return;
     if (d->hs_deadline != NO_TIME && now >= d->hs_deadline) {
-        fail(d, E_HS_TIMEOUT, "handshake timed out", 0, NULL, now);
+        expire_handshake(d, LIT("handshake timed out"), now);
         return;
     }
     if (d->ack_deadline != NO_TIME && now >= d->ack_deadline) {
@@ -1698,7 +1834,7 @@ void pal_device_handle_timer(pal_device *d, uint64_t now)
     }
     if (d->flight_running && now >= d->flight_deadline) {
         if (d->attempts >= MAX_RESENDS) {
-            fail(d, E_HS_TIMEOUT, "no answer to the handshake", 0, NULL, now);
+            expire_handshake(d, LIT("no answer to the handshake"), now);
             return;
         }
         d->attempts++;
@@ -1728,9 +1864,21 @@ void pal_device_handle_timer(pal_device *d, uint64_t now)
             d->close_resend_at = NO_TIME;
         }
     }
+    if (d->rekey_deadline != NO_TIME && now >= d->rekey_deadline) {
+        /* Reported in every state, so serviced in every state; a rekey only goes on while
+         * established, elsewhere its timer just stops. */
+        if (d->state == PAL_DEV_ESTABLISHED && d->rx_cur.live && d->rekey_next >= 0)
+            rekey_retransmit(d, now);
+        else
+            d->rekey_deadline = NO_TIME;
+    }
     if (!d->rx_cur.live)
         return;
-    epochs_poll(d, now);
+    if (epochs_poll(d, now, 1)) {
+        rekey_abandoned(d, now);
+        if (d->state == PAL_DEV_CLOSED)
+            return;
+    }
     after_epoch_activity(d, now);
     if (d->state == PAL_DEV_ESTABLISHED || d->state == PAL_DEV_CLOSING) {
         if (now >= d->last_recv + d->cfg.idle_timeout_ms) {
@@ -1745,10 +1893,10 @@ void pal_device_handle_timer(pal_device *d, uint64_t now)
     }
     if (d->state != PAL_DEV_ESTABLISHED)
         return;
-    if (d->rekey_deadline != NO_TIME && now >= d->rekey_deadline && d->rekey_next >= 0) {
-        d->pend_announce = 1;
-        d->rekey_interval = min32(d->rekey_interval * 2u, d->cfg.max_rto_ms);
-        d->rekey_deadline = now + d->rekey_interval;
+    if (d->rekey_next >= 0 && now >= d->rekey_started + rekey_budget(d)) {
+        /* Whatever the path did to it, a rekey ends in bounded time (§9). */
+        fail(d, E_REKEY_TIMEOUT, "rekey did not complete", 1, NULL, now);
+        return;
     }
     if (d->rekey_next < 0 && (d->tx_seq >= SEQ_REKEY_THRESHOLD
                               || d->epoch_bytes >= d->cfg.rekey_after_bytes
@@ -1813,6 +1961,7 @@ int pal_device_close(pal_device *d, uint16_t code, const char *reason, size_t re
         d->last_len = (uint16_t)seal(d, frame, nf, 0, 1, now, d->last);
     }
     fire(d, EV_CLOSE);
+    d->rekey_deadline = NO_TIME; /* a closing session finishes no rekey */
     d->drain_deadline = now + d->cfg.close_drain_ms;
     close_resend(d, now);
     return 0;
@@ -1876,7 +2025,7 @@ int pal_device_step_epoch_for_test(pal_device *d)
 {
     /* As after a completed rekey on the receiver, with the sender just installed: key_phase
      * 1 and seq 0, which is what a peer's first packet on the new epoch carries. */
-    if (epochs_arm(d) != 0 || epochs_install(d, NO_TIME) != 0)
+    if (epochs_arm(d, NO_TIME) != 0 || epochs_install(d) != 0)
         return -1;
     rx_commit(d);
     return 0;

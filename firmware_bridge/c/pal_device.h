@@ -70,6 +70,9 @@ extern "C" {
 #else
 #error "use a window of at most 1984 packets, or extend this table"
 #endif
+/* Times the device arms and announces one epoch before the rekey fails with
+ * ErrorRekeyTimeout (docs/protocol.md §9, REKEY_ATTEMPTS of the Python core). */
+#define PAL_DEVICE_REKEY_ATTEMPTS 4u
 /* Pending application events. */
 #define PAL_DEVICE_EVENT_QUEUE 8u
 /* Smallest datagram size that carries a PALISADE handshake (docs/protocol.md §14). */
@@ -103,7 +106,7 @@ typedef struct pal_device_config {
     uint32_t rekey_after_ms;      /* [120000] key age that starts a rekey */
     uint32_t rekey_retransmit_ms; /* [500] */
     uint32_t max_transition_ms;   /* [2000] */
-    uint32_t commit_threshold;    /* [16] packets on the new epoch before commit */
+    uint32_t commit_threshold;    /* [16] key_phase 0 packets on the new epoch to commit */
     uint64_t rekey_after_bytes;   /* [2^34] */
 } pal_device_config;
 
@@ -217,7 +220,7 @@ typedef struct pal_device {
     uint32_t sh_nrec;
     uint64_t sh_to_send;
     uint64_t sh_acked;
-    uint64_t flight_deadline, flight_sent_at;
+    uint64_t flight_deadline, flight_sent_at, flight_started_at;
     uint32_t rto, rto_floor;
     uint8_t flight_running, attempts;
     uint64_t hs_deadline;
@@ -232,15 +235,19 @@ typedef struct pal_device {
     pal_tkey rx_cur, rx_next, tx_cur, tx_pending;
     pal_replay win_cur, win_next;
     uint8_t rx_state, tx_state;
+    uint8_t next_seen;                      /* a packet authenticated on the armed epoch */
+    uint8_t secret_ahead;                   /* `secret` is the armed epoch's (abandoned) */
     uint64_t tx_seq;
-    uint32_t packets_on_next, tx_phase_packets;
-    uint64_t first_next_at, tx_installed_at;
+    uint32_t packets_on_next, phase0_on_next;
+    uint32_t transition_ms;                 /* T: bound of TRANSITION from arming (§5.1) */
+    uint64_t armed_at;
 
     /* session */
     uint64_t last_recv, last_send, epoch_started, epoch_bytes;
     int64_t rekey_next;                     /* -1: no rekey running */
-    uint64_t rekey_deadline;
+    uint64_t rekey_deadline, rekey_started;
     uint32_t rekey_interval;
+    uint8_t rekey_attempt;                  /* 1..PAL_DEVICE_REKEY_ATTEMPTS (§9) */
     uint32_t reported_epoch;
     uint8_t pend_announce, pend_rekey_ack, pend_close_answer, pend_keepalive;
     uint32_t pend_rekey_ack_epoch;

@@ -66,8 +66,8 @@ int pal_crypto_random(void *port, uint8_t *out, size_t n)
     (void)port;
     if (n == 32)
         memcpy(out, V_HANDSHAKE_SERVER_NONCE, 32);
-    else if (n == 14)
-        memcpy(out, V_HANDSHAKE_RID + 10, 14);
+    else if (n == 7) /* the session RID's random part; its check bytes follow (§8.4) */
+        memcpy(out, V_HANDSHAKE_RID + 10, 7);
     else
         memset(out, 0x5A, n);
     return 0;

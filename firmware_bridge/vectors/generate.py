@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import mldsa, mlkem
 from palisade_c import handshake, hsrecord, wire
 from palisade_c import keyschedule as ks
 from palisade_c.config import Config
+from palisade_c.connection import session_rid
 from palisade_c.identity import Identity
 from palisade_c.record import RecordLayer
 
@@ -115,7 +116,7 @@ def handshake_vector() -> dict[str, Any]:
     server_id = Identity(mldsa.MLDSA65PrivateKey.from_seed_bytes(_fill(0x02, 32)))
     client_kem_seed, server_kem_seed = _fill(0x03, 64), _fill(0x04, 64)
     client_nonce, server_nonce = _fill(0x05, 32), _fill(0x06, 32)
-    rid_random = _fill(0x07, 14)
+    rid_random = _fill(0x07, 7)  # then 7 check bytes over the hello RID (protocol.md §8.4)
     seeds = [client_kem_seed, server_kem_seed]
 
     def generate() -> mlkem.MLKEM768PrivateKey:
@@ -145,8 +146,8 @@ def handshake_vector() -> dict[str, Any]:
     h.update(cf_msg.transcript_bytes())
     th = h.finalize()
     master = bytes(result.master_secret)
-    rid = NODE_ID + b"\x00\x00" + rid_random
     hello_rid = bytes(8) + b"\x00\x00" + _fill(0x08, 14)
+    rid = session_rid(hello_rid, NODE_ID, rid_random)
     recs = _records(master, rid, b"hello from the device", b"hello from the client")
     return {
         "client_identity_seed": _fill(0x01, 32), "server_identity_seed": _fill(0x02, 32),

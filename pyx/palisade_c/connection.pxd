@@ -103,6 +103,10 @@ cdef class Connection:
     cdef readonly long long hs_bytes_in
     cdef readonly long long hs_bytes_out
     cdef dict _drops
+    # Client handshake liveness and reply checks (issue 10, items 1, 2 and the Retry of 6).
+    cdef tuple _rejected                    # (code, detail, rid) of the last rejected reply
+    cdef tuple _resume_args                 # (ticket, early_data, early_stream) until SHR
+    cdef double _ack_backoff                # server: gap before acking a stalled message again
 
     # sans-IO API (Python calls these too)
     cpdef receive_datagram(self, data, addr, double now)
@@ -132,6 +136,8 @@ cdef class Connection:
     cdef int _send_message(self, int msg_type, int msg_seq, bytes message) except -1
     cdef int _resend_flight(self, bint prompted=*) except -1
     cdef int _send_error_response(self, int code, str detail, bytes rid) except -1
+    cdef str _timeout_detail(self)
+    cdef int _handshake_gave_up(self) except -1
 
     # handshake datagrams
     cdef int _on_handshake_datagram(self, bytes data, addr, double now) except -1
@@ -142,6 +148,9 @@ cdef class Connection:
     cdef object _error_response(self, HandshakeRecord rec)
     cdef int _client_on_error_response(self, HandshakeRecord rec) except -1
     cdef int _client_on_retry(self, HandshakeRecord rec) except -1
+    cdef bint _answers_hello(self, bytes rid) except -1
+    cdef int _reject_reply(self, bytes rid, object exc) except -1
+    cdef int _probe_reply(self) except -1
     cdef bytes _server_reply(self, HandshakeRecord rec, double now, str waiting)
     cdef int _client_on_server_hello(self, HandshakeRecord rec, double now) except -1
     cdef int _client_on_server_hello_resume(self, HandshakeRecord rec, double now) except -1

@@ -45,6 +45,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 import logging
 from collections import deque
+from hashlib import sha3_256
 from collections.abc import Callable
 from typing import Any
 
@@ -142,6 +143,9 @@ MAX_APP_STREAM = 0xFD
 #: rekey_retransmit, up to max_rto.
 REKEY_ATTEMPTS = 4
 MAX_ERROR_DETAIL = 200
+#: Bytes at the end of a session RID that bind it to the client's hello RID (§8.4).
+SESSION_RID_TAG_LEN = 7
+_SESSION_RID_LABEL = b"PALISADE session rid"
 
 EventLog = Callable[[dict[str, Any]], None]
 
@@ -170,6 +174,44 @@ cdef int _STALE_SEND = 16
 
 cdef inline bint _is_finished(int msg_type) noexcept:
     return msg_type == MSG_CLIENT_FINISHED or msg_type == MSG_CLIENT_FINISHED_RESUME
+
+
+cdef inline double _fmax(double a, double b) noexcept:
+    return b if b > a else a
+
+
+cdef inline bint _is_hello(int msg_type) noexcept:
+    return msg_type == MSG_CLIENT_HELLO or msg_type == MSG_CLIENT_HELLO_RESUME
+
+
+cdef bytes _session_rid_tag(bytes hello_rid, bytes head):
+    return sha3_256(_SESSION_RID_LABEL + hello_rid + head).digest()[:SESSION_RID_TAG_LEN]
+
+
+def session_rid(bytes hello_rid, bytes prefix, bytes random7) -> bytes:
+    """The session RID a server gives the client whose hello came under ``hello_rid``:
+    ``prefix`` (8), rotation epoch 0, 7 random bytes, then 7 bytes of SHA3-256 over the hello
+    RID and those 17 bytes [profile, changed: §8.4]. Only someone who saw the hello can make
+    one, so a client can drop replies that do not answer its own hello."""
+    if len(prefix) != 8 or len(random7) != 7 or len(hello_rid) != RID_LEN:
+        raise ValueError("need an 8-byte prefix, 7 random bytes and a 24-byte hello RID")
+    head = prefix + b"\x00\x00" + random7
+    return head + _session_rid_tag(hello_rid, head)
+
+
+def answers_hello(bytes hello_rid, bytes rid) -> bool:
+    """True if ``rid`` is a session RID made for the hello sent under ``hello_rid``."""
+    return (len(rid) == RID_LEN
+            and rid[RID_LEN - SESSION_RID_TAG_LEN:] == _session_rid_tag(
+                hello_rid, rid[:RID_LEN - SESSION_RID_TAG_LEN]))
+
+
+cdef inline bint _same_addr(a, b) except -1:
+    # (host, port) decides; an IPv6 socket address adds flow info and scope id, which a
+    # resolver and recvfrom() need not spell alike.
+    if type(a) is tuple and type(b) is tuple and len(<tuple>a) >= 2 and len(<tuple>b) >= 2:
+        return a[0] == b[0] and a[1] == b[1]
+    return a == b
 
 
 cdef inline bint _debug_logging() except -1:
@@ -241,8 +283,11 @@ cdef class Connection:
         self._has_hs_deadline = False
         self._flight_sent_at = 0.0
         self._retried = False
+        self._rejected = None
+        self._resume_args = None
         self._pending_ack = None  # reassembly key
         self._has_ack_deadline = False
+        self._ack_backoff = 0.0
         # A quarter of the first retransmission timeout, stretched on slow links so the ack
         # does not race the rest of the burst still crossing the wire.
         self._ack_delay = config.initial_rto / 4 + config.link_time(2 * config.max_datagram_size)
@@ -361,6 +406,7 @@ cdef class Connection:
         # removed, resuming would skip the check a full handshake makes (0x0107).
         if ticket is not None and ticket.usable(self.config.ticket_clock()) \
                 and self.config.trust.has_fingerprint(ticket.server_fingerprint):
+            self._fire("resume")
             self._start_resumption(ticket, early_data, early_stream)
             return
         self._fire("connect")
@@ -383,7 +429,9 @@ cdef class Connection:
 
     cdef int _start_resumption(self, ticket, early_data, int early_stream) except -1:
         cdef Py_ssize_t room
-        self._fire("resume")
+        # Kept until the resumption ends: a Retry makes the client send it all again under
+        # the cookie RID.
+        self._resume_args = (ticket, early_data, early_stream)
         offer = early_data is not None and ticket.max_early_data > 0
         self._resume_hs = ClientResumeHandshake(self.config, ticket, offer)
         self._send_message(MSG_CLIENT_HELLO_RESUME, 0, self._resume_hs.hello_bytes)
@@ -410,9 +458,14 @@ cdef class Connection:
         if self._early is not None:
             self._early.erase()
             self._early = None
+        self._resume_args = None
         self._flight_timer._stop()
         self._fire("resume_rejected")
         self._new_hello_rid()
+        # A new hello, a new attempt: it may need (and may honour) a Retry of its own, and
+        # what was rejected under the old hello says nothing about the new one.
+        self._retried = False
+        self._rejected = None
         self._start_full_handshake()
         return 0
 
@@ -430,6 +483,11 @@ cdef class Connection:
             self._drop("truncated")
             return
         if raw[0] == 0x51 and raw[1] == 0x48:  # "QH"
+            if self.is_client and not _same_addr(addr, self.peer_addr):
+                # The client's socket is not connected: anyone can send to it. A handshake
+                # record that did not come from the server we talk to is not a reply (§8.4).
+                self._drop("wrong-source")
+                return
             self.hs_bytes_in += n
             if not self.is_client and not self._amp._validated:
                 self._amp._on_received(n)
@@ -524,19 +582,21 @@ cdef class Connection:
             if self._fsm.name == "S_WAIT_FIN":
                 self._expire_handshake()
             else:
-                self._fail(ErrorCode.ErrorHandshakeTimeout, "handshake timed out", send=False)
+                self._handshake_gave_up()
             return 0
         if self._has_ack_deadline and now >= self._ack_deadline:
             self._send_pending_ack()
         if self._flight_timer.due(now):
             if self._flight_timer.on_timeout(now):
-                self._resend_flight()
+                # Holding part of the server's reply, the client probes with an ack instead
+                # of repeating its hello (RFC 9002 §6.2.2.1: never go silent while waiting).
+                if not self._probe_reply():
+                    self._resend_flight()
             elif self._fsm.name == "S_WAIT_FIN":
                 self._expire_handshake()
                 return 0
             elif not self._fsm.established:
-                self._fail(ErrorCode.ErrorHandshakeTimeout, "no answer to the handshake",
-                           send=False)
+                self._handshake_gave_up()
                 return 0
             else:
                 # Established on our side, yet the server never acknowledged CF nor sent one
@@ -789,7 +849,9 @@ cdef class Connection:
             self.hs_bytes_out += n
             if not self.is_client and not self._amp._validated:
                 if self._amp_queue or not self._amp._can_send(n):
-                    self._amp_queue.append(data)
+                    # Over the budget, a resend of a record still queued adds nothing.
+                    if data not in self._amp_queue:
+                        self._amp_queue.append(data)
                     return 0
                 self._amp._on_sent(n)
         else:
@@ -841,7 +903,13 @@ cdef class Connection:
         a burst of duplicates cannot multiply the traffic on a slow link."""
         if self._flight is None:
             return 0
-        if prompted and self._now - self._flight_sent_at < self._flight_timer._rto:
+        # The gap is the initial timeout plus the flight's own airtime, not the backed-off
+        # timeout (the peer's prompts, a repeated hello or a probe ack, are backed off
+        # already) nor the link floor, which covers the reply's airtime too: on a slow link
+        # that would keep us deaf to the peer for tens of seconds after each send.
+        if prompted and self._now - self._flight_sent_at < (
+                self._flight_timer._initial
+                + <double>self.config.link_time(self._flight._total_bytes)):
             self._drop("resend-suppressed")
             return 0
         self._flight_sent_at = self._now
@@ -854,6 +922,24 @@ cdef class Connection:
                                   details=detail[:_MAX_ERROR_DETAIL]).encode()
         rec = HandshakeRecord(MSG_ERROR_RESPONSE, rid, 0, 0, len(body), body)
         self._send_raw(rec.encode(), None, handshake=True)
+        return 0
+
+    cdef str _timeout_detail(self):
+        """Why a handshake ran out of time, telling silence from a reply that stalled."""
+        if self.hs_bytes_in == 0:
+            return "handshake timed out: nothing received from the peer"
+        return f"handshake timed out: received {self.hs_bytes_in} bytes, then stalled"
+
+    cdef int _handshake_gave_up(self) except -1:
+        """The handshake budget or the hello's resends ran out. A client that rejected a
+        reply reports why (the server's key not pinned, say), as it would have at once if
+        that reply could not have been a forgery; otherwise it is a timeout."""
+        if self._rejected is not None:
+            code, detail, rid = self._rejected
+            self.rid = rid  # the ErrorResponse goes to the session that sent that reply
+            self._fail(code, detail, send=True)
+            return 0
+        self._fail(ErrorCode.ErrorHandshakeTimeout, self._timeout_detail(), send=False)
         return 0
 
     # ------------------------------------------------------------------ handshake datagrams
@@ -889,6 +975,10 @@ cdef class Connection:
             self._flight_timer._stop()
             if self._fsm.established:
                 self._flight = None
+        else:
+            # The peer is missing part of our flight and says so (its delayed ack, or a probe
+            # while it waits): resend the rest now rather than at our backed-off timeout.
+            self._resend_flight(prompted=True)
         return 0
 
     cdef bytes _reassemble(self, HandshakeRecord rec, double now):
@@ -907,17 +997,30 @@ cdef class Connection:
         # incomplete when the delay runs out (that is when the sender needs it). The ack is
         # built then, from what is held then.
         self._pending_ack = (rec.rid, rec.msg_type, rec.msg_seq)
-        if not self._has_ack_deadline:
+        if not self._has_ack_deadline or now + self._ack_delay < self._ack_deadline:
             self._ack_deadline = now + self._ack_delay
             self._has_ack_deadline = True
+        self._ack_backoff = 0.0  # progress: a stall from here is acked promptly again
         return None
 
     cdef int _send_pending_ack(self) except -1:
+        cdef RetransmitTimer timer
         if self._pending_ack is not None:
             reasm = self._reasm.get(self._pending_ack)
             if reasm is not None:  # the table holds started, incomplete messages only
                 self._send_raw(reasm.ack().to_record(self._pending_ack[0]), None,
                                handshake=True)
+                if not self.is_client and not self._fsm.established:
+                    # A server holding part of the client's hello or Finished acks again,
+                    # backing off, while the rest does not come: each ack prompts the client
+                    # to resend what is missing, so its resends do not depend on its own,
+                    # backed-off timer alone (§8.5; the client probes the same way).
+                    timer = self._flight_timer
+                    self._ack_backoff = min(
+                        _fmax(2 * self._ack_backoff, _fmax(timer._initial, 4 * self._ack_delay)),
+                        _fmax(timer._maximum, 4 * self._ack_delay))
+                    self._ack_deadline = self._now + self._ack_backoff
+                    return 0
         self._pending_ack = None
         self._has_ack_deadline = False
         return 0
@@ -974,56 +1077,135 @@ cdef class Connection:
         return 0
 
     cdef int _client_on_retry(self, HandshakeRecord rec) except -1:
-        if self._fsm.name != "C_WAIT_SH" or rec.rid != self._hello_rid or self._retried:
+        # A server above its cookie threshold answers a ClientHelloResume with a Retry as
+        # well as a ClientHello: both waiting states honour it (§8.6).
+        cdef str state = self._fsm.name
+        if (state != "C_WAIT_SH" and state != "C_RESUME_PENDING") \
+                or rec.rid != self._hello_rid or self._retried:
             self._drop("stale-retry")
             return 0
         cdef bytes new_rid = rec.fragment
         if PyBytes_GET_SIZE(new_rid) != RID_LEN or new_rid[:8] != self._hello_rid[:8]:
             self._drop("handshake-malformed")
             return 0
-        assert self._client_hs is not None
         self._retried = True
+        self._reasm.discard_rid(self._hello_rid)
         self._hello_rid = self.rid = new_rid
         self._log_event("retry", {})
-        self._send_message(MSG_CLIENT_HELLO, 0, self._client_hs.client_hello_bytes)
+        if state == "C_WAIT_SH":
+            assert self._client_hs is not None
+            self._send_message(MSG_CLIENT_HELLO, 0, self._client_hs.client_hello_bytes)
+            return 0
+        # The resumption starts over under the cookie RID: a fresh CHR, and the 0-RTT data
+        # sealed again, since the RID is part of every packet's associated data. The server
+        # kept nothing (a Retry is stateless), so the ticket is still unused.
+        assert self._resume_args is not None
+        ticket, early_data, early_stream = self._resume_args
+        if self._resume_hs is not None:
+            self._resume_hs.erase()
+            self._resume_hs = None
+        if self._early is not None:
+            self._early.erase()
+            self._early = None
+        self._start_resumption(ticket, early_data, early_stream)
         return 0
+
+    cdef bint _answers_hello(self, bytes rid) except -1:
+        """True if ``rid`` is a session RID made for our current hello (§8.4): it ends in the
+        check bytes over our hello RID and, if we targeted a node id, keeps that prefix."""
+        if PyBytes_GET_SIZE(rid) != RID_LEN or not self._hello_rid:
+            return False
+        # A client that targeted a node id expects the session RID to keep that steering
+        # prefix (PROFILE §4). One that did not used a random prefix, and the server puts its
+        # own node id there, so there is nothing to compare.
+        if self.config.node_id is not None and rid[:8] != self._hello_rid[:8]:
+            return False
+        return rid[RID_LEN - SESSION_RID_TAG_LEN:] == _session_rid_tag(
+            self._hello_rid, rid[:RID_LEN - SESSION_RID_TAG_LEN])
+
+    cdef int _reject_reply(self, bytes rid, object exc) except -1:
+        """A complete SH/SHR that failed verification before its signature (or MAC) held.
+        It may be a forgery racing the genuine reply, so it ends nothing by itself: forget
+        what was assembled under its RID (a forged fragment may be what broke it), ask for
+        the reply again, and give the genuine one a few timeouts to arrive. If none does,
+        the handshake fails with this error (§8.4)."""
+        cdef double grace
+        self._drop("reply-rejected")
+        self._log_event("reply-rejected", {"code": int(exc.code)})
+        self._reasm.discard_rid(rid)
+        self._rejected = (int(exc.code), exc.detail, rid)
+        grace = self._now + 4 * _fmax(self._flight_timer._initial, self._flight_timer._floor)
+        if self._has_hs_deadline and grace < self._hs_deadline:
+            self._hs_deadline = grace
+        self._resend_flight(prompted=True)
+        return 0
+
+    cdef int _probe_reply(self) except -1:
+        """Client waiting for SH or SHR: acknowledge what it holds of a reply that answers
+        its hello. Returns 1 if it sent such an ack (the probe), 0 if it holds nothing."""
+        cdef int sent = 0
+        if not self.is_client or self._flight is None or not _is_hello(self._flight._msg_type):
+            return 0
+        for key, reasm in list(self._reasm._entries.items()):
+            if (key[1] == MSG_SERVER_HELLO or key[1] == MSG_SERVER_HELLO_RESUME) \
+                    and self._answers_hello(key[0]):
+                self._send_raw(reasm.ack().to_record(key[0]), None, handshake=True)
+                sent = 1
+        if sent:
+            self._log_event("reply-probe", {})
+        return sent
 
     cdef bytes _server_reply(self, HandshakeRecord rec, double now, str waiting):
         """A fragment of SH or SHR: the whole reply once complete, else None."""
+        cdef bytes message
+        # Only a reply under a session RID made for our own hello counts; anything else
+        # (a forgery, a replay of another session's flight) is dropped, never fatal.
+        if not self._answers_hello(rec.rid):
+            self._drop("unknown-rid")
+            return None
         if self._fsm.name != waiting:
-            if self._flight is not None and _is_finished(self._flight._msg_type):
+            if self._flight is not None and _is_finished(self._flight._msg_type) \
+                    and rec.rid == self.rid:
                 # The server is still resending its hello: our Finished is lost. Resend what
                 # the server has not acknowledged.
                 self._resend_flight(prompted=True)
             else:
                 self._drop("unexpected-handshake")
             return None
-        # A client that targeted a node id expects the session RID to keep that steering
-        # prefix (PROFILE §4). One that did not used a random prefix, and the server puts its
-        # own node id there, so there is nothing to compare.
-        if self.config.node_id is not None and rec.rid[:8] != self._hello_rid[:8]:
-            self._drop("unknown-rid")
-            return None
-        # Any fragment of the reply proves the server has our hello: stop resending it.
-        # Missing reply fragments are the server's to resend (its timer, prompted by our
-        # delayed ack).
-        self._flight_timer._stop()
-        return self._reassemble(rec, now)
+        message = self._reassemble(rec, now)
+        if message is None and self._flight is not None and _is_hello(self._flight._msg_type):
+            # The server is answering: the hello's timer now guards the reply. It fires only
+            # after a full timeout without a fragment, and then probes (see handle_timer). On
+            # a slow link that timeout covers what is still missing of the reply, not the
+            # hello and the whole reply as at first.
+            reasm = self._reasm.get((rec.rid, rec.msg_type, rec.msg_seq))
+            if reasm is not None:
+                self._flight_timer._scale_for_link(
+                    rec.msg_length - reasm.bytes_held + 64, self.config.link_bits_per_second)
+            self._flight_timer._start(now)
+        return message
 
     cdef int _client_on_server_hello(self, HandshakeRecord rec, double now) except -1:
         cdef bytes message = self._server_reply(rec, now, "C_WAIT_SH")
         if message is None:
             return 0
-        if not self._fire("sh_received"):
-            return 0
-        assert self._client_hs is not None
-        self.rid = rec.rid  # the session RID the server chose, for CF or for our error
+        hs = self._client_hs
+        assert hs is not None
         try:
-            cf = self._client_hs.on_server_hello(message)
+            cf = hs.on_server_hello(message)
         except HandshakeError as exc:
+            if not hs.authentic:
+                self._reject_reply(rec.rid, exc)
+                return 0
+            # Signed by the server, yet broken: the server's own failure.
+            self.rid = rec.rid
+            self._fire("sh_received")
             self._fail(exc.code, exc.detail, send=True)
             return 0
-        result = self._client_hs.result
+        if not self._fire("sh_received"):
+            return 0
+        self.rid = rec.rid  # the session RID the server chose, for CF or for our error
+        result = hs.result
         assert result is not None
         self._fire("sh_verified")
         self._rtt_sample = now - self._flight_started_at  # before CF restarts the flight clock
@@ -1037,12 +1219,17 @@ cdef class Connection:
             return 0
         resume = self._resume_hs
         assert resume is not None
-        self.rid = rec.rid  # the session RID the server chose, for CFR or for our error
         try:
             cfr = resume.on_server_hello_resume(message)
         except HandshakeError as exc:
+            if not resume.authentic:
+                self._reject_reply(rec.rid, exc)
+                return 0
+            self.rid = rec.rid
             self._fail(exc.code, exc.detail, send=True)
             return 0
+        self.rid = rec.rid  # the session RID the server chose, for CFR or for our error
+        self._resume_args = None
         result = resume.result
         assert result is not None
         self._fire("resume_accepted")
@@ -1111,11 +1298,12 @@ cdef class Connection:
 
     cdef bytes _new_session_rid(self, bytes hello_rid):
         """The server's session RID: its node id (or the client's prefix), rotation epoch 0,
-        14 random bytes (PROFILE §4)."""
+        7 bytes that are random or start with the RID layout's routing fields, and 7 check
+        bytes over the client's hello RID (§3.3, §8.4)."""
         prefix = self.config.node_id if self.config.node_id is not None else hello_rid[:8]
         layout = self.config.rid_layout  # routing fields for load balancers and workers
-        return make_rid(prefix, 0, self.config.rng(14) if layout is None
-                        else layout.tail(self.config.rng))
+        head = self.config.rng(7) if layout is None else layout.tail(self.config.rng)[:7]
+        return session_rid(hello_rid, prefix, head)
 
     cdef int _server_on_client_hello(self, HandshakeRecord rec, addr, double now) except -1:
         cdef bytes message = self._client_hello(rec, addr, now, "ch_received", "S_WAIT_CH",
@@ -2004,7 +2192,7 @@ cdef class Connection:
                                       "handshake expired before the client finished it",
                                       self.rid)
         # Locally it is what it was: our handshake timed out.
-        self._fail(ErrorCode.ErrorHandshakeTimeout, "handshake timed out", send=False)
+        self._fail(ErrorCode.ErrorHandshakeTimeout, self._timeout_detail(), send=False)
         return 0
 
     cpdef _fail(self, int code, str detail, bint send):
@@ -2069,4 +2257,5 @@ cdef class Connection:
         self._has_ack_deadline = False
         self._take_early_packets()
         self._amp_queue.clear()
+        self._resume_args = None
         return 0

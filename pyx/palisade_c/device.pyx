@@ -101,7 +101,12 @@ cdef extern from "pal_device.h":
         const uint8_t* data
         size_t len
         const char* reason
+    ctypedef struct pal_tkey:
+        uint32_t epoch
     ctypedef struct pal_device:
+        pal_tkey tx_cur
+        uint8_t rx_state
+        uint8_t rekey_attempt
         uint32_t drops[1]
         uint32_t packets_in
         uint32_t packets_out
@@ -549,12 +554,16 @@ cdef class Device:
 
     # -- application --------------------------------------------------------------------------
 
-    def send_data(self, data, stream_id=0):
+    def send_data(self, data, stream_id=0, now=None):
+        """Seal ``data`` on ``stream_id``; ``now`` as for Connection.send_data (without it,
+        the last time the device saw)."""
         cdef bytes payload = bytes(data)
         cdef size_t n = 0
         cdef int rc
         if not 0 <= stream_id <= 253:
             raise ValueError("stream_id must be 0..253")
+        if now is not None:
+            self._now = now
         rc = pal_device_send(self._d, stream_id, <const uint8_t*><const char*>payload,
                              len(payload), _ms(self._now), self._obuf, self._ocap, &n)
         if rc == -2:
@@ -603,6 +612,21 @@ cdef class Device:
     @property
     def epoch(self) -> int:
         return pal_device_epoch(self._d)
+
+    @property
+    def rx_state_name(self) -> str:
+        """The receiver's epoch state, STEADY or TRANSITION (docs/protocol.md §5.1)."""
+        return "TRANSITION" if self._d.rx_state else "STEADY"
+
+    @property
+    def send_epoch(self) -> int:
+        """The epoch the device seals under (ahead of ``epoch`` until its receiver commits)."""
+        return self._d.tx_cur.epoch
+
+    @property
+    def rekey_attempt(self) -> int:
+        """The attempt of the running rekey (1..4), 0 when none runs (§9)."""
+        return self._d.rekey_attempt
 
     @property
     def drop_counts(self) -> dict:
