@@ -557,3 +557,15 @@ def test_shaping_over_udp(mode: str) -> None:
         assert server_side and server_side[0].shaping == shaping
 
     run_bounded(main(), 20.0)
+
+
+def test_cli_shaping_option() -> None:
+    from palisade_c import cli
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["connect", "udp://127.0.0.1:9", "--key", "k",
+                              "--shaping", "rate:20:300"])
+    assert args.shaping == Shaping.rate(20, 300)
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(["serve", "udp://127.0.0.1:9", "--key", "k", "--shaping", "pad:9-1"])
+    assert info.value.code == 2
