@@ -18,6 +18,7 @@ from palisade_c.connection import Connection
 from palisade_c.endpoint import EndpointEvent, ServerEndpoint
 from palisade_c.identity import Identity, TrustStore
 from palisade_c.record import Record, RecordLayer
+from palisade_c.shaping import Shaping
 from palisade_c.tickets import ClientTicket, ClientTicketCache, SqliteTicketStore, TicketService
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ __all__ = [
     "RecordLayer",
     "Server",
     "ServerEndpoint",
+    "Shaping",
     "SqliteTicketStore",
     "TicketService",
     "TrustStore",

@@ -344,8 +344,10 @@ class Tunnel:
 
         Raises :class:`~palisade_c.errors.ConnectionClosedError` once the tunnel is closing or
         closed, :class:`~palisade_c.errors.PacketTooLargeError` if ``data`` is longer than
-        :attr:`max_payload` (the error carries it as ``max_payload``), and
-        :class:`ValueError` for a stream id outside 0..253.
+        :attr:`max_payload` (the error carries it as ``max_payload``),
+        :class:`~palisade_c.errors.BackPressureError` when constant-rate shaping's send queue
+        is full (nothing was queued; retry after a slot), and :class:`ValueError` for a
+        stream id outside 0..253.
         """
         if self._closing or self._closed.done():
             raise self._closed_error()

@@ -59,6 +59,7 @@ from palisade_c.aio import HandshakeTimeoutError, Tunnel, connect, describe_stal
 from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION, Config
 from palisade_c.connection import Connection
 from palisade_c.errors import (
+    BackPressureError,
     ConfigError,
     ConnectionClosedError,
     ErrorCode,
@@ -82,6 +83,7 @@ from palisade_c.ridlayout import MAX_WORKERS, RidLayout
 from palisade_c.safetext import printable
 from palisade_c.settings import apply_sources
 from palisade_c.settings import finish as finish_sources
+from palisade_c.shaping import Shaping
 from palisade_c.ticketkeys import FileTicketKeyRing
 from palisade_c.tickets import ClientTicketCache, SqliteTicketStore, TicketService, TicketStore
 from palisade_c.transport.base import (
@@ -92,6 +94,7 @@ from palisade_c.transport.base import (
     tune_for_link,
 )
 from palisade_c.trustdir import TrustReloader, read_trust_source
+from palisade_c.wire import PLUS_SHAPING
 
 __all__ = [
     "EXIT_ERROR",
@@ -213,6 +216,13 @@ def _socket_buffer(text: str) -> int:
     return value
 
 
+def _shaping(text: str) -> Shaping:
+    try:
+        return Shaping.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _workers(text: str) -> int:
     n = _count(text)
     if not 1 <= n <= MAX_WORKERS:
@@ -294,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="8-byte node id (16 hex digits): the RID steering prefix")
         p.add_argument("--plus", action="store_true",
                        help="offer/allow PALISADE-PLUS resumption and migration")
+        p.add_argument("--shaping", type=_shaping, metavar="MODE",
+                       help="traffic shaping (spec §10): off, pad:MIN-MAX (random padding) "
+                       "or rate:PPS:SIZE (constant rate); a client asks for it, a server "
+                       "imposes it (off: each client chooses). Implies PLUS shaping")
         p.add_argument("--socket-buffer", type=_socket_buffer, metavar="BYTES",
                        help="UDP receive/send buffer size to ask of the kernel (default "
                        "4194304; 0: the kernel's default; Linux caps it at "
@@ -396,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="messages to echo through the tunnel (default 10)")
     demo_p.add_argument("--engine", choices=("python", "c"), default="python",
                         help="which implementation plays the device (see serve --engine)")
+    demo_p.add_argument("--shaping", type=_shaping, metavar="MODE",
+                        help="the client asks for traffic shaping (off, pad:MIN-MAX, "
+                        "rate:PPS:SIZE); the summary then shows its overhead")
     demo_p.set_defaults(func=_cmd_demo)
     _add_key_commands(sub, verbose)
     _add_show_command(sub, verbose)
@@ -438,6 +455,10 @@ def _make_config(args: argparse.Namespace, **extra: Any) -> Config:
     plus = _plus_requested(args)
     if plus:
         extra.setdefault("plus_features", PLUS_RESUMPTION | PLUS_MIGRATION)
+    shaping = getattr(args, "shaping", None)
+    if shaping is not None:
+        extra["shaping"] = shaping
+        extra["plus_features"] = extra.get("plus_features", 0) | PLUS_SHAPING
     buffer = getattr(args, "socket_buffer", None)
     if buffer is not None:
         extra["socket_buffer_bytes"] = buffer or None
@@ -509,7 +530,10 @@ async def _echo(tunnel: Tunnel) -> None:
         if isinstance(event, ConnectionClosed):
             return
         if isinstance(event, DataReceived):
-            tunnel.send(event.data, event.stream_id)
+            try:
+                tunnel.send(event.data, event.stream_id)
+            except BackPressureError:
+                pass  # constant-rate shaping, queue full: an echo is best effort
 
 
 async def _sink(tunnel: Tunnel) -> None:
@@ -821,6 +845,10 @@ async def _connect_main(args: argparse.Namespace) -> int:
                     _error(f"line {line_no} skipped: {len(data)} bytes, more than the "
                            f"{exc.max_payload} bytes one datagram of this path carries")
                     break
+                except BackPressureError:
+                    # Constant-rate shaping: the send queue is full; wait one slot.
+                    await asyncio.sleep(1.0 / max(1, current.connection.shaping.a))
+                    continue
                 except ConnectionClosedError:
                     if not can_reconnect:
                         return  # the printer sees the close too and ends the session
@@ -962,7 +990,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     return run(baud=args.baud, messages=args.messages,
                verbose=bool(getattr(args, "verbose", False)),
-               engine=getattr(args, "engine", "python"))
+               engine=getattr(args, "engine", "python"),
+               shaping=getattr(args, "shaping", None))
 
 
 # -- key tools, trust reload, SIGTERM (issue 14) -------------------------------------------------

@@ -18,6 +18,7 @@ from palisade_c.errors import ConfigError
 from palisade_c.identity import Identity, TrustEntry, TrustStore
 from palisade_c.reassembly import LINK_BITS_PER_BYTE
 from palisade_c.ridlayout import RidLayout
+from palisade_c.shaping import Shaping, check_link_share
 from palisade_c.tickets import TicketService
 from palisade_c.transport.base import MAX_DATAGRAM_SIZE, MIN_DATAGRAM_SIZE
 from palisade_c.wire import PLUS_MIGRATION, PLUS_RESUMPTION, PLUS_SHAPING
@@ -89,6 +90,17 @@ class Config:
     #: ``migration_window`` seconds, or on a PATH_RESPONSE.
     migration_packets: int = 3
     migration_window: float = 5.0
+    #: Traffic shaping (spec §10, docs/protocol.md §17). Client: the mode it asks for (a mode
+    #: other than off implies PLUS_SHAPING). Server: off lets each client choose; any other
+    #: mode is imposed on every client that negotiates PLUS shaping.
+    shaping: Shaping = field(default_factory=Shaping)
+    #: Modes this side accepts; a handshake agreeing any other fails with
+    #: ErrorUnsupportedExtension. A client that must not run unshaped leaves 0 out.
+    shaping_allowed: frozenset[int] = frozenset({0, 1, 2})
+    #: Mode 2: application packets queued for slots before send_data refuses (back-pressure).
+    shaping_queue_limit: int = 64
+    #: Serial links: the largest share of ``link_bits_per_second`` a constant rate may take.
+    shaping_link_share: float = 0.5
 
     # scale-out (docs/protocol.md §3.3): None keeps the 14 random bytes of a session RID.
     #: Server: routing fields (config, host and worker id) written into session RIDs.
@@ -131,6 +143,25 @@ class Config:
             raise ConfigError("cookie_secret must be 32 bytes")
         if self.amplification_factor < 1:
             raise ConfigError("amplification_factor must be at least 1")
+        if not isinstance(self.shaping, Shaping):
+            raise ConfigError("shaping must be a palisade_c.shaping.Shaping")
+        if self.shaping.mode:
+            self.plus_features |= PLUS_SHAPING
+        if not self.shaping_allowed or not set(self.shaping_allowed) <= {0, 1, 2}:
+            raise ConfigError("shaping_allowed must name some of the modes 0, 1, 2")
+        if self.shaping.mode not in self.shaping_allowed:
+            raise ConfigError(f"shaping mode {self.shaping.mode} is not in shaping_allowed")
+        if not 1 <= self.shaping_queue_limit <= 1 << 16:
+            raise ConfigError("shaping_queue_limit must be 1..65536")
+        if not 0 < self.shaping_link_share <= 1:
+            raise ConfigError("shaping_link_share must be in (0, 1]")
+        if self.shaping.mode == 2 and self.shaping.b > self.max_datagram_size:
+            raise ConfigError(f"constant-rate size {self.shaping.b} exceeds max_datagram_size "
+                              f"{self.max_datagram_size}")
+        problem = check_link_share(self.shaping, self.link_bits_per_second,
+                                   self.shaping_link_share)
+        if problem is not None:
+            raise ConfigError(problem)
         self.trust = TrustStore(self.trusted_peers)
         # Retransmission jitter needs spread, not secrecy: one PRNG per Config, seeded from
         # ``rng`` so a seeded rng still makes every timer reproducible, and no system call

@@ -11,6 +11,8 @@ from palisade_c.reassembly import AmplificationLimiter
 from palisade_c.record import STREAM_DUMMY as STREAM_DUMMY
 from palisade_c.record import STREAM_KEEPALIVE as STREAM_KEEPALIVE
 from palisade_c.record import RecordLayer
+from palisade_c.shaping import MODE_RATE as MODE_RATE
+from palisade_c.shaping import Shaping
 from palisade_c.tickets import ClientTicket, TicketService
 from palisade_c.wire import PLUS_MIGRATION as PLUS_MIGRATION
 from palisade_c.wire import PLUS_RESUMPTION as PLUS_RESUMPTION
@@ -106,6 +108,12 @@ class Connection:
     def handshake_budget(self) -> float: ...
     @property
     def max_payload(self) -> int: ...
+    @property
+    def shaping(self) -> Shaping: ...
+    @property
+    def send_queue_room(self) -> int | None: ...
+    @property
+    def shaping_stats(self) -> dict[str, int] | None: ...
     # sans-IO API
     def connect(
         self,

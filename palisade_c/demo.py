@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from palisade_c.aio import Tunnel, connect, serve
-from palisade_c.config import Config
+from palisade_c.config import PLUS_SHAPING, Config
 from palisade_c.connection import Connection
 from palisade_c.errors import PalisadeError, code_name
 from palisade_c.events import ConnectionClosed, DataReceived, EpochChanged, HandshakeCompleted
@@ -48,6 +48,7 @@ from palisade_c.gateway import Gateway
 from palisade_c.identity import Identity
 from palisade_c.progress import HandshakeProgress
 from palisade_c.reassembly import LINK_BITS_PER_BYTE
+from palisade_c.shaping import Shaping
 from palisade_c.transport.pty import PtyLink
 
 __all__ = ["DEMO_TIMEOUT", "DemoError", "DemoResult", "run", "run_demo", "summary_lines"]
@@ -90,6 +91,14 @@ class DemoResult:
     close_code: int = -1
     close_reason: str = ""
     total_time: float = 0.0
+    #: Traffic shaping: what the client asked for, what the session agreed, and the client's
+    #: shaping counters, application payload bytes and encrypted bytes sent.
+    shaping_asked: Shaping = field(default_factory=Shaping)
+    shaping: Shaping = field(default_factory=Shaping)
+    shaping_stats: dict[str, int] = field(default_factory=dict)
+    app_bytes_out: int = 0
+    packets_out: int = 0
+    bytes_out: int = 0
 
     @property
     def handshake_bytes(self) -> int:
@@ -136,6 +145,7 @@ async def run_demo(
     *,
     progress: TextIO | None = None,
     engine: str = "python",
+    shaping: Shaping | None = None,
 ) -> DemoResult:
     """Run the demo (module docstring); ``progress`` receives the handshake status lines
     (stderr by default). ``engine="c"`` plays the device with the C peer firmware uses
@@ -143,7 +153,8 @@ async def run_demo(
     loop = asyncio.get_running_loop()
     begin = loop.time()
     node = os.urandom(8)
-    result = DemoResult(baud=baud, node_id=node, messages=messages)
+    result = DemoResult(baud=baud, node_id=node, messages=messages,
+                        shaping_asked=shaping or Shaping())
     with tempfile.TemporaryDirectory(prefix="palisade-demo-") as tmp:
         work = Path(tmp)
         for name in ("device", "client"):
@@ -151,9 +162,12 @@ async def run_demo(
             ident.save(work / f"{name}.key")
             ident.save_public(work / f"{name}.key.pub")
         device_cfg = Config(identity=Identity.load(work / "device.key"),
-                            trusted_peers=[str(work / "client.key.pub")], node_id=node)
+                            trusted_peers=[str(work / "client.key.pub")], node_id=node,
+                            plus_features=PLUS_SHAPING if shaping is not None and engine != "c"
+                            else 0)
         client_cfg = Config(identity=Identity.load(work / "client.key"),
-                            trusted_peers=[str(work / "device.key.pub")], node_id=node)
+                            trusted_peers=[str(work / "device.key.pub")], node_id=node,
+                            shaping=shaping or Shaping())
 
         with PtyLink(baud, directory=work / "line") as line:
             # When the device has keys, and the handshake bytes it received and sent: what
@@ -246,18 +260,21 @@ async def _client(
         raise DemoError("the device never completed its side of the handshake") from None
     result.handshake_time = max(both, started + result.client_handshake_time) - started
     conn = tunnel.connection
+    result.shaping = conn.shaping
     result.handshake_bytes_out = device_in
     result.handshake_bytes_in = device_out
     try:
         epochs: list[int] = []
         for i in range(result.messages):
             payload = f"message {i + 1} of {result.messages} through the gateway".encode()
+            result.app_bytes_out += len(payload)
             result.round_trips.append(await _echo_once(tunnel, payload, epochs))
             result.echoed += 1
         # Rekey: the client asks, the device announces new keys, both commit epoch 1.
         result.epoch_before = conn.epoch
         rekey_started = loop.time()
         tunnel.request_rekey()  # through the tunnel, so the request goes out now
+        result.app_bytes_out += 37
         await _echo_once(tunnel, b"first message after the rekey request", epochs)
         while not epochs:
             event = await _recv_event(tunnel)
@@ -266,10 +283,13 @@ async def _client(
             elif isinstance(event, ConnectionClosed):
                 raise DemoError(f"tunnel closed during the rekey: {event.reason}")
         result.rekey_time = loop.time() - rekey_started
+        result.app_bytes_out += 26
         await _echo_once(tunnel, b"an echo under the new keys", epochs)
         result.final_epoch = conn.epoch
     finally:
         event = await tunnel.close()
+        result.shaping_stats = conn.shaping_stats or {}
+        result.packets_out, result.bytes_out = conn.packets_out, conn.bytes_out
     result.close_code, result.close_reason = event.error_code, event.reason
 
 
@@ -278,7 +298,7 @@ def summary_lines(r: DemoResult) -> list[str]:
     rtt = sum(r.round_trips) / len(r.round_trips) * 1e3 if r.round_trips else 0.0
     closed = ("closed cleanly" if r.close_code == 0
               else f"closed with {code_name(r.close_code)} {r.close_reason}".rstrip())
-    return [
+    lines = [
         f"palisade demo: virtual serial line at {r.baud} baud (pty pair, paced), device node "
         f"{r.node_id.hex()}, gateway {r.gateway}",
         f"palisade demo: handshake {r.handshake_time:.2f} s until both sides had keys "
@@ -293,16 +313,31 @@ def summary_lines(r: DemoResult) -> list[str]:
         f"{r.rekey_time:.2f} s, then an echo under the new keys",
         f"palisade demo: {closed}; final epoch {r.final_epoch}; total {r.total_time:.1f} s",
     ]
+    if r.shaping_asked.mode or r.shaping.mode:
+        lines.insert(-1, shaping_line(r))
+    return lines
+
+
+def shaping_line(r: DemoResult) -> str:
+    """The shaping overhead: the client's encrypted bytes against the payload they carried."""
+    agreed = str(r.shaping) if r.shaping == r.shaping_asked else (
+        f"{r.shaping} (asked {r.shaping_asked}; the peer did not agree it)")
+    st = r.shaping_stats
+    ratio = r.bytes_out / r.app_bytes_out if r.app_bytes_out else 0.0
+    return (f"palisade demo: shaping {agreed}: client sent {r.packets_out} packets, "
+            f"{r.bytes_out} bytes for {r.app_bytes_out} bytes of messages (x{ratio:.1f}); "
+            f"{st.get('pad_bytes', 0)} padding bytes, {st.get('dummies', 0)} dummy packets")
 
 
 def run(baud: int = 115200, messages: int = 10, verbose: bool = False,
-        out: TextIO | None = None, engine: str = "python") -> int:
+        out: TextIO | None = None, engine: str = "python",
+        shaping: Shaping | None = None) -> int:
     """Run the demo and print its summary; the exit status (0 when every step worked)."""
     stdout = out if out is not None else sys.stdout
 
     async def bounded() -> DemoResult:
         async with asyncio.timeout(DEMO_TIMEOUT):
-            return await run_demo(baud, messages, engine=engine)
+            return await run_demo(baud, messages, engine=engine, shaping=shaping)
 
     started = time.monotonic()
     try:

@@ -116,6 +116,13 @@ class PacketTooLargeError(PalisadeError, ValueError):
         self.max_payload = max_payload
 
 
+class BackPressureError(PalisadeError):
+    """Constant-rate shaping (Mode 2): the send queue is full. Nothing was queued; retry once
+    a slot has gone out (``Connection.send_queue_room`` says how many packets fit)."""
+
+    code = ErrorCode.ErrorInternal
+
+
 # --- decoding (raised by codecs, caught by the core) ----------------------------------------
 
 

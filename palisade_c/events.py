@@ -6,8 +6,10 @@ key material; ``DataReceived.data`` is application plaintext and is never logged
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from palisade_c.shaping import Shaping
 
 if TYPE_CHECKING:
     from palisade_c.tickets import ClientTicket
@@ -27,6 +29,8 @@ class HandshakeCompleted(Event):
     plus_features: int = 0
     #: Resumption with 0-RTT: whether the server accepted the early data.
     early_data_accepted: bool = False
+    #: The traffic shaping both sides agreed (spec §10): Mode 0 unless negotiated.
+    shaping: Shaping = field(default_factory=Shaping)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from palisade_c.errors import ConfigError, ConnectionClosedError, PacketTooLargeError
+from palisade_c.errors import (
+    BackPressureError,
+    ConfigError,
+    ConnectionClosedError,
+    PacketTooLargeError,
+)
 from palisade_c.events import ConnectionClosed, DataReceived
 from palisade_c.transport.base import parse_url
 
@@ -133,6 +138,10 @@ def _send_through(tunnel: Any, data: bytes, stream: int, counters: _Counters,
         return False
     except ConnectionClosedError:
         counters.add("tunnel-closed")
+        return False
+    except BackPressureError:
+        # Constant-rate shaping: the slots are full. UDP is best effort: drop and count.
+        counters.add("back-pressure")
         return False
     counters.add("to-tunnel")
     counters.add("to-tunnel-bytes", len(data))

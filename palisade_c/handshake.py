@@ -33,6 +33,7 @@ from palisade_c import wire
 from palisade_c.config import PLUS_RESUMPTION, Config
 from palisade_c.errors import DecodeError, ErrorCode, HandshakeError
 from palisade_c.identity import CLIENT_CONTEXT, SERVER_CONTEXT, verify_signature
+from palisade_c.shaping import Shaping, client_shaping, server_shaping, shaping_extensions
 from palisade_c.tickets import ClientTicket, TicketInner, TicketService
 
 #: What this implementation can do, in preference order.
@@ -90,6 +91,8 @@ class HandshakeResult:
     aead: int = wire.AEAD_CHACHA20POLY1305
 
     resumed: bool = False
+    #: Traffic shaping agreed for the session (spec §10; Mode 0 unless negotiated).
+    shaping: Shaping = field(default_factory=Shaping)
 
 
 def _encapsulate(kem: int, public_key: bytes, code: ErrorCode) -> tuple[bytearray, bytes]:
@@ -177,7 +180,8 @@ class ClientHandshake:
     def __init__(self, config: Config) -> None:
         self._config = config
         self._kem_key: mlkem.MLKEM768PrivateKey | None = mlkem.MLKEM768PrivateKey.generate()
-        extensions = _plus_extensions(config.plus_features)
+        extensions = (_plus_extensions(config.plus_features)
+                      + shaping_extensions(config, config.plus_features))
         self.client_hello = wire.ClientHello(
             supported_kems=(wire.KEM_MLKEM768,),
             supported_sigs=SUPPORTED_SIGS,
@@ -227,6 +231,7 @@ class ClientHandshake:
         if sh.aead_choice not in ch.supported_aeads:
             raise HandshakeError(ErrorCode.ErrorUnsupportedAEAD, "AEAD not offered")
         plus = _plus_answered(sh.extensions, self._config.plus_features)
+        shaping = client_shaping(self._config, plus, sh.extensions)
         peer_fp = self._config.trust.pinned_fingerprint(sh.server_certificate)
         if peer_fp is None:
             raise HandshakeError(ErrorCode.ErrorCertificateInvalid, "server key is not pinned")
@@ -262,6 +267,7 @@ class ClientHandshake:
             resumption_secret=resumption,
             peer_fingerprint=peer_fp,
             plus_features=plus,
+            shaping=shaping,
             kem=sh.kem_choice,
             sig=sh.sig_choice,
             aead=sh.aead_choice,
@@ -282,6 +288,7 @@ class ServerHandshake:
     _ch: wire.ClientHello | None = None
     _sh: wire.ServerHello | None = None
     _plus: int = 0
+    _shaping: Shaping = field(default_factory=Shaping)
     _peer_fp: str = ""
     _running: _Transcript | None = None  # SHA3-256 state over CH* ‖ SH*
 
@@ -317,13 +324,15 @@ class ServerHandshake:
             raise HandshakeError(ErrorCode.ErrorUnsupportedAEAD, "no common AEAD")
         offered = _plus_from(ch.extensions, ErrorCode.ErrorInvalidClientHello)
         self._plus = offered & self.config.plus_features
+        self._shaping = server_shaping(self.config, self._plus, ch.extensions)
         peer_fp = self.config.trust.pinned_fingerprint(ch.client_certificate)
         if peer_fp is None:
             raise HandshakeError(ErrorCode.ErrorCertificateInvalid, "client key is not pinned")
         ss_c, ct_c = _encapsulate(kem, ch.k_c, ErrorCode.ErrorInvalidClientHello)
         self._ss_c = ss_c  # held from here on, so that erase() wipes it whatever fails next
         self._kem_key = _KEM_CLASSES[kem].generate()
-        extensions = _plus_extensions(self._plus)
+        extensions = (_plus_extensions(self._plus)
+                      + shaping_extensions(self.config, self._plus, answer=self._shaping))
         sh = wire.ServerHello(
             kem_choice=kem,
             sig_choice=sig,
@@ -373,6 +382,7 @@ class ServerHandshake:
             resumption_secret=resumption,
             peer_fingerprint=self._peer_fp,
             plus_features=self._plus,
+            shaping=self._shaping,
             kem=sh.kem_choice,
             sig=sh.sig_choice,
             aead=sh.aead_choice,
@@ -409,7 +419,8 @@ class ClientResumeHandshake:
         self._ticket = ticket
         self._psk = bytearray(ticket.psk)
         self._kem_key: mlkem.MLKEM768PrivateKey | None = mlkem.MLKEM768PrivateKey.generate()
-        extensions = _plus_extensions(config.plus_features)
+        extensions = (_plus_extensions(config.plus_features)
+                      + shaping_extensions(config, config.plus_features))
         self.hello = wire.ClientHelloResume(
             ticket=ticket.ticket,
             k_c=self._kem_key.public_key().public_bytes_raw(),
@@ -448,6 +459,7 @@ class ClientResumeHandshake:
             raise HandshakeError(ErrorCode.ErrorProtocolViolation, "handshake already finished")
         shr = _decode(wire.ServerHelloResume.decode, data)
         plus = _plus_answered(shr.extensions, self._config.plus_features)
+        shaping = client_shaping(self._config, plus, shr.extensions)
         running = self._running.copy()
         running.update(shr.transcript_bytes())
         if not _hmac.compare_digest(_finished_mac(self._psk, b"server", running.digest()),
@@ -472,7 +484,7 @@ class ClientResumeHandshake:
         self.result = HandshakeResult(
             master_secret=master, resumption_secret=resumption,
             peer_fingerprint=self._ticket.server_fingerprint,
-            plus_features=plus, resumed=True,
+            plus_features=plus, resumed=True, shaping=shaping,
         )
         self._kem_key = None
         ks.wipe(self._psk)
@@ -491,6 +503,7 @@ class ServerResumeHandshake:
         self._running: _Transcript | None = None
         self._hello: wire.ClientHelloResume | None = None
         self._shr: wire.ServerHelloResume | None = None
+        self._shaping = Shaping()
         self._plus = 0
         self.inner: TicketInner | None = None
         self.accept_0rtt = False
@@ -515,6 +528,7 @@ class ServerResumeHandshake:
         chr_ = _decode(wire.ClientHelloResume.decode, data)
         offered = _plus_from(chr_.extensions, ErrorCode.ErrorInvalidClientHello)
         self._plus = offered & self._config.plus_features
+        self._shaping = server_shaping(self._config, self._plus, chr_.extensions)
         inner, why = self._tickets.redeem(chr_.ticket)
         if inner is None:
             code = {"expired": ErrorCode.ErrorTicketExpired,
@@ -536,7 +550,8 @@ class ServerResumeHandshake:
         running = _Transcript(data)  # CHR has no MAC field: CHR* is CHR as received
         if self.accept_0rtt:
             self.early_secret = ks.early_data_secret(self._psk, running.digest())
-        extensions = _plus_extensions(self._plus)
+        extensions = (_plus_extensions(self._plus)
+                      + shaping_extensions(self._config, self._plus, answer=self._shaping))
         shr = wire.ServerHelloResume(
             server_nonce=self._config.rng(32),
             k_s=self._kem_key.public_key().public_bytes_raw(),
@@ -573,6 +588,6 @@ class ServerResumeHandshake:
             master_secret=master, resumption_secret=resumption,
             peer_fingerprint=inner.client_fingerprint.hex(),
             plus_features=self._plus, kem=inner.kem, sig=inner.sig,
-            aead=inner.aead, resumed=True,
+            aead=inner.aead, resumed=True, shaping=self._shaping,
         )
         return self.result

@@ -327,7 +327,7 @@ def test_every_long_option_of_every_command_has_an_environment_variable(tmp_path
                "metrics": "127.0.0.1:0", "listen": "udp://127.0.0.1:9", "serial":
                "serial:///dev/null", "timeout": "3", "wait": "2", "flow_idle": "9",
                "log_interval": "4", "socket_buffer": "65536", "workers": "2",
-               "host_id": "7", "engine": "c"}
+               "host_id": "7", "engine": "c", "shaping": "pad:0-64"}
     parser = cli.build_parser()
     for command, sub in settings._subparsers(parser).items():
         actions = settings._configurable(sub)

@@ -65,3 +65,19 @@ def test_demo_rejects_bad_options(tmp_path: Path) -> None:
     result = demo(tmp_path, "--baud", "10")
     assert result.returncode == 2
     assert "--baud" in result.stderr
+
+
+def test_demo_with_constant_rate_shaping_over_udp_and_the_serial_line(tmp_path: Path) -> None:
+    """Mode 2 end to end: UDP to the gateway, then the paced pty line to the device; every
+    step of the demo still works and the summary shows the overhead."""
+    result = demo(tmp_path, "--baud", "1000000", "--messages", "3", "--shaping", "rate:20:256")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 7
+    m = re.search(r"shaping rate:20:256: client sent (\d+) packets, (\d+) bytes for (\d+) bytes "
+                  r"of messages \(x[\d.]+\); (\d+) padding bytes, (\d+) dummy packets", lines[5])
+    assert m, lines[5]
+    packets, nbytes, app, _pad, dummies = (int(g) for g in m.groups())
+    assert nbytes == 256 * packets and dummies > 0 and app > 0
+    assert "rekey epoch 0 -> 1" in lines[4] and "closed cleanly" in lines[6]
+

@@ -37,6 +37,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from palisade_c.errors import ConfigError
 from palisade_c.hsrecord import HS_RECORD_OVERHEAD
+from palisade_c.shaping import check_link_share
 
 if TYPE_CHECKING:
     import asyncio
@@ -340,6 +341,10 @@ def tune_for_link(
     adjusted = copy.copy(config)
     for name, value in changes.items():
         setattr(adjusted, name, value)
+    # A constant rate must leave the link room for everything else (docs/protocol.md §17.5).
+    problem = check_link_share(adjusted.shaping, bits_per_second, adjusted.shaping_link_share)
+    if problem is not None:
+        raise ConfigError(problem)
     return adjusted
 
 

@@ -68,6 +68,8 @@ cdef class Connection:
     cdef double _ack_delay
     cdef readonly AmplificationLimiter _amp
     cdef object _amp_queue                  # deque of handshake datagrams over the budget
+    cdef object _shaper                     # palisade_c.shaping.Shaper, or None in Mode 0
+    cdef readonly object shaping            # the agreed palisade_c.shaping.Shaping
     cdef list _early_packets
     cdef Py_ssize_t _early_buffered         # bytes in _early_packets
     cdef EarlyBufferPool _early_pool        # shared by every session of an endpoint
@@ -128,6 +130,8 @@ cdef class Connection:
     cdef int _log_event(self, str kind, dict fields) except -1
     cdef int _emit(self, event) except -1
     cdef int _send_raw(self, bytes data, object addr=*, bint handshake=*) except -1
+    cdef int _send_slot(self) except -1
+    cdef int _on_dummy(self, Py_ssize_t n, double now) except -1
     cdef int _flush_amplification(self) except -1
     cdef int _send_message(self, int msg_type, int msg_seq, bytes message) except -1
     cdef int _resend_flight(self, bint prompted=*) except -1

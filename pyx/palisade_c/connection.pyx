@@ -54,6 +54,7 @@ from palisade_c import pathinfo
 from palisade_c import wire
 from palisade_c.config import PLUS_MIGRATION, PLUS_RESUMPTION
 from palisade_c.errors import (
+    BackPressureError,
     ControlFrameError,
     DecodeError,
     ErrorCode,
@@ -79,6 +80,7 @@ from palisade_c.handshake import (
 from palisade_c.keyschedule import ticket_psk, wipe
 from palisade_c.reassembly import FragmentStatus
 from palisade_c.safetext import printable
+from palisade_c.shaping import MODE_RATE, Shaper, Shaping
 from palisade_c.record import STREAM_DUMMY, STREAM_KEEPALIVE, make_rid
 from palisade_c.tickets import (
     TICKET_NONCE_LEN,
@@ -292,6 +294,8 @@ cdef class Connection:
         # Server side before the client proved its address (PROFILE §8).
         self._amp = AmplificationLimiter(config.amplification_factor)
         self._amp_queue = deque()
+        self._shaper = None
+        self.shaping = Shaping()
         self._early_packets = []
         self._early_buffered = 0
         self._early_pool = early_pool if early_pool is not None \
@@ -536,6 +540,11 @@ cdef class Connection:
             if rt is not None and (not found or <double>rt < best):
                 best = rt
                 found = True
+            sh = self._shaper
+            if sh is not None and sh.mode == MODE_RATE \
+                    and (not found or <double>sh.next_slot < best):
+                best = sh.next_slot  # Mode 2: the next constant-rate slot (docs §17.4)
+                found = True
             if self._fsm.established:
                 t = min(self._last_recv + <double>cfg.idle_timeout,
                         self._last_send + <double>cfg.keepalive_interval)
@@ -618,6 +627,10 @@ cdef class Connection:
                 self._has_rekey_deadline = False
         if self.record is None or self.record.erased:
             return 0
+        sh = self._shaper
+        if sh is not None and sh.mode == MODE_RATE and now >= <double>sh.next_slot:
+            self._send_slot()
+            sh.advance(now)
         self.record.handle_timer(now)
         if self.record.epochs.abandons != self._abandons_seen:
             self._on_abandoned(now)
@@ -645,13 +658,30 @@ cdef class Connection:
     def max_payload(self):
         """The largest ``send_data`` payload that fits in one datagram on the current path:
         the datagram size (config, or what the path taught us) less headers and tag."""
+        if self._shaper is not None and self._shaper.mode == MODE_RATE:
+            return min(self._shaper.size, self.config.max_datagram_size) - MIN_PACKET_LEN
         return self.config.max_datagram_size - MIN_PACKET_LEN
+
+    @property
+    def send_queue_room(self):
+        """Mode 2: application packets ``send_data`` still accepts before it raises
+        BackPressureError (None when the session does not queue: Modes 0 and 1)."""
+        if self._shaper is not None and self._shaper.mode == MODE_RATE:
+            return self._shaper.room
+        return None
+
+    @property
+    def shaping_stats(self):
+        """Traffic shaping counters (slots, dummies, pad_bytes, queued, refused), or None."""
+        return None if self._shaper is None else self._shaper.stats()
 
     def send_data(self, data, stream_id=0, now=None):
         """Encrypt ``data`` as one packet on ``stream_id`` (0..253).
 
         Raises PacketTooLargeError (carrying ``max_payload``) when it would not fit in one
-        datagram of the path: the datagram size is a promise, never exceeded.
+        datagram of the path: the datagram size is a promise, never exceeded. Under
+        constant-rate shaping (Mode 2) the limit is the slot, and a full send queue raises
+        BackPressureError (nothing queued).
 
         ``now`` (optional, like every application call here): the present time. A call
         without it arms any deadline (a rekey this packet triggers) from the last time the
@@ -667,6 +697,18 @@ cdef class Connection:
             raise PacketTooLargeError(
                 f"payload of {n} bytes exceeds the path's maximum payload of {room} bytes "
                 f"(datagrams of {self.config.max_datagram_size} bytes)", room)
+        sh = self._shaper
+        if sh is not None and sh.mode == MODE_RATE:
+            # Mode 2 refuses what does not fit a slot rather than split or grow it (docs §17.4).
+            room = self.max_payload
+            if n > room:
+                raise PacketTooLargeError(
+                    f"payload of {n} bytes exceeds the constant-rate slot's payload of "
+                    f"{room} bytes", room)
+            if sh.room <= 0:
+                sh.refused += 1
+                raise BackPressureError(
+                    f"constant-rate send queue full ({sh.limit} packets); retry after a slot")
         cdef long long rekey_before = self._rekey_next
         self._api_clock(now)
         self._seal(data, stream_id)
@@ -1386,6 +1428,9 @@ cdef class Connection:
         self.resumption_secret = result.resumption_secret
         self.peer_fingerprint = result.peer_fingerprint
         self.plus_features = result.plus_features
+        self.shaping = result.shaping
+        if self.shaping.mode:
+            self._shaper = Shaper(self.shaping, cfg.rng, now, cfg.shaping_queue_limit)
         self._has_hs_deadline = False
         self._client_hs = self._server_hs = None
         self.resumed = result.resumed
@@ -1395,7 +1440,8 @@ cdef class Connection:
                                         "resumed": self.resumed})
         self._emit(HandshakeCompleted(result.peer_fingerprint, resumed=self.resumed,
                                       plus_features=self.plus_features,
-                                      early_data_accepted=early_data_accepted))
+                                      early_data_accepted=early_data_accepted,
+                                      shaping=self.shaping))
         if not self.is_client:
             self._issue_ticket(result)
         return 0
@@ -1436,8 +1482,11 @@ cdef class Connection:
             else:
                 self._drop("no-keys")
             return 0
+        dummies = record.dummies_received
         rec = record._open(data, now)
         if rec is None:
+            if record.dummies_received != dummies:
+                self._on_dummy(n, now)
             return 0
         if not self.is_client and self.peer_addr is not None and addr != self.peer_addr:
             if rec.control and self._carries_refused_migrate(rec):
@@ -1463,6 +1512,21 @@ cdef class Connection:
             if self._fsm.closed:
                 return 0
             self._emit(DataReceived(rec.stream_id, rec.payload))
+        self._after_epoch_activity(now)
+        return 0
+
+    cdef int _on_dummy(self, Py_ssize_t n, double now) except -1:
+        """An authenticated dummy (stream 0xFF): discarded by the record layer, never
+        delivered (spec §10.1), yet proof that the peer is alive. Under constant-rate
+        shaping dummies are all a quiet peer sends; without this the idle timer would end a
+        healthy session (docs §17.4)."""
+        self.packets_in += 1
+        self.bytes_in += n
+        self._epoch_bytes += n
+        self._last_recv = now
+        if self._flight is not None and self.is_client:
+            self._flight = None  # a packet under the new keys proves the server has our CF
+            self._flight_timer._stop()
         self._after_epoch_activity(now)
         return 0
 
@@ -1753,10 +1817,39 @@ cdef class Connection:
 
     cpdef _seal(self, payload, int stream_id, bint control=False):
         cdef bytes pkt
+        cdef Py_ssize_t pad = 0
         assert self.record is not None
-        pkt = self.record._seal(payload, stream_id, control, 0, self._now)
+        sh = self._shaper
+        if sh is not None:
+            # Shaping changes only padding and departure time (spec §10.1); the record layer
+            # seals every packet, nonce, epoch and seq as usual, when it leaves.
+            if sh.mode == MODE_RATE:
+                if not sh.bypass:
+                    if stream_id == _STREAM_KEEPALIVE:
+                        self._last_send = self._now  # the slots keep the path alive
+                    elif control:
+                        sh.control.append(bytes(payload))
+                    else:
+                        sh.data.append((bytes(payload), stream_id))
+                    return
+                pad = sh.slot_pad(len(payload))
+            else:
+                pad = sh.pad_for(len(payload), self.config.max_datagram_size)
+        pkt = self.record._seal(payload, stream_id, control, pad, self._now)
         self._epoch_bytes += PyBytes_GET_SIZE(pkt)
         self._send_raw(pkt)
+
+    cdef int _send_slot(self) except -1:
+        """Mode 2: one slot's packet, of the session's fixed size: a queued control message,
+        else queued data, else a dummy on stream 0xFF (docs §17.4)."""
+        cdef bytes pkt
+        sh = self._shaper
+        payload, stream_id, control = sh.next_item()
+        pkt = self.record._seal(payload, stream_id, control, sh.slot_pad(len(payload)),
+                                self._now)
+        self._epoch_bytes += PyBytes_GET_SIZE(pkt)
+        self._send_raw(pkt)
+        return 0
 
     def _send_control(self, *frames):
         self._seal(F.encode_frames(frames), 0, True)
@@ -2115,6 +2208,8 @@ cdef class Connection:
         log.info("%s: abort %s: %s", self.name, code_name(code), printable(detail))
         if send:
             if self.record is not None and not self.record.erased:
+                if self._shaper is not None:
+                    self._shaper.bypass = True  # the session ends now: no slot to wait for
                 try:
                     self._send_frame(F.encode_close(code, True, detail[:64]))
                 except StateError:
