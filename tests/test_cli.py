@@ -41,6 +41,25 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def start_palisade(cwd: Path, name: str, *args: str, ready: str,
+                   timeout: float = 15.0) -> subprocess.Popen[bytes]:
+    """``palisade ARGS`` as a background process in ``cwd``, its stderr in ``NAME.err``;
+    returns once ``ready`` appears there (fails with that log if it exits or times out)."""
+    err = cwd / f"{name}.err"
+    with err.open("wb") as err_file:
+        proc = subprocess.Popen([sys.executable, "-m", "palisade_c", *args], cwd=cwd,
+                                env=cli_env(), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err_file)
+    deadline = time.monotonic() + timeout
+    while ready not in err.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(err.read_text(errors="replace"))
+        time.sleep(0.05)
+    return proc
+
+
 def palisade(
     *args: str, cwd: Path, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:

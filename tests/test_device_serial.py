@@ -8,11 +8,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from aiohelpers import run_bounded
+from test_cli import start_palisade
 
 import palisade_c
 from palisade_c.aio import connect
@@ -113,17 +113,7 @@ def test_cli_serve_engine_c_through_the_gateway(tmp_path: Path) -> None:
     node = NODE.hex()
 
     def start(name: str, *args: str, ready: str) -> subprocess.Popen[bytes]:
-        err = tmp_path / f"{name}.err"
-        with err.open("wb") as err_file:
-            proc = subprocess.Popen([sys.executable, "-m", "palisade_c", *args], cwd=tmp_path,
-                                    env=env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=err_file)
-        deadline = time.monotonic() + 15
-        while ready not in err.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(err.read_text(errors="replace"))
-            time.sleep(0.05)
-        return proc
+        return start_palisade(tmp_path, name, *args, ready=ready)
 
     with PtyLink(FAST) as line:
         procs: list[subprocess.Popen[Any]] = []

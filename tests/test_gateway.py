@@ -22,6 +22,7 @@ from typing import Any, TypeVar, cast
 
 import pytest
 from aiohelpers import run_bounded
+from test_cli import start_palisade
 
 import palisade_c
 from palisade_c import hsrecord as hs
@@ -443,17 +444,7 @@ def test_cli_gateway_serve_and_connect(tmp_path: Path) -> None:
     node = NODE_A.hex()
 
     def start(name: str, *args: str, ready: str) -> subprocess.Popen[bytes]:
-        err = tmp_path / f"{name}.err"
-        with err.open("wb") as err_file:
-            proc = subprocess.Popen([sys.executable, "-m", "palisade_c", *args], cwd=tmp_path,
-                                    env=env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=err_file)
-        deadline = time.monotonic() + 15
-        while ready not in err.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(err.read_text(errors="replace"))
-            time.sleep(0.05)
-        return proc
+        return start_palisade(tmp_path, name, *args, ready=ready)
 
     with PtyLink(FAST) as line:
         procs = []
