@@ -561,6 +561,16 @@ async def _serve_c_engine(args: argparse.Namespace, config: Config) -> int:
         sys.stdout.buffer.write(data + b"\n")
         sys.stdout.buffer.flush()
 
+    # Options the C peer does not implement are refused by name, never silently ignored.
+    unsupported = [flag for flag, given in (
+        ("--forward", getattr(args, "forward", None)),
+        ("--workers", getattr(args, "workers", 1) != 1),
+        ("--metrics", getattr(args, "metrics", None)),
+        ("--shaping", getattr(getattr(args, "shaping", None), "mode", 0) != 0),
+    ) if given]
+    if unsupported:
+        _error(f"--engine c does not support {', '.join(unsupported)} (firmware_bridge/DEVICE.md)")
+        return EXIT_USAGE
     if not _is_serial(args.url) or config.plus_features:
         _error("--engine c serves a serial URL, CORE only (no --plus, no --ticket-db)")
         return EXIT_ERROR

@@ -149,3 +149,18 @@ def test_demo_with_the_c_engine(tmp_path: Path) -> None:
         text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert "final epoch 1" in result.stdout
+
+
+def test_engine_c_refuses_the_options_it_does_not_implement(tmp_path: Path) -> None:
+    """The C peer has no forwarder, metrics or shaping: asking for them is a usage error that
+    names them, not a device that silently ignores them."""
+    from test_cli import palisade
+
+    Identity.generate().save(tmp_path / "device.key")
+    client = Identity.generate()
+    client.save_public(tmp_path / "client.key.pub")
+    result = palisade("serve", "serial:///dev/null", "--engine", "c", "--node-id", NODE.hex(),
+                      "--key", "device.key", "--trust", "client.key.pub",
+                      "--forward", "udp://127.0.0.1:9", "--shaping", "pad:0-16", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "--engine c does not support --forward, --shaping" in result.stderr
