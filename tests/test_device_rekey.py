@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from simlink import SimLink, seeded_rng
 from test_device_sim import NODE
+from test_rekey_bounds import SETTINGS  # the pairs the Python server is held to
 
 from palisade_c.config import Config
 from palisade_c.connection import Connection
@@ -139,17 +140,6 @@ def test_a_rekey_whose_first_attempt_is_lost_succeeds_on_a_retry(ids: Ids) -> No
     assert [e.event.epoch for e in link.events_of("client", EpochChanged)] == [1]
     assert [e.event.epoch for e in link.events_of("device", EpochChanged)] == [1]
 
-
-SETTINGS = [
-    ({"commit_threshold": 1000}, {"commit_threshold": 1}),
-    ({"commit_threshold": 1}, {"commit_threshold": 1000}),
-    ({"max_transition_time": 0.1}, {"max_transition_time": 10.0}),
-    ({"max_transition_time": 10.0}, {"max_transition_time": 0.1}),
-    ({"commit_threshold": 1000, "max_transition_time": 10.0},
-     {"commit_threshold": 1, "max_transition_time": 0.1}),
-    ({"commit_threshold": 1, "max_transition_time": 0.1},
-     {"commit_threshold": 1000, "max_transition_time": 10.0}),
-]
 
 
 @pytest.mark.parametrize(("client_kw", "dev_kw"), SETTINGS)
