@@ -752,6 +752,10 @@ def _strip_newline(line: bytes) -> bytes:
     return line
 
 
+#: How often ``connect`` looks again whether a handshake's path is slow enough for progress.
+PROGRESS_RECHECK = 0.25
+
+
 def _is_link_reset(event: ConnectionClosed) -> bool:
     """True for the close the client makes when a device restarted: a serial link's new boot
     counter, or a probe that a gateway's REBOOT notice prompted and nobody answered."""
@@ -769,6 +773,11 @@ async def _open_tunnel(args: argparse.Namespace, config: Config) -> Tunnel | int
         nonlocal progress
         if should_show(conn.config.link_bits_per_second, sys.stderr, verbose):
             progress = HandshakeProgress(conn).start()
+        elif not conn.established and not conn.closed:
+            # Behind a gateway the path's speed arrives with its PATH notice, after the
+            # first flight: look again until the handshake ends, and show progress from the
+            # moment the path turns out to be slow.
+            loop.call_later(PROGRESS_RECHECK, watch, conn)
 
     started = loop.time()
     try:

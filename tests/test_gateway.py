@@ -481,3 +481,44 @@ def test_cli_gateway_serve_and_connect(tmp_path: Path) -> None:
                 proc.terminate()
             for proc in procs:
                 assert proc.wait(timeout=10) == 0
+
+
+def test_connect_shows_progress_once_the_gateway_says_the_path_is_slow(tmp_path: Path) -> None:
+    """A client behind a gateway learns the line's speed only from the PATH notice, after its
+    first flight; it must still show handshake progress on a slow line (issue 11), not only
+    when the speed was given by hand or stderr is a terminal."""
+    from test_cli import cli_env
+
+    for name in ("device", "client"):
+        ident = Identity.generate()
+        ident.save(tmp_path / f"{name}.key")
+        ident.save_public(tmp_path / f"{name}.key.pub")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    node = NODE_A.hex()
+    with PtyLink(38400) as line:  # about 4.5 s of handshake airtime
+        procs = [
+            start_palisade(tmp_path, "device", "serve", line.url("a"), "--echo", "--node-id",
+                           node, "--key", "device.key", "--trust", "client.key.pub",
+                           ready="palisade: listening on serial://"),
+            start_palisade(tmp_path, "gateway", "gateway", "--listen",
+                           f"udp://127.0.0.1:{port}", "--serial", line.url("b"),
+                           ready="palisade: gateway listening on udp://127.0.0.1"),
+        ]
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "palisade_c", "connect", f"udp://127.0.0.1:{port}",
+                 "--node-id", node, "--key", "client.key", "--trust", "device.key.pub"],
+                cwd=tmp_path, env=cli_env(), input="slow\n", capture_output=True, text=True,
+                timeout=60, check=False,
+            )
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(timeout=10)
+    assert result.returncode == 0 and result.stdout == "slow\n", result.stderr
+    progress = [ln for ln in result.stderr.splitlines() if ln.startswith("palisade: handshake")]
+    assert any("bit/s" in ln for ln in progress), result.stderr  # the learned speed is shown
+    assert progress[-1].startswith("palisade: handshake done in"), result.stderr

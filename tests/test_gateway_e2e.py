@@ -120,7 +120,9 @@ def test_connect_through_a_gateway_with_nothing_but_the_node_id(
         codes = procs.stop()
     assert result.stdout.splitlines() == [lines[0], lines[1], lines[3]], result.stderr
     assert result.returncode == 5  # data not delivered (docs/cli.md)
-    assert result.stderr.splitlines()[0] == (
+    # Handshake progress lines may come first: the path behind a gateway is a slow one.
+    errors = [ln for ln in result.stderr.splitlines() if not ln.startswith("palisade: handshake")]
+    assert errors[0] == (
         f"palisade: line 3 skipped: {MAX_PAYLOAD + 1} bytes, more than the {MAX_PAYLOAD} "
         "bytes one datagram of this path carries")
     assert codes == [0, 0]
