@@ -41,6 +41,14 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def write_keys(directory: Path, *names: str) -> None:
+    """A fresh identity per name: ``NAME.key`` (0600) and ``NAME.key.pub`` in ``directory``."""
+    for name in names:
+        ident = Identity.generate()
+        ident.save(directory / f"{name}.key")
+        ident.save_public(directory / f"{name}.key.pub")
+
+
 def start_palisade(cwd: Path, name: str, *args: str, ready: str,
                    timeout: float = 15.0) -> subprocess.Popen[bytes]:
     """``palisade ARGS`` as a background process in ``cwd``, its stderr in ``NAME.err``;

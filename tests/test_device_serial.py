@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohelpers import run_bounded
-from test_cli import start_palisade
+from test_cli import cli_env, start_palisade, write_keys
 
 import palisade_c
 from palisade_c.aio import connect
@@ -100,13 +100,8 @@ def test_udp_client_through_the_gateway_to_the_c_device() -> None:
 
 
 def test_cli_serve_engine_c_through_the_gateway(tmp_path: Path) -> None:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    for name in ("device", "client"):
-        ident = Identity.generate()
-        ident.save(tmp_path / f"{name}.key")
-        ident.save_public(tmp_path / f"{name}.key.pub")
+    env = cli_env()
+    write_keys(tmp_path, "device", "client")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -9,7 +9,6 @@ UDP clients on the loopback through the gateway to devices on virtual serial lin
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import subprocess
@@ -22,7 +21,7 @@ from typing import Any, TypeVar, cast
 
 import pytest
 from aiohelpers import run_bounded
-from test_cli import start_palisade
+from test_cli import cli_env, start_palisade, write_keys
 
 import palisade_c
 from palisade_c import hsrecord as hs
@@ -431,13 +430,8 @@ def test_a_device_restart_behind_the_gateway_reaches_its_client_in_seconds() -> 
 def test_cli_gateway_serve_and_connect(tmp_path: Path) -> None:
     """``palisade serve serial://`` as the device, ``palisade gateway`` in between and
     ``palisade connect udp://... --node-id`` as the client, each its own process."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    for name in ("device", "client"):
-        ident = Identity.generate()
-        ident.save(tmp_path / f"{name}.key")
-        ident.save_public(tmp_path / f"{name}.key.pub")
+    env = cli_env()
+    write_keys(tmp_path, "device", "client")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -487,12 +481,7 @@ def test_connect_shows_progress_once_the_gateway_says_the_path_is_slow(tmp_path:
     """A client behind a gateway learns the line's speed only from the PATH notice, after its
     first flight; it must still show handshake progress on a slow line (issue 11), not only
     when the speed was given by hand or stderr is a terminal."""
-    from test_cli import cli_env
-
-    for name in ("device", "client"):
-        ident = Identity.generate()
-        ident.save(tmp_path / f"{name}.key")
-        ident.save_public(tmp_path / f"{name}.key.pub")
+    write_keys(tmp_path, "device", "client")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

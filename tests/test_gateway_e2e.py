@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_cli import write_keys
 
 import palisade_c
-from palisade_c.identity import Identity
 
 PACKAGE_PARENT = str(Path(palisade_c.__file__).resolve().parent.parent)
 NODE = "00112233445566a7"
@@ -96,10 +96,7 @@ def test_connect_through_a_gateway_with_nothing_but_the_node_id(
     tmp_path: Path, pty_pair: tuple[Path, Path]
 ) -> None:
     dev, gw = pty_pair
-    for name in ("device", "client"):
-        ident = Identity.generate()
-        ident.save(tmp_path / f"{name}.key")
-        ident.save_public(tmp_path / f"{name}.key.pub")
+    write_keys(tmp_path, "device", "client")
     port = free_udp_port()
     procs = Procs(tmp_path)
     try:
@@ -135,10 +132,7 @@ def test_connect_carries_on_after_the_device_restarts_behind_the_gateway(
     notice makes the client probe its session, the probe fails within seconds, and connect
     handshakes again and carries on, with nothing lost."""
     dev, gw = pty_pair
-    for name in ("device", "client"):
-        ident = Identity.generate()
-        ident.save(tmp_path / f"{name}.key")
-        ident.save_public(tmp_path / f"{name}.key.pub")
+    write_keys(tmp_path, "device", "client")
     port = free_udp_port()
     procs = Procs(tmp_path)
     device_args = ("serve", f"serial://{dev}", "--node-id", NODE, "--echo",
